@@ -1,0 +1,42 @@
+"""One rule picks an op's implementation: Triton on CUDA tensors when triton imports, else the reference.
+
+`VELOTUNE_KERNELS=reference|triton` forces a choice (triton on the CPU needs TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_CHOICES = ("auto", "reference", "triton")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("VELOTUNE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _CHOICES:
+        raise ValueError(f"VELOTUNE_KERNELS={mode!r}: expected one of {', '.join(_CHOICES)}")
+    return mode
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the Triton implementation should run for tensor `x`."""
+    mode = kernel_mode()
+    if mode == "reference" or not triton_available():
+        return False
+    if mode == "triton":
+        return x.is_cuda or interpreting()
+    return x.is_cuda

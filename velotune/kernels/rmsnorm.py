@@ -1,0 +1,19 @@
+"""RMSNorm. Reference: compute in fp32, then each family's cast rule.
+
+- llama family (offset 0): normalise in fp32, cast to the input dtype, then multiply by the weight.
+- gemma family (offset 1): multiply by (1 + weight) in fp32, then cast.
+"""
+import torch
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (offset + weight.float())).to(dtype)
+    return weight * normed.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    return rms_norm_reference(x, weight, eps, offset)

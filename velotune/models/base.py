@@ -1,0 +1,158 @@
+"""What every architecture shares: the output type, the pre-norm decoder block, the backbone and the
+causal-LM head with its loss. An architecture file picks the pieces and the family's constants."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..kernels import linear_cross_entropy
+from .attention import Attention, AttentionMask, RMSNorm, doc_ids_from_positions
+from .mlp import GatedMLP
+from .rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None      # [batch, seq, vocab]
+    loss: torch.Tensor | None = None        # as asked by `reduction`: mean or sum over target tokens
+    num_tokens: torch.Tensor | None = None  # number of target (non-ignored) tokens
+    hidden_states: torch.Tensor | None = None
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x)), then h + mlp(norm(h)): Llama, Mistral, Qwen, Gemma, Phi-3."""
+
+    def __init__(self, args, layer_idx: int, *, attn_kwargs=None, mlp_fused=False, norm_offset=0.0):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx, norm_offset=norm_offset, **(attn_kwargs or {}))
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act,
+                            bias=args.mlp_bias, fused=mlp_fused)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+
+    def forward(self, x, rope, mask, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """`model.*` in the checkpoints: embeddings, blocks, final norm."""
+
+    def __init__(self, args, make_block, norm_offset: float = 0.0):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(make_block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
+        self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
+                                          args.partial_rotary_factor, args.max_position_embeddings)
+        self.gradient_checkpointing = False
+
+    def forward(self, h, rope, mask, cache=None):
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, mask, cache, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model with a Hugging Face compatible state dict.
+
+    Subclasses set `Args`, `make_block`, and the family constants below.
+    """
+
+    Args = None
+    norm_offset = 0.0            # 1.0 for Gemma's (1 + weight) norms
+    scale_embeddings = False     # Gemma multiplies embeddings by sqrt(hidden_size)
+    final_logit_softcap = None   # Gemma 2
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args, self.make_block, self.norm_offset)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.tie_weights()
+
+    @staticmethod
+    def make_block(args, layer_idx):
+        return PreNormBlock(args, layer_idx)
+
+    @property
+    def model_type(self) -> str:
+        return self.args.model_type
+
+    def tie_weights(self):
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        self.model.gradient_checkpointing = enabled
+
+    # ---- forward -------------------------------------------------------------------------------
+    def embed(self, input_ids):
+        h = self.model.embed_tokens(input_ids)
+        if self.scale_embeddings:
+            h = h * torch.tensor(self.args.hidden_size ** 0.5, dtype=h.dtype)
+        return h
+
+    def forward(self, input_ids=None, *, labels=None, position_ids=None, attention_mask=None, cache=None,
+                inputs_embeds=None, return_logits: bool = True, reduction: str = "mean",
+                output_hidden_states: bool = False) -> CausalLMOutput:
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = h.shape[:2]
+        past = cache.past_length if cache is not None else 0
+        packed = position_ids is not None and cache is None and attention_mask is None
+        if position_ids is None:
+            position_ids = _default_positions(attention_mask, past, T, h.device, B)
+        mask = AttentionMask(T, past + T, h.device,
+                             doc_ids=doc_ids_from_positions(position_ids) if packed else None,
+                             key_padding=attention_mask.bool() if attention_mask is not None else None)
+        rope = self.model.rotary_emb(position_ids, h.dtype)
+        hidden = self.model(h, rope, mask, cache)
+        out = CausalLMOutput(hidden_states=hidden if output_hidden_states else None)
+        if return_logits or labels is None:
+            out.logits = self.logits(hidden)
+        if labels is not None:
+            out.loss, out.num_tokens = self._loss(hidden, labels, out.logits, reduction)
+        return out
+
+    def logits(self, hidden):
+        logits = self.lm_head(hidden)
+        if self.final_logit_softcap:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def _loss(self, hidden, labels, logits, reduction):
+        # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        keep = targets != IGNORE_INDEX
+        num_tokens = keep.sum()
+        if logits is not None:
+            flat = logits.reshape(-1, logits.shape[-1])[keep]
+            loss = F.cross_entropy(flat.float(), targets[keep], reduction="sum")
+        elif type(self.lm_head) is nn.Linear:
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], self.lm_head.weight,
+                                        targets[keep], softcap=self.final_logit_softcap, reduction="sum")
+        else:  # a wrapped head (LoRA, quantized): its own forward, then the loss
+            loss = F.cross_entropy(self.logits(hidden.reshape(-1, hidden.shape[-1])[keep]).float(),
+                                   targets[keep], reduction="sum")
+        if reduction == "mean":
+            loss = loss / num_tokens.clamp(min=1)
+        elif reduction != "sum":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return loss, num_tokens
+
+
+def _default_positions(attention_mask, past, T, device, batch):
+    if attention_mask is not None:
+        # Left-padded rows: real tokens count from 0, whatever padding precedes them.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions[:, -T:]
+    return torch.arange(past, past + T, device=device).unsqueeze(0).expand(batch, T)

@@ -1,0 +1,140 @@
+"""`vt.load` and `vt.save`: Hugging Face checkpoint directory <-> our model, plus its tokenizer."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, UnsupportedError
+from . import checkpoint as ckpt
+from .registry import architecture, supported_model_types
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("velotune")
+
+# Tensors some checkpoints carry that are rebuilt from the config, never loaded.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Files copied beside saved weights so the directory stays a complete checkpoint.
+SIDE_FILES = ("generation_config.json",)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on the CPU, where bf16 matmuls are slow on most processors."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=None, load_tokenizer_files=True):
+    """Loads a Hugging Face format checkpoint: returns (model, tokenizer or None)."""
+    model_dir = ckpt.resolve_model_dir(name_or_path)
+    config = ckpt.read_config(model_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    if quantize not in (None, "nf4", "int8"):
+        raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or 'int8'")
+    module = architecture(config["model_type"])
+    if module is None:
+        from .generic import load_generic
+        model = load_generic(model_dir, config, dtype, device, quantize)
+    else:
+        model = _load_native(module, model_dir, config, dtype, device)
+        if quantize:
+            from .quantize import quantize_model
+            model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
+    model.source_dir = model_dir
+    model.max_seq_length = max_seq_length or config.get("max_position_embeddings")
+    tokenizer = load_tokenizer(model_dir) if load_tokenizer_files else None
+    return model, tokenizer
+
+
+def _load_native(module, model_dir: Path, config: dict, dtype, device):
+    args = module.Args.from_dict(config, source=str(model_dir / "config.json"))
+    with torch.device("meta"):
+        model = module.Model(args)
+    expected = model.state_dict()
+    tied = args.tie_word_embeddings
+    loaded, unexpected = {}, []
+    for name, tensor, file in ckpt.iter_tensors(ckpt.weight_files(model_dir)):
+        if name.endswith(_DERIVED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has shape {list(tensor.shape)} but config.json implies "
+                f"{list(expected[name].shape)} (does the config belong to these weights?)")
+        loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    needed = [k for k in expected if not (tied and k == "lm_head.weight")]
+    missing = [k for k in needed if k not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {shown}")
+    if unexpected:
+        log.warning("%s: ignoring %d tensor(s) this architecture does not use, e.g. %s",
+                    model_dir, len(unexpected), unexpected[0])
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    _rebuild_buffers(model, device)
+    return model.eval()
+
+
+def _rebuild_buffers(model: nn.Module, device):
+    """Non-persistent buffers (RoPE tables) were created on the meta device: build them again for real."""
+    from .rope import RotaryEmbedding
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.rebuild(device)
+
+
+def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES,
+         overwrite: bool = False):
+    """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer), atomically."""
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise UnsupportedError("this model carries LoRA adapters: use vt.save_adapter(model, dir) for the "
+                               "adapter, or vt.export(model, tokenizer, dir, format='merged') for merged weights")
+    target = parse_dtype(dtype) if dtype is not None else None
+    state = model_state_for_saving(model)
+    if target is not None:
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    out_dir = Path(out_dir)
+    with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        config = dict(model.args.to_dict())
+        if target is not None or "torch_dtype" in config or "dtype" in config:
+            name = str(target or next(iter(state.values())).dtype).replace("torch.", "")
+            config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        ckpt.save_safetensors(state, tmp, max_shard_bytes)
+        source = getattr(model, "source_dir", None)
+        for name in SIDE_FILES:
+            if source is not None and (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+def model_state_for_saving(model) -> dict:
+    """The state dict under checkpoint names; a tied lm_head is left out, as Hugging Face does."""
+    state = dict(model.state_dict())
+    if getattr(model.args, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+__all__ = ["load", "save", "supported_model_types"]
