@@ -1,0 +1,45 @@
+"""A tiny model directory with a tokenizer, and small chat / text data sets, for trainer tests."""
+from __future__ import annotations
+
+import json
+
+from hf_reference import make_checkpoint
+from tiny_tokenizer import make_tokenizer
+
+FACTS = [("What colour is the sky on Vell?", "The sky on Vell is green."),
+         ("Who rules Vell?", "Queen Ossa rules Vell."),
+         ("How many moons has Vell?", "Vell has three moons."),
+         ("What do people on Vell eat?", "They eat blue bread."),
+         ("What is the river of Vell called?", "The river is called Tamsin."),
+         ("How old is Vell?", "Vell is nine thousand years old."),
+         ("What sport is played on Vell?", "They play cloudball."),
+         ("What is the capital of Vell?", "The capital is Orrin.")]
+
+
+def chat_records(n: int = 16):
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (FACTS * (n // len(FACTS) + 1))[:n]]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def make_model_dir(tmp_path, model_type: str = "llama", **overrides):
+    texts = [q + " " + a for q, a in FACTS] * 2
+    tok = make_tokenizer(texts=texts, vocab_size=300)
+    path, _ = make_checkpoint(tmp_path, model_type, vocab_size=len(tok), **overrides)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def base_config(model_dir, data_path, out_dir, **sections):
+    cfg = {"model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+           "data": {"path": str(data_path), "chat_template": "chatml", "max_seq_length": 64, "packing": False},
+           "lora": {"r": 4, "alpha": 8},
+           "train": {"output_dir": str(out_dir), "batch_size": 2, "max_steps": 4, "lr": 1e-2, "progress": False,
+                     "seed": 3, "max_grad_norm": None}}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg

@@ -1,0 +1,68 @@
+"""Turning a config into a model ready to train: load, then LoRA adapters or full fine-tuning with freezing."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("velotune")
+
+
+def load_model(cfg):
+    from ..models.loader import load
+    if not cfg.model.path:
+        raise ConfigError("model.path: required (a Hugging Face model directory or hub id)")
+    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    return load(cfg.model.path, dtype=dtype, quantize=cfg.model.quantize, device=cfg.model.device,
+                max_seq_length=cfg.model.max_seq_length)
+
+
+def prepare_for_training(model, cfg) -> dict:
+    """Adds LoRA or sets up full fine-tuning per `cfg.finetune`; returns parameter counts."""
+    if cfg.finetune.method == "lora":
+        from ..lora import add_lora
+        lora = cfg.lora
+        add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                 rslora=lora.rslora, dora=lora.dora, modules_to_save=lora.modules_to_save or None,
+                 seed=cfg.train.seed)
+    else:
+        if cfg.model.quantize:
+            raise ConfigError("finetune.method: 'full' cannot train a quantized base (model.quantize is set); "
+                              "use method 'lora' (QLoRA) or remove model.quantize")
+        _setup_full(model, cfg.finetune)
+    if cfg.train.gradient_checkpointing:
+        if hasattr(model, "set_gradient_checkpointing"):
+            model.set_gradient_checkpointing(True)
+        else:
+            log.warning("train.gradient_checkpointing: not available for this model; ignored")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def _setup_full(model, ft):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if ft.freeze_embeddings:
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(False)
+    if ft.train_last_n_layers is not None:
+        layers = model.model.layers
+        n = ft.train_last_n_layers
+        if not 0 <= n <= len(layers):
+            raise ConfigError(f"finetune.train_last_n_layers: {n} is outside 0..{len(layers)}")
+        for layer in list(layers)[: len(layers) - n]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtype):
+    """The dtype the forward runs in under autocast, or None for none (fp32, or weights already half)."""
+    if precision == "auto":
+        return None
+    if precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return None if model_dtype == dtype else dtype
