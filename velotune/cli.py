@@ -19,6 +19,34 @@ def _cmd_demo(ns):
     run_demo(out_dir=ns.out, steps=ns.steps, quick=ns.quick)
 
 
+def _cmd_chat(ns):
+    from .infer.chat_cli import run_chat
+    run_chat(ns)
+
+
+def _cmd_generate(ns):
+    from .infer.chat_cli import run_generate
+    run_generate(ns)
+
+
+def _add_model_args(p):
+    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="load the base quantized (bitsandbytes)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _add_sampling_args(p):
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--min-p", dest="min_p", type=float)
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    p.add_argument("--seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velotune", description="Fine-tune and run open LLMs, fast and lean.")
     parser.add_argument("--version", action="version", version=f"velotune {__version__}")
@@ -28,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="overrides such as lora.r=32 train.lr=1e-4")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal (streaming, history, /reset /params /system)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("generate", help="generate a reply to one prompt, for scripts")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", help="user message (or raw text with --raw)")
+    p.add_argument("--messages", help="a JSON file holding a list of {role, content} messages")
+    p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="train a tiny bundled model on a bundled data set, then chat with it")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -66,6 +66,25 @@ class BaseArgs:
             raise CheckpointError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise CheckpointError(f"{source}: layer_types lists {len(self.layer_types)} layers but "
+                                  f"num_hidden_layers is {self.num_hidden_layers}")
+        self._complete_rope_scaling()
+
+    def _complete_rope_scaling(self):
+        """As transformers: scaled RoPE types need the pretraining length; a top-level
+        `original_max_position_embeddings` wins (Phi-3 writes it there), else `max_position_embeddings`."""
+        scaling = self.rope_scaling
+        if not scaling or scaling.get("rope_type") not in ("llama3", "yarn", "longrope"):
+            return
+        scaling = dict(scaling)
+        # A field of the Args (Phi-3 has one, with a default) or a stray top-level key of config.json.
+        top = getattr(self, "original_max_position_embeddings", self.raw.get("original_max_position_embeddings"))
+        if top is not None:
+            scaling["original_max_position_embeddings"] = top
+        else:
+            scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        self.rope_scaling = scaling
 
     def to_dict(self) -> dict:
         """The config as it should be written next to the weights: the original keys, untouched."""

@@ -28,11 +28,12 @@ class CausalLMOutput:
 class PreNormBlock(nn.Module):
     """x + attn(norm(x)), then h + mlp(norm(h)): Llama, Mistral, Qwen, Gemma, Phi-3."""
 
-    def __init__(self, args, layer_idx: int, *, attn_kwargs=None, mlp_fused=False, norm_offset=0.0):
+    def __init__(self, args, layer_idx: int, *, attn_kwargs=None, mlp_fused=False, mlp_bias=None, act=None,
+                 norm_offset=0.0):
         super().__init__()
         self.self_attn = Attention(args, layer_idx, norm_offset=norm_offset, **(attn_kwargs or {}))
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act,
-                            bias=args.mlp_bias, fused=mlp_fused)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, act or args.hidden_act,
+                            bias=args.mlp_bias if mlp_bias is None else mlp_bias, fused=mlp_fused)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
 
@@ -46,7 +47,8 @@ class Backbone(nn.Module):
 
     def __init__(self, args, make_block, norm_offset: float = 0.0):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # As transformers: the pad token's embedding row gets no gradient.
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=padding_idx(args))
         self.layers = nn.ModuleList(make_block(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
@@ -130,24 +132,43 @@ class CausalLM(nn.Module):
         return logits
 
     def _loss(self, hidden, labels, logits, reduction):
-        # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        keep = targets != IGNORE_INDEX
-        num_tokens = keep.sum()
-        if logits is not None:
-            flat = logits.reshape(-1, logits.shape[-1])[keep]
-            loss = F.cross_entropy(flat.float(), targets[keep], reduction="sum")
-        elif type(self.lm_head) is nn.Linear:
-            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], self.lm_head.weight,
-                                        targets[keep], softcap=self.final_logit_softcap, reduction="sum")
-        else:  # a wrapped head (LoRA, quantized): its own forward, then the loss
-            loss = F.cross_entropy(self.logits(hidden.reshape(-1, hidden.shape[-1])[keep]).float(),
-                                   targets[keep], reduction="sum")
-        if reduction == "mean":
-            loss = loss / num_tokens.clamp(min=1)
-        elif reduction != "sum":
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        return loss, num_tokens
+        plain_head = type(self.lm_head) is nn.Linear
+        return next_token_loss(labels, reduction, logits=logits, hidden=hidden,
+                               weight=self.lm_head.weight if plain_head else None,
+                               softcap=self.final_logit_softcap, logits_fn=self.logits)
+
+
+def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weight=None, softcap=None,
+                    logits_fn=None):
+    """Cross-entropy of position t against labels[t+1]; returns (loss, number of target tokens).
+
+    From `logits` [B, T, V] when given; else from `hidden` [B, T, H] with the head `weight` (fused, never
+    building the full logits), or with `logits_fn` for a head that is not a plain Linear (LoRA, quantized).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    keep = targets != IGNORE_INDEX
+    num_tokens = keep.sum()
+    if logits is not None:
+        flat = logits.reshape(-1, logits.shape[-1])[keep]
+        loss = F.cross_entropy(flat.float(), targets[keep], reduction="sum")
+    elif weight is not None:
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], weight,
+                                    targets[keep], softcap=softcap, reduction="sum")
+    else:
+        loss = F.cross_entropy(logits_fn(hidden.reshape(-1, hidden.shape[-1])[keep]).float(),
+                               targets[keep], reduction="sum")
+    if reduction == "mean":
+        loss = loss / num_tokens.clamp(min=1)
+    return loss, num_tokens
+
+
+def padding_idx(args):
+    """config.json's pad_token_id when it is a valid row of the embedding, else None."""
+    pad = getattr(args, "pad_token_id", None)
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < args.vocab_size else None
 
 
 def _default_positions(attention_mask, past, T, device, batch):

@@ -131,6 +131,8 @@ def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFA
 
 def model_state_for_saving(model) -> dict:
     """The state dict under checkpoint names; a tied lm_head is left out, as Hugging Face does."""
+    if hasattr(model, "state_for_saving"):  # the generic path knows its own tied names
+        return model.state_for_saving()
     state = dict(model.state_dict())
     if getattr(model.args, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)

@@ -1,0 +1,79 @@
+"""Batches of LongTensors from encoded examples.
+
+Packed: each row holds several examples; `position_ids` restart at 0 for each, which is how the model knows
+where a document begins (no attention across examples); the row's tail padding is a segment of its own with
+labels -100. Not packed: one example per row, right padding, `attention_mask` 1 for real tokens.
+Rows are as long as the longest row of their batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .encode import IGNORE_INDEX, Encoded
+from .packing import plan_epoch
+
+
+def plan_for(examples: list[Encoded], *, batch_size: int, max_seq_length: int, packing: bool, seed: int,
+             epoch: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    return plan_epoch([len(e) for e in examples], batch_size=batch_size, max_seq_length=max_seq_length,
+                      packing=packing, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size)
+
+
+def num_batches(examples: list[Encoded], *, batch_size: int, max_seq_length: int, packing: bool, seed: int = 0,
+                epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pad_id=None) -> int:
+    """Batches in epoch `epoch`. With packing the count depends on the epoch's order (first-fit), so it is
+    planned, and may differ by a batch or two between epochs. `pad_id` is accepted (and unused) so that the
+    keyword arguments of `batch_iterator` can be passed as they are."""
+    if not packing:
+        total = -(-len(examples) // batch_size)
+        return total // world_size if world_size > 1 else total
+    return len(plan_for(examples, batch_size=batch_size, max_seq_length=max_seq_length, packing=True, seed=seed,
+                        epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size))
+
+
+def batch_iterator(examples: list[Encoded], *, batch_size: int, max_seq_length: int, packing: bool, pad_id: int,
+                   seed: int, epoch: int, shuffle: bool = True, start_batch: int = 0, rank: int = 0,
+                   world_size: int = 1) -> Iterator[dict]:
+    """The batches of one epoch, in a fixed order for (seed, epoch); `start_batch=k` skips the first k."""
+    if pad_id is None:
+        raise ValueError("pad_id is None: set the tokenizer's pad token (velotune uses EOS when it has none)")
+    plan = plan_for(examples, batch_size=batch_size, max_seq_length=max_seq_length, packing=packing, seed=seed,
+                    epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size)
+    for rows in plan[start_batch:]:
+        yield collate([[examples[i] for i in row] for row in rows], pad_id=pad_id, packing=packing)
+
+
+def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool) -> dict:
+    """A batch from rows of examples (one example per row when not packing)."""
+    width = max(sum(len(e) for e in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    if packing:
+        position_ids = torch.zeros((B, width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            at = 0
+            for example in row:
+                n = len(example)
+                input_ids[b, at:at + n] = example.input_ids
+                labels[b, at:at + n] = example.labels
+                position_ids[b, at:at + n] = torch.arange(n)
+                at += n
+            position_ids[b, at:] = torch.arange(width - at)  # the tail padding: its own segment
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if len(row) != 1:
+            raise ValueError("without packing each row holds one example")
+        n = len(row[0])
+        input_ids[b, :n] = row[0].input_ids
+        labels[b, :n] = row[0].labels
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def count_target_tokens(batch: dict) -> int:
+    """Tokens the loss is taken on: labels != -100 after the shift (position t predicts token t+1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
