@@ -17,7 +17,7 @@ constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
 extras="quant,export,data"
 if [ "${1:-}" = "--test" ]; then
-  extras="test,quant,export,data"
+  extras="test,quant,export,data,serve"
   # triton runs our kernels under TRITON_INTERPRET=1 in the tests; 3.8.0 is the version known to install offline here.
   python -m pip install -q -c "$constraints" "triton==3.8.0" 2>&1 | grep -v "is ignored" || true
 fi

@@ -1,0 +1,171 @@
+"""Putting LoRA layers into a model (ours or a plain transformers one: the module names are the same), choosing
+the targets, freezing the rest, and counting parameters."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.quantize import output_head_names
+from .layers import LoraLinear
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraSettings:
+    """What `add_lora` was asked for, with the targets resolved to module names; kept on the model as
+    `model.lora_settings` and written to adapter_config.json."""
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+    dora: bool = False
+    targets: list[str] = field(default_factory=list)          # full module names that carry a LoRA layer
+    modules_to_save: list[str] = field(default_factory=list)  # full module names trained as a whole
+    dtype: torch.dtype = torch.float32
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, targets=ALL_LINEAR,
+             rslora: bool = False, dora: bool = False, modules_to_save=None, seed: int | None = None,
+             dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Wraps the target linears (plain, NF4 or int8) in LoRA layers, in place, and freezes everything else.
+
+    targets: "all-linear" (every linear but the output head, as PEFT) or module-name suffixes such as
+    ["q_proj", "v_proj"] (a string with regex characters is matched against whole names, as PEFT does).
+    modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
+    dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
+    """
+    _check_hyperparameters(r, alpha, dropout)
+    if lora_layers(model):
+        raise ConfigError("this model already carries LoRA adapters; load_adapter() replaces their weights, or "
+                          "merge_and_unload() folds them in before adding new ones")
+    names = resolve_targets(model, targets)
+    keep = _resolve_modules_to_save(model, modules_to_save or [], names)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.requires_grad_(False)
+    for name in names:
+        layer = LoraLinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
+        layer.reset_parameters(generator)
+        set_submodule(model, name, layer)
+    for name in keep:
+        model.get_submodule(name).requires_grad_(True)
+    model.lora_settings = LoraSettings(r, alpha, dropout, rslora, dora, names, keep, dtype)
+    return model
+
+
+def _check_hyperparameters(r, alpha, dropout):
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"lora r (rank) must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ConfigError(f"lora alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"lora dropout must be in [0, 1), got {dropout!r}")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the model's linear layers, a LoRA-wrapped one under its own name (not its inner pieces)."""
+    wrapped = set(lora_layers(model))
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLinear)
+            or (isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped)]
+
+
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """Module names to wrap, in model order. Every name asked for must match at least one linear layer."""
+    linears = linear_names(model)
+    if targets == ALL_LINEAR:
+        heads = output_head_names(model)  # as PEFT: every linear but the output head
+        names = [n for n in linears if n not in heads]
+        if not names:
+            raise ConfigError("targets='all-linear': the model has no linear layers besides its output head")
+        return names
+    if isinstance(targets, str) and not re.fullmatch(r"[\w.]+", targets):
+        names = [n for n in linears if re.fullmatch(targets, n)]
+        if not names:
+            raise ConfigError(f"LoRA targets regex {targets!r} matches no linear layer; "
+                              f"linear layers: {_available(linears)}")
+        return names
+    wanted = [targets] if isinstance(targets, str) else list(targets or [])
+    if not wanted or not all(isinstance(t, str) and t for t in wanted):
+        raise ConfigError(f"LoRA targets must be 'all-linear' or a list of module names, got {targets!r}")
+    unmatched = [t for t in wanted if not any(name_matches(n, t) for n in linears)]
+    if unmatched:
+        raise ConfigError(f"LoRA targets {unmatched} match no linear layer of this model; "
+                          f"linear layers: {_available(linears)}")
+    return [n for n in linears if any(name_matches(n, t) for t in wanted)]
+
+
+def _available(linears: list[str]) -> str:
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears}))
+
+
+def _resolve_modules_to_save(model, wanted, targets) -> list[str]:
+    if isinstance(wanted, str):
+        wanted = [wanted]
+    names = [n for n, _ in model.named_modules() if n and any(name_matches(n, w) for w in wanted)]
+    unmatched = [w for w in wanted if not any(name_matches(n, w) for n in names)]
+    if unmatched:
+        raise ConfigError(f"modules_to_save {unmatched} match no module of this model")
+    clash = [n for n in names if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
+    if clash:
+        raise ConfigError(f"modules {clash} are both LoRA targets and modules_to_save: choose one")
+    return names
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Takes the LoRA layers out of the model, in place: folded into their bases (merge=True), or dropped, the
+    bases returning as they were."""
+    for name, layer in lora_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        set_submodule(model, name, layer.base_layer)
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model
+
+
+# ---- counting ----------------------------------------------------------------------------------
+def _numel(param: torch.Tensor) -> int:
+    """Logical element count: a packed 4-bit weight holds two values per byte of storage (as PEFT counts)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
+def lora_parameter_count(model: nn.Module) -> int:
+    """Parameters in the LoRA layers' adapters (A, B, DoRA magnitudes), base weights excluded."""
+    return sum(p.numel() for layer in lora_layers(model).values()
+               for n, p in layer.named_parameters() if not n.startswith("base_layer."))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counted as PEFT's `get_nb_trainable_parameters` counts them."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = trainable_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

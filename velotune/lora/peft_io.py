@@ -1,0 +1,194 @@
+"""Adapters in PEFT's file format: `adapter_config.json` + `adapter_model.safetensors`, tensors named
+`base_model.model.<module>.lora_A.weight` / `.lora_B.weight` / `.lora_magnitude_vector` (DoRA) and
+`base_model.model.<module>.<param>` for modules_to_save. Written by us, `peft.PeftModel.from_pretrained` loads
+them; written by PEFT, `load_adapter` loads them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, UnsupportedError
+from ..models import checkpoint as ckpt
+from .inject import add_lora, linear_names, lora_layers, name_matches, remove_lora, resolve_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# PEFT options we do not implement -> the value that means "off". A config that turns one on is refused.
+_OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "lora_bias": False, "bias": "none", "exclude_modules": None, "target_parameters": None,
+        "trainable_token_indices": None, "layer_replication": None, "use_qalora": False, "fan_in_fan_out": False,
+        "alora_invocation_tokens": None, "use_bdlora": None}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (the live parameters) under PEFT's file names."""
+    settings = _settings(model)
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    for name in settings.modules_to_save:
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PREFIX}{name}.{pname}"] = p
+    return out
+
+
+def adapter_config(model: nn.Module) -> dict:
+    s = _settings(model)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_name(model),
+        "r": s.r, "lora_alpha": int(s.alpha) if float(s.alpha).is_integer() else s.alpha,
+        "lora_dropout": s.dropout, "target_modules": _peft_targets(model, s),
+        "use_rslora": s.rslora, "use_dora": s.dora, "modules_to_save": s.modules_to_save or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "lora_bias": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "exclude_modules": None, "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir, overwrite: bool = False) -> Path:
+    """Writes the adapter in PEFT's format, atomically (a temporary directory renamed into place)."""
+    from safetensors.torch import save_file
+    config = adapter_config(model)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    out_dir = Path(out_dir)
+    with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Module:
+    """Loads a PEFT-format LoRA adapter. A model without LoRA gets the layers the config describes first;
+    a model with LoRA must match the config (rank, alpha, targets). Names or shapes that do not fit raise
+    CheckpointError naming them, and leave the model as it was."""
+    adapter_dir = Path(adapter_dir)
+    kwargs = settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME)
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        also = " (adapter_model.bin is there: only safetensors adapters are read)" \
+            if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_NAME}{also}")
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise UnsupportedError("the model's adapters are merged: unmerge_lora(model) before loading other weights")
+    added = not layers
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:  # targets the model does not have: an adapter for another model
+        if added:
+            add_lora(model, **kwargs)
+        else:
+            _check_compatible(model, kwargs, adapter_dir / CONFIG_NAME)
+    except ConfigError as exc:
+        raise CheckpointError(f"{adapter_dir / CONFIG_NAME}: {exc}") from None
+    try:
+        _copy_tensors(model, weights)
+    except CheckpointError:
+        if added:
+            remove_lora(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+        raise
+    for p in adapter_state_dict(model).values():
+        p.requires_grad_(trainable)
+    return model
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"{adapter_dir}: no such adapter directory")
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory?)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+def settings_from_config(config: dict, source) -> dict:
+    """adapter_config.json -> add_lora keyword arguments; options we do not implement are refused by name."""
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedError(f"{source}: peft_type {config.get('peft_type')!r}; only LORA adapters are supported")
+    used = [k for k, off in _OFF.items() if config.get(k, off) not in (off, None, False, {}, [])]
+    if used:
+        raise UnsupportedError(f"{source}: uses PEFT option(s) velotune does not implement: "
+                               + ", ".join(f"{k}={config[k]!r}" for k in used))
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}")
+    return dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                targets=config["target_modules"], rslora=bool(config.get("use_rslora")),
+                dora=bool(config.get("use_dora")), modules_to_save=config.get("modules_to_save") or None)
+
+
+def _check_compatible(model, kwargs, source):
+    s = _settings(model)
+    ours = dict(r=s.r, alpha=float(s.alpha), rslora=s.rslora, dora=s.dora, targets=sorted(s.targets))
+    theirs = dict(r=kwargs["r"], alpha=float(kwargs["alpha"]), rslora=kwargs["rslora"], dora=kwargs["dora"],
+                  targets=sorted(resolve_targets(model, kwargs["targets"])))
+    diff = [f"{k}: model has {ours[k]!r}, adapter has {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+    if diff:
+        raise CheckpointError(f"{source}: adapter does not match the LoRA layers already in the model "
+                              f"({'; '.join(diff)}); load it into a model without LoRA instead")
+
+
+@torch.no_grad()
+def _copy_tensors(model, weights: Path):
+    expected = adapter_state_dict(model)
+    found = {}
+    for name, tensor, _ in ckpt.iter_tensors([weights]):
+        found[_normalize(name)] = tensor
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {list(found[k].shape)} (model needs {list(v.shape)})"
+              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    problems = [f"{label}: {_few(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
+    if problems:
+        raise CheckpointError(f"{weights}: adapter does not fit this model; " + "; ".join(problems))
+    for k, p in expected.items():
+        p.copy_(found[k])
+
+
+def _normalize(name: str) -> str:
+    """Names as PEFT versions write them -> ours: no adapter-name segment, DoRA magnitude without `.weight`."""
+    name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    for old in (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
+        if name.endswith(old):
+            name = name[: -len(old)] + ".lora_magnitude_vector"
+    return name if name.startswith(PREFIX) else PREFIX + name
+
+
+def _few(items, n=4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _settings(model):
+    settings = getattr(model, "lora_settings", None)
+    if settings is None:
+        raise UnsupportedError("this model has no LoRA adapters: call add_lora(model, ...) or load_adapter() first")
+    return settings
+
+
+def _base_name(model) -> str | None:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    source = getattr(model, "source_dir", None)
+    return str(name or source) if (name or source) else None
+
+
+def _peft_targets(model, settings) -> list[str]:
+    """The shortest PEFT `target_modules` that selects exactly our targets: leaf names when they suffice."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in settings.targets})
+    chosen = [n for n in linear_names(model) if any(name_matches(n, leaf) for leaf in leaves)]
+    return leaves if sorted(chosen) == sorted(settings.targets) else list(settings.targets)

@@ -1,0 +1,163 @@
+"""4-bit (NF4) and 8-bit (LLM.int8) bases through bitsandbytes.
+
+`quantize_model` swaps the linear layers of the decoder blocks (never the embeddings, never the output head) for
+bitsandbytes `Linear4bit` / `Linear8bitLt` in place, one layer at a time, keeping the module names, so the
+parameter stays `...q_proj.weight`. `dequantize_weight` reads any of them back in high precision (DoRA norms,
+merging, export). bitsandbytes is imported only here and only when asked for: it is an optional extra.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+
+log = logging.getLogger("velotune")
+
+METHODS = ("nf4", "int8")
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UnsupportedError("a 4-bit or 8-bit base (quantize='nf4' | 'int8') needs the bitsandbytes package: "
+                               "pip install 'velotune[quant]'") from None
+    return bitsandbytes
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes linear (checked by class, so bitsandbytes is not imported to find out)."""
+    return isinstance(module, nn.Linear) and type(module).__module__.startswith("bitsandbytes")
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module names of the output head (`lm_head`), which neither quantization nor "all-linear" LoRA touches."""
+    head = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every linear layer except the output head: for a decoder-only LM, the linears of the decoder blocks."""
+    heads = output_head_names(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+
+
+def compute_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in: the bitsandbytes compute dtype, else the weight's own dtype."""
+    dtype = getattr(module, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if is_quantized_linear(module):
+        state = getattr(module.weight, "quant_state", None)
+        return getattr(state, "dtype", None) or (module.bias.dtype if module.bias is not None else torch.float16)
+    return module.weight.dtype
+
+
+def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=None, *, double_quant: bool = True,
+                   blocksize: int = 64, threshold: float = 6.0) -> nn.Module:
+    """Replaces the decoder-block linears with bitsandbytes layers, in place; returns the model.
+
+    nf4: `Linear4bit` (NF4 weights, blockwise absmax, double quantization of the absmax by default), computing in
+    `compute_dtype`. int8: `Linear8bitLt` (row-wise int8, LLM.int8 outlier threshold). Works on the CPU and CUDA.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantize={method!r}: expected one of {', '.join(METHODS)}")
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        raise UnsupportedError("quantize the base model before adding LoRA adapters, not after")
+    bnb = require_bitsandbytes()
+    if compute_dtype is None:
+        compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    elif not isinstance(compute_dtype, torch.dtype):
+        from .loader import parse_dtype
+        compute_dtype = parse_dtype(compute_dtype)
+    kept = []
+    for name, linear in decoder_linears(model):
+        if is_quantized_linear(linear):
+            continue
+        target = torch.device(device) if device is not None else linear.weight.device
+        if method == "nf4" and not nf4_supported(linear.in_features, blocksize, target):
+            kept.append(name)
+            continue
+        if method == "nf4":
+            new = _to_nf4(bnb, linear, compute_dtype, target, double_quant, blocksize)
+        else:
+            new = _to_int8(bnb, linear, compute_dtype, target, threshold)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    if kept:
+        log.warning("nf4: %d linear layer(s) kept in %s because bitsandbytes' CPU 4-bit kernel mis-reads "
+                    "blocks that straddle rows (in_features not a multiple of %d): %s", len(kept),
+                    str(compute_dtype).replace("torch.", ""), blocksize, ", ".join(kept))
+    model.quantization = {"method": method, "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                          "double_quant": double_quant if method == "nf4" else None, "kept": kept}
+    return model
+
+
+def nf4_supported(in_features: int, blocksize: int, device) -> bool:
+    """Whether bitsandbytes computes this layer right. Measured with 0.50.2: on the CPU, dequantize_4bit (which
+    Linear4bit's forward uses too) returns wrong values (~28% error instead of NF4's ~9%) when a row's length is
+    even but not a multiple of the blocksize; odd lengths take a correct fallback. Real models' widths are
+    multiples of 64; small test models often are not."""
+    return torch.device(device).type != "cpu" or in_features % blocksize == 0 or in_features % 2 == 1
+
+
+def _to_nf4(bnb, linear: nn.Linear, compute_dtype, device, double_quant: bool, blocksize: int):
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=blocksize,
+                                 compress_statistics=double_quant, quant_type="nf4", module=q)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks the weight in place at the first no-grad eval forward,
+    # and that repacking asserts out_features % 32 == 0: keep the standard layout (same state dict, any shape).
+    q.support_avx512bf16_for_cpu = False
+    return q.to(device)  # Params4bit quantizes on its first move to a real device, the CPU included
+
+
+def _to_int8(bnb, linear: nn.Linear, compute_dtype, device, threshold: float):
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=threshold, device="meta")
+    # Int8Params quantizes only when it moves *from* the CPU: start there whatever device the weight is on.
+    q.weight = bnb.nn.Int8Params(linear.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    q = q.to(device)
+    q.compute_dtype = compute_dtype  # Linear8bitLt has none of its own; merging dequantizes into this dtype
+    return q
+
+
+@torch.no_grad()
+def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The layer's weight [out, in] in `dtype`: dequantized for bitsandbytes layers, a detached copy otherwise."""
+    if not is_quantized_linear(module):
+        return module.weight.detach().to(dtype)
+    bnb = require_bitsandbytes()
+    weight = module.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # Undo bitsandbytes' CPU repacking the way its own state-dict saving does (in place, standard layout).
+            weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = module.state.SCB  # moved into the layer's state at its first forward
+    if scb is None:
+        raise UnsupportedError(f"{type(module).__name__}: weight is not quantized yet (no row scales)")
+    return (weight.data.float() * (scb.float() / 127.0)[:, None]).to(dtype)
+
+
+__all__ = ["quantize_model", "dequantize_weight", "is_quantized_linear", "decoder_linears", "output_head_names",
+           "compute_dtype_of", "require_bitsandbytes", "METHODS"]
