@@ -3,11 +3,20 @@
 The reference builds the logits; the fused path (chunked) never holds the full [tokens, vocab] logits.
 Targets are already shifted (position t holds the id that position t must predict) and `ignore_index`
 marks positions without a target. Logits are soft-capped (Gemma 2) before the loss when `softcap` is set.
+
+Chunked path: for each chunk of rows, logits -> loss and d loss / d logits at once, then the chunk's
+gradient wrt hidden is written and its gradient wrt weight accumulated (in fp32). Backward only scales the
+saved gradients by grad_output, so what is kept for backward is [tokens, hidden] + [vocab, hidden], never
+[tokens, vocab]. The per-chunk softmax/grad step is PyTorch on the CPU and a Triton kernel on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+from .dispatch import linear_ce_impl
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, *, softcap=None, ignore_index=-100,
@@ -18,6 +27,139 @@ def linear_cross_entropy_reference(hidden, weight, targets, *, softcap=None, ign
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
+def _chunk_rows(n_rows: int, vocab: int, hidden: torch.Tensor, softcap, use_triton: bool = False) -> int:
+    """Rows per chunk so the chunk's logits and temporaries stay under a budget (MB: VELOTUNE_CE_CHUNK_MB,
+    default 256 on CUDA, 32 on the CPU). The Triton kernel works in place on logits in the input dtype; the
+    PyTorch path adds an fp32 copy, and a tanh buffer when soft-capped."""
+    default_mb = 256 if hidden.is_cuda else 32
+    budget = float(os.environ.get("VELOTUNE_CE_CHUNK_MB", default_mb)) * 2**20
+    acc = 8 if hidden.dtype == torch.float64 else 4
+    per_row = vocab * hidden.element_size()
+    if not use_triton:
+        per_row += vocab * acc * (2 if softcap else 1)
+    rows = max(1, int(budget // max(per_row, 1)))
+    if rows >= 16:
+        rows -= rows % 16
+    return max(1, min(rows, n_rows))
+
+
+def _ce_rows_grad_torch(logits, targets, scale, *, softcap, ignore_index, write_grad):
+    """PyTorch twin of the Triton kernel: per-row loss, logits (fp32/fp64, pre-cap) -> gradient in place."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    if softcap:
+        t = torch.tanh(logits.div_(softcap))
+        logits = torch.mul(t, softcap, out=logits)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], 0.0)
+    if write_grad:
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+        grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
+        if softcap:
+            grad.mul_(t.mul_(t).neg_().add_(1.0))
+        grad.mul_((valid.to(grad.dtype) * scale)[:, None])
+    return loss
+
+
+_MM_OUT_DTYPE = {"ok": True}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc in fp32 (or fp64) whatever a's and b's dtype: the products add up in acc."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE["ok"]:
+        try:  # half-precision inputs, fp32 accumulate and output (cuBLAS), no fp32 copies of a or b
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE["ok"] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reduction, need_h, need_w,
+                     use_triton, chunk_rows=None):
+    """Loss, and (when asked) d loss / d hidden in hidden's dtype and d loss / d weight in weight's dtype."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if use_triton:
+        from .triton_cross_entropy import ce_rows_grad_ as rows_grad
+    else:
+        rows_grad = _ce_rows_grad_torch
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    write_grad = need_h or need_w
+    n_valid = (targets != ignore_index).sum()
+    if reduction == "mean":
+        scale = 1.0 / n_valid.clamp(min=1).to(acc_dtype)
+    else:
+        scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
+    scale = scale.reshape(1)
+    grad_h = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+    step = chunk_rows or _chunk_rows(n, vocab, hidden, softcap, use_triton)
+    for start in range(0, n, step):
+        h = hidden[start:start + step]
+        tgt = targets[start:start + step]
+        logits = h @ weight.t()  # [chunk, vocab] in the input dtype
+        if not use_triton:
+            logits = logits.to(acc_dtype)
+        loss = rows_grad(logits, tgt, scale, softcap=softcap, ignore_index=ignore_index, write_grad=write_grad)
+        total += loss.sum()
+        if need_h:
+            torch.mm(logits.to(hidden.dtype), weight.to(hidden.dtype), out=grad_h[start:start + step])
+        if need_w:
+            _addmm_fp32_(grad_w, logits.t(), h)
+        del logits
+    loss = total.float() if acc_dtype == torch.float32 else total
+    if reduction == "mean":
+        loss = loss / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy
+    return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, ignore_index, reduction, use_triton, chunk_rows):
+        loss, grad_h, grad_w = _chunked_forward(
+            hidden, weight, targets, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+            need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1], use_triton=use_triton,
+            chunk_rows=chunk_rows)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):  # the usual loss.backward() skips the copies
+            grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden, weight, targets, *, softcap=None, ignore_index=-100, reduction="sum",
+                                 use_triton=False, chunk_rows=None):
+    """Fused linear cross-entropy that never holds [tokens, vocab]; same arguments and result as the
+    reference. `use_triton` runs the per-chunk softmax/grad as a Triton kernel; `chunk_rows` overrides the
+    memory-budget chunking."""
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [N, H], weight [V, H], targets [N]; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, ignore_index, reduction,
+                                               use_triton, chunk_rows)
+    loss, _, _ = _chunked_forward(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index,
+                                  reduction=reduction, need_h=False, need_w=False, use_triton=use_triton,
+                                  chunk_rows=chunk_rows)
+    return loss
+
+
 def linear_cross_entropy(hidden, weight, targets, *, softcap=None, ignore_index=-100, reduction="sum"):
+    impl = linear_ce_impl(hidden)
+    fits = hidden.dim() == 2 and reduction in ("sum", "mean")  # else the reference's own behaviour
+    if impl != "reference" and fits:
+        return chunked_linear_cross_entropy(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index,
+                                            reduction=reduction, use_triton=impl == "triton")
     return linear_cross_entropy_reference(hidden, weight, targets, softcap=softcap,
                                           ignore_index=ignore_index, reduction=reduction)

@@ -1,6 +1,10 @@
 """One rule picks an op's implementation: Triton on CUDA tensors when triton imports, else the reference.
 
-`VELOTUNE_KERNELS=reference|triton` forces a choice (triton on the CPU needs TRITON_INTERPRET=1).
+`VELOTUNE_KERNELS=reference|triton` forces a choice (triton on the CPU needs TRITON_INTERPRET=1; without it
+a CPU tensor still gets the reference, since a Triton launch with no GPU and no interpreter fails).
+The fused linear cross-entropy has a third, pure-PyTorch chunked implementation: the default on the CPU.
+Triton kernel modules (`triton_*.py`) are imported only once chosen: `triton.jit` reads TRITON_INTERPRET
+when it decorates, and importing triton costs seconds that `import velotune` should not pay.
 """
 from __future__ import annotations
 
@@ -40,3 +44,10 @@ def use_triton(x: torch.Tensor) -> bool:
     if mode == "triton":
         return x.is_cuda or interpreting()
     return x.is_cuda
+
+
+def linear_ce_impl(x: torch.Tensor) -> str:
+    """'triton' (chunked, Triton softmax/grad per chunk), 'chunked' (chunked, pure PyTorch) or 'reference'."""
+    if use_triton(x):
+        return "triton"
+    return "reference" if kernel_mode() == "reference" else "chunked"

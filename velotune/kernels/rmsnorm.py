@@ -1,9 +1,11 @@
-"""RMSNorm. Reference: compute in fp32, then each family's cast rule.
+"""RMSNorm. Reference: compute in fp32, then each family's cast rule; Triton kernel in triton_rmsnorm.py.
 
 - llama family (offset 0): normalise in fp32, cast to the input dtype, then multiply by the weight.
 - gemma family (offset 1): multiply by (1 + weight) in fp32, then cast.
 """
 import torch
+
+from .dispatch import use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -16,4 +18,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    if use_triton(x) and weight.shape == x.shape[-1:]:
+        from .triton_rmsnorm import rms_norm_triton
+        return rms_norm_triton(x, weight, eps, offset)
     return rms_norm_reference(x, weight, eps, offset)

@@ -1,9 +1,11 @@
 """Rotary position embedding applied to q and k.
 
 cos/sin have shape [batch, seq, rotary_dim] (halves repeated, the Hugging Face layout); only the first
-rotary_dim features of each head rotate (partial rotary), the rest pass through.
+rotary_dim features of each head rotate (partial rotary), the rest pass through. Triton kernel: triton_rope.py.
 """
 import torch
+
+from .dispatch import use_triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -25,5 +27,16 @@ def apply_rope_reference(q, k, cos, sin):
     return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
 
 
+def _triton_fits(q, k, cos, sin) -> bool:
+    rot = cos.shape[-1]
+    return (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape and rot % 2 == 0
+            and rot <= q.shape[-1] == k.shape[-1] and cos.shape[1] == q.shape[2] == k.shape[2]
+            and cos.shape[0] in (1, q.shape[0]) and k.shape[0] == q.shape[0]
+            and not (cos.requires_grad or sin.requires_grad))  # the kernel gives no gradient to cos/sin
+
+
 def apply_rope(q, k, cos, sin):
+    if use_triton(q) and _triton_fits(q, k, cos, sin):
+        from .triton_rope import apply_rope_triton
+        return apply_rope_triton(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
