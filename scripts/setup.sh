@@ -3,23 +3,33 @@
 # Why torch first: a bare `torch` requirement on a machine without torch pulls the multi-GB CUDA build;
 # installing the pinned CPU build first makes every later range resolve to it.
 #   scripts/setup.sh          runtime + demo
-#   scripts/setup.sh --test   also the test tools (peft, bitsandbytes, gguf, datasets, triton)
+#   scripts/setup.sh --test   also the test tools (peft, bitsandbytes, gguf, datasets, triton, server clients)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${VELOTUNE_TORCH:-2.13.0}"
 PY="${PYTHON:-python3}"
+
+# pip with its noise filtered out, failing when pip fails.
+quiet_pip() {
+  local log; log=$(mktemp)
+  if ! python -m pip install -q "$@" >"$log" 2>&1; then
+    grep -v "is ignored" "$log" | tail -n 30; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null \
-  || python -m pip install -q "torch==$TORCH_VERSION"
+  || quiet_pip "torch==$TORCH_VERSION"
 constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
 extras="quant,export,data"
 if [ "${1:-}" = "--test" ]; then
   extras="test,quant,export,data,serve"
   # triton runs our kernels under TRITON_INTERPRET=1 in the tests; 3.8.0 is the version known to install offline here.
-  python -m pip install -q -c "$constraints" "triton==3.8.0" 2>&1 | grep -v "is ignored" || true
+  quiet_pip -c "$constraints" "triton==3.8.0"
 fi
-python -m pip install -q -c "$constraints" -e ".[$extras]" 2>&1 | grep -v "is ignored" || true
+quiet_pip -c "$constraints" -e ".[$extras]"
 python -c "import velotune, torch; print('velotune', velotune.__version__, 'torch', torch.__version__)"
