@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
     p.set_defaults(func=_cmd_generate)
 
+    from .infer.serve_cli import add_serve_parser
+    add_serve_parser(sub)
+
     p = sub.add_parser("demo", help="train a tiny bundled model on a bundled data set, then chat with it")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")

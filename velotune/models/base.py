@@ -105,7 +105,7 @@ class CausalLM(nn.Module):
         return h
 
     def forward(self, input_ids=None, *, labels=None, position_ids=None, attention_mask=None, cache=None,
-                inputs_embeds=None, return_logits: bool = True, reduction: str = "mean",
+                inputs_embeds=None, return_logits: bool = True, reduction: str = "mean", logits_to_keep: int = 0,
                 output_hidden_states: bool = False) -> CausalLMOutput:
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
@@ -120,7 +120,8 @@ class CausalLM(nn.Module):
         hidden = self.model(h, rope, mask, cache)
         out = CausalLMOutput(hidden_states=hidden if output_hidden_states else None)
         if return_logits or labels is None:
-            out.logits = self.logits(hidden)
+            # Generation needs only the last position's logits: skip the [T, vocab] product for the prompt.
+            out.logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep and labels is None else hidden)
         if labels is not None:
             out.loss, out.num_tokens = self._loss(hidden, labels, out.logits, reduction)
         return out

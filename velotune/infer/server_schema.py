@@ -1,0 +1,165 @@
+"""Requests of the OpenAI-compatible server: the JSON bodies, their validation, and OpenAI's error shape.
+
+Unknown fields are ignored, as clients send many optional ones (`user`, `metadata`, ...); fields that would
+change the answer in a way velotune does not implement (n > 1, logprobs, tools, logit_bias, ...) are refused
+with a 400 naming the field, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP `status` and {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+Number = Union[StrictFloat, StrictInt]
+
+
+class _Sampling(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then velotune's extras)."""
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[Number, Field(ge=0)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    n: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: StrictBool | None = False
+    stream_options: dict | None = None
+    # extras (not in OpenAI's API; other open servers take them under the same names)
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None       # -1 or 0: off
+    min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    ignore_eos: StrictBool | None = None
+    stop_token_ids: list[StrictInt] | None = None
+
+    def response_format_type(self) -> str | None:
+        fmt = (self.model_extra or {}).get("response_format")
+        return fmt.get("type") if isinstance(fmt, dict) else (None if fmt is None else repr(fmt))
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: StrictStr
+    content: StrictStr | list[ContentPart] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+
+
+# loc entries that name a field (pydantic also puts the branch of a union in `loc`, e.g. 'float')
+_FIELD_NAMES = {name for cls in (ChatRequest, CompletionRequest, Message, ContentPart) for name in cls.model_fields}
+
+# field -> the values that mean "not used"; anything else is refused (velotune does not implement it)
+_UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+    "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,),
+}
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise bad_request(f"the request body is not valid JSON{where}: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate(model_cls, data: dict):
+    """A ChatRequest / CompletionRequest, or a 400 naming the first bad field."""
+    try:
+        request = model_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p in _FIELD_NAMES) or None
+        raise bad_request(f"'{param}': {first['msg']}" if param else first["msg"], param=param) from None
+    for name, allowed in _UNSUPPORTED.items():
+        if data.get(name, None) not in allowed:
+            raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if request.n not in (None, 1):
+        raise bad_request("only n=1 is supported", param="n", code="unsupported_parameter")
+    if request.response_format_type() not in (None, "text"):
+        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format",
+                          code="unsupported_parameter")
+    return request
+
+
+def sampling_fields(request) -> dict:
+    """The request's generation settings under SamplingParams' names (only those it gives)."""
+    out: dict[str, Any] = {}
+    max_tokens = getattr(request, "max_completion_tokens", None)
+    if max_tokens is None:
+        max_tokens = request.max_tokens
+    if max_tokens is not None:
+        out["max_new_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "min_p",
+                 "repetition_penalty", "ignore_eos", "stop_token_ids"):
+        value = getattr(request, name)
+        if value is not None:
+            out[name] = value
+    if request.top_k is not None:
+        out["top_k"] = max(0, request.top_k)
+    if request.stop is not None:
+        out["stop"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+    return out
+
+
+def chat_messages(request: ChatRequest) -> list[dict]:
+    """The messages as the chat template takes them: text content only (parts joined), extra keys dropped."""
+    messages = []
+    for i, message in enumerate(request.messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported "
+                                      f"(got type {part.type!r})", param=f"messages.{i}.content.{j}")
+                texts.append(part.text)
+            content = "".join(texts)
+        messages.append({"role": message.role, "content": content or ""})
+    return messages
+
+
+def include_usage(request) -> bool:
+    """stream_options.include_usage: a last chunk with the token counts before [DONE]."""
+    options = request.stream_options or {}
+    return bool(options.get("include_usage"))
