@@ -12,11 +12,15 @@ log = logging.getLogger("velotune")
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, report_to=(), config: dict | None = None, append: bool = False):
+    def __init__(self, out_dir: Path, report_to=(), config: dict | None = None, append: bool = False,
+                 enabled: bool = True):
+        """`enabled=False` (ranks other than 0 of a multi-process run): writes nothing."""
         self.path = Path(out_dir) / "metrics.jsonl"
+        self._file = self._tb = self._wandb = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
-        self._tb = self._wandb = None
         for name in report_to or ():
             if name == "tensorboard":
                 self._tb = _tensorboard_writer(Path(out_dir) / "tensorboard")
@@ -26,6 +30,8 @@ class MetricsLog:
                 log.warning("train.report_to: unknown target %r (known: tensorboard, wandb)", name)
 
     def write(self, record: dict):
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record.get("step", 0)
@@ -38,7 +44,8 @@ class MetricsLog:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -25,6 +25,8 @@ class TrainState:
     step: int = 0                 # optimizer steps done
     epoch: int = 0                # data epoch the next batch comes from
     batch_in_epoch: int = 0       # micro-batches of that epoch already consumed
+    rows_in_epoch: int = 0        # rows of that epoch consumed by all processes: resumes with another batch size
+                                  # or number of processes (distributed.py)
     tokens_seen: int = 0          # real target tokens trained on
     best_eval_loss: float | None = None
     history: list = field(default_factory=list)
@@ -45,6 +47,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
+    per_rank = state.get("per_rank")
+    if per_rank:  # a multi-process run keeps every rank's RNG; a rank it did not have keeps its own seeding
+        from .distributed import current_rank
+        rank = current_rank()
+        if rank >= len(per_rank):
+            return
+        state = per_rank[rank]
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -18,10 +18,11 @@ import torch
 from ..config import Config, load_config
 from ..data import count_target_tokens
 from ..errors import ConfigError, TrainingError
+from . import distributed
 from .metrics import MetricsLog, Progress, is_finite
 from .optim import build_optimizer, build_scheduler
 from .setup import autocast_dtype, load_model, prepare_for_training
-from .state import TrainState, list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from .state import TrainState, list_checkpoints, rng_state
 
 log = logging.getLogger("velotune")
 RUN_FILE = "run.json"
@@ -47,11 +48,20 @@ def train(config, overrides=None, *, model=None, tokenizer=None) -> TrainResult:
     """Runs a training job from a YAML path, a dict or a Config (`vt.train`).
 
     `model`/`tokenizer` may be passed to train an already loaded model (the config's model section is then
-    used only for its settings).
+    used only for its settings). Under torchrun with `train.distributed` ddp / fsdp2 every process calls this;
+    fsdp2 shards a passed model in place.
     """
     cfg = load_config(config, overrides)
+    dist = distributed.setup(cfg)
+    try:
+        return _train(cfg, dist, model, tokenizer)
+    finally:
+        dist.close()  # leaves the process group if it joined it, on errors too
+
+
+def _train(cfg: Config, dist, model, tokenizer) -> TrainResult:
     out_dir = Path(cfg.train.output_dir)
-    resume_from = _check_output_dir(out_dir, cfg.train)
+    resume_from = dist.on_main(_check_output_dir, out_dir, cfg.train)
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model, tokenizer = load_model(cfg)
@@ -60,7 +70,9 @@ def train(config, overrides=None, *, model=None, tokenizer=None) -> TrainResult:
     params = prepare_for_training(model, cfg)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{params['trainable_params']:,}",
              f"{params['total_params']:,}", 100 * params["trainable_params"] / max(1, params["total_params"]))
-    loop = _Loop(cfg, model, tokenizer, out_dir, params)
+    dist.seed_rank(cfg.train.seed)
+    model = dist.wrap(model, cfg.train.precision)
+    loop = _Loop(cfg, model, tokenizer, out_dir, params, dist)
     return loop.run(resume_from)
 
 
@@ -84,9 +96,10 @@ def _check_output_dir(out_dir: Path, tcfg) -> Path | None:
 
 
 class _Loop:
-    def __init__(self, cfg: Config, model, tokenizer, out_dir: Path, params: dict):
+    def __init__(self, cfg: Config, model, tokenizer, out_dir: Path, params: dict, dist=None):
         from ..data import build_datasets
         self.cfg, self.model, self.tokenizer, self.out_dir, self.params = cfg, model, tokenizer, out_dir, params
+        self.dist = dist or distributed.Distributed()
         self.tcfg = cfg.train
         self.device = next(model.parameters()).device
         self.max_len = cfg.data.max_seq_length or getattr(model, "max_seq_length", None) or 2048
@@ -111,7 +124,7 @@ class _Loop:
 
     def _num_batches(self) -> int:
         from ..data import num_batches
-        return num_batches(self.train_data, **self._batch_kwargs(with_pad=False))
+        return num_batches(self.train_data, **self._batch_kwargs(with_pad=False), **self.dist.data_kwargs())
 
     def _total_steps(self) -> int:
         if self.tcfg.max_steps:
@@ -120,13 +133,17 @@ class _Loop:
         return max(1, steps)
 
     def _micro_batches(self):
-        """Endless stream of (epoch, index_in_epoch, batch), starting at the saved data position."""
+        """Endless stream of (epoch, batches_done_in_epoch, batch), starting at the saved data position.
+
+        Positions count the batches of all ranks, so a checkpoint resumes on another number of processes."""
         from ..data import batch_iterator
-        epoch, skip = self.state.epoch, self.state.batch_in_epoch
+        ranks = self.dist.world_size
+        epoch, skip = self.state.epoch, self.dist.batches_to_skip(self.state, self.tcfg.batch_size)
         while True:
             for i, batch in enumerate(batch_iterator(self.train_data, epoch=epoch, start_batch=skip,
-                                                     **self._batch_kwargs()), start=skip):
-                yield epoch, i + 1, batch
+                                                     **self._batch_kwargs(), **self.dist.data_kwargs()),
+                                      start=skip):
+                yield epoch, (i + 1) * ranks, batch
             epoch, skip = epoch + 1, 0
 
     # ---- steps -----------------------------------------------------------------------------------------
@@ -140,16 +157,19 @@ class _Loop:
 
     def _step(self, micro) -> tuple[float, int, float | None]:
         targets = [count_target_tokens(b) for _, _, b in micro]
-        total = sum(targets)
+        total = int(self.dist.all_sum(sum(targets)))  # the step's real target tokens over all ranks
         if total == 0:
             return float("nan"), 0, None
         loss_sum = 0.0
-        for (_, _, batch), n in zip(micro, targets):
-            if n == 0:
+        for i, ((_, _, batch), n) in enumerate(zip(micro, targets)):
+            if n == 0 and not self.dist.active:  # ranks must run the same backward passes (collectives)
                 continue
-            loss = self._forward_loss(batch) / total
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with self.dist.gradient_sync(self.model, last=i == len(micro) - 1):
+                loss = self._forward_loss(batch) / total
+                scaled = loss * self.dist.grad_scale if self.dist.active else loss
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.item()
+        loss_sum = self.dist.all_sum(loss_sum)  # the global loss, the same on every rank
         if not is_finite(loss_sum):
             return loss_sum, total, None
         if self.scaler:
@@ -187,17 +207,20 @@ class _Loop:
     def run(self, resume_from) -> TrainResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is not None:
-            self.state = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.state = self.dist.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler,
+                                                   self.scaler)
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
-        self._write_run_file()
-        metrics = MetricsLog(self.out_dir, self.tcfg.report_to, self.cfg.to_dict(), append=resume_from is not None)
-        progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress)
+        self.dist.on_main(self._write_run_file)
+        metrics = MetricsLog(self.out_dir, self.tcfg.report_to, self.cfg.to_dict(), append=resume_from is not None,
+                             enabled=self.dist.is_main)
+        progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress and self.dist.is_main)
         self.model.train()
         self._boundary_rng = rng_state()
         result = TrainResult(self.out_dir, self.state.step, None, None, metrics_path=metrics.path,
                              data_stats=self.data_stats, params=self.params)
         try:
-            self._train_steps(metrics, progress, result)
+            with self.dist.graceful_stop():
+                self._train_steps(metrics, progress, result)
         except KeyboardInterrupt:
             # Parameters and optimizer only change at step boundaries: the state of the last finished step,
             # with the RNG as it was then, resumes exactly as if nothing had happened.
@@ -217,6 +240,8 @@ class _Loop:
         stream = self._micro_batches()
         start = time.perf_counter()
         while self.state.step < self.total_steps:
+            if self.dist.stop_requested():  # a signal on any rank stops all of them at this step boundary
+                raise KeyboardInterrupt
             micro = [next(stream) for _ in range(self.tcfg.grad_accum)]
             loss, tokens, grad_norm = self._step(micro)
             if not is_finite(loss):
@@ -227,6 +252,7 @@ class _Loop:
                                     f"Try a lower train.lr, train.precision=fp32 or bf16, or check the data.")
             self.state.step += 1
             self.state.epoch, self.state.batch_in_epoch = micro[-1][0], micro[-1][1]
+            self.state.rows_in_epoch = self.state.batch_in_epoch * self.tcfg.batch_size
             self.state.tokens_seen += tokens
             lr = self.scheduler.get_last_lr()[0]
             progress.update(tokens, loss, lr)
@@ -253,22 +279,33 @@ class _Loop:
             log.info("step %d: eval loss %.4f", self.state.step, eval_loss)
 
     def _save(self) -> Path:
-        return save_checkpoint(self.out_dir, self.state, self.model, self.optimizer, self.scheduler, self.scaler,
-                               self.tcfg.keep_last, rng=self._boundary_rng)
+        return self.dist.save_checkpoint(self.out_dir, self.state, self.model, self.optimizer, self.scheduler,
+                                         self.scaler, self.tcfg.keep_last, rng=self._boundary_rng)
 
     def _finish(self, result: TrainResult):
-        if self.tcfg.save_every and not (self.out_dir / "checkpoints" / f"step-{self.state.step:06d}").exists():
+        last = self.out_dir / "checkpoints" / f"step-{self.state.step:06d}"
+        if self.tcfg.save_every and not self.dist.on_main(last.exists):
             self._save()
-        if self.cfg.finetune.method == "lora":
-            from ..lora import save_adapter
-            result.adapter_dir = Path(save_adapter(self.model, self.out_dir / "adapter", overwrite=True))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(result.adapter_dir))
+        lora = self.cfg.finetune.method == "lora"
+        with self.dist.full_model(self.model, trainable_only=lora) as model:
+            written = self.dist.on_main(self._write_outputs, model, lora)
+        if lora:
+            result.adapter_dir = written
         else:
-            from ..models.loader import save
-            result.model_dir = save(self.model, self.tokenizer, self.out_dir / "model", overwrite=True)
+            result.model_dir = written
+
+    def _write_outputs(self, model, lora: bool) -> Path:
+        if lora:
+            from ..lora import save_adapter
+            adapter_dir = Path(save_adapter(model, self.out_dir / "adapter", overwrite=True))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(adapter_dir))
+            return adapter_dir
+        from ..models.loader import save
+        return save(model, self.tokenizer, self.out_dir / "model", overwrite=True)
 
     def _write_run_file(self):
         info = {"config": self.cfg.to_dict(), "data": self.data_stats, "params": self.params,
-                "total_steps": self.total_steps, "batches_per_epoch": self.batches_per_epoch}
+                "total_steps": self.total_steps, "batches_per_epoch": self.batches_per_epoch,
+                "processes": self.dist.world_size}
         (self.out_dir / RUN_FILE).write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
