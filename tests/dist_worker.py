@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import velotune as vt
-from velotune.train.trainer import train  # not vt.train: importing velotune.train.* shadows it
+from velotune.training.trainer import train  # not vt.train: importing velotune.training.* shadows it
 
 
 def whole(p: torch.Tensor) -> torch.Tensor:

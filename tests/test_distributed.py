@@ -19,10 +19,10 @@ import velotune as vt
 from train_fixtures import base_config, chat_records, make_model_dir, write_jsonl
 from velotune.errors import CheckpointError, ConfigError, DataError
 
-# Importing the package velotune.train binds `velotune.train` to it, hiding the lazy `vt.train` function from
+# Importing the package velotune.training binds `velotune.training` to it, hiding the lazy `vt.train` function from
 # every later test file unless that function was looked up first: look it up, then import what we use.
 _ = vt.train
-from velotune.train.trainer import train  # noqa: E402
+from velotune.training.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -345,6 +345,6 @@ def test_ctrl_c_stops_all_ranks_at_a_step_boundary_with_a_checkpoint(tiny, monke
 
 
 def test_decoder_blocks_are_found_for_sharding(tiny):
-    from velotune.train.distributed import decoder_blocks
+    from velotune.training.distributed import decoder_blocks
     model, _ = vt.load(tiny[0], dtype="float32", device="cpu")
     assert decoder_blocks(model) == list(model.model.layers) and len(decoder_blocks(model)) == 2

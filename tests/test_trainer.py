@@ -187,7 +187,7 @@ def test_bf16_autocast_trains(setup):
 
 
 def test_schedule_shapes():
-    from velotune.train.optim import lr_factor
+    from velotune.training.optim import lr_factor
     assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
     assert lr_factor(9, 10, 0, "constant") == 1.0

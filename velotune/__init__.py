@@ -16,7 +16,7 @@ _API = {
     "unmerge_lora": "velotune.lora:unmerge_lora",
     "save_adapter": "velotune.lora:save_adapter",
     "load_adapter": "velotune.lora:load_adapter",
-    "train": "velotune.train.trainer:train",
+    "train": "velotune.training.trainer:train",
     "TrainConfig": "velotune.config:TrainConfig",
     "load_config": "velotune.config:load_config",
     "generate": "velotune.infer.generate:generate",

@@ -9,7 +9,7 @@ from . import __version__
 
 
 def _cmd_train(ns):
-    from .train.trainer import train
+    from .training.trainer import train
     result = train(ns.config, overrides=ns.overrides)
     print(f"done: {result.output_dir}")
 
