@@ -4,10 +4,10 @@ import sys
 
 
 def test_public_names_resolve_to_callables_after_submodule_imports():
-    code = ("import velotune.training.trainer, velotune.infer.generate, velotune.lora\n"
+    code = ("import velotune.training.trainer, velotune.infer.generate, velotune.exporting, velotune.lora\n"
             "import velotune as vt\n"
             "names = ['load', 'save', 'add_lora', 'merge_lora', 'unmerge_lora', 'save_adapter', 'load_adapter',\n"
-            "         'train', 'generate', 'stream']\n"
+            "         'train', 'generate', 'stream', 'export']\n"
             "bad = [n for n in names if not callable(getattr(vt, n))]\n"
             "print('BAD', bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ _API = {
     "load_config": "velotune.config:load_config",
     "generate": "velotune.infer.generate:generate",
     "stream": "velotune.infer.generate:stream",
-    "export": "velotune.export:export",
+    "export": "velotune.exporting:export",
     "VelotuneError": "velotune.errors:VelotuneError",
     "ConfigError": "velotune.errors:ConfigError",
 }

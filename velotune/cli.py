@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
     p.set_defaults(func=_cmd_demo)
+    from .exporting.export_cli import add_export_parser
+    add_export_parser(sub)
     return parser
 
 

@@ -1,0 +1,43 @@
+"""Exporting a (LoRA-tuned) model to the formats people deploy.
+
+    vt.export(model, tokenizer, "out_dir", format="merged", dtype="bfloat16")  # transformers-loadable safetensors
+    vt.export(model, tokenizer, "adapter_dir", format="adapter")             # the PEFT adapter alone
+    vt.export(model, tokenizer, "out_dir", format="gguf", quant="q8_0")      # model.gguf + Ollama Modelfile
+
+Every format refuses an existing output unless `overwrite=True`, checks what it can before writing, and writes
+under a temporary name renamed into place. The model passed in is never changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UnsupportedError
+
+FORMATS = ("merged", "adapter", "gguf")
+
+
+def export(model, tokenizer, out, format: str = "merged", dtype=None, quant=None, overwrite: bool = False,
+           max_shard_bytes: int | None = None) -> Path:
+    """Writes `model` (adapters merged where the format needs it) to `out`; returns the path written.
+
+    format="merged": a Hugging Face checkpoint directory in `dtype` (float32 | bfloat16 | float16; default the
+    model's), sharded above `max_shard_bytes` (default 5 GiB). format="adapter": the PEFT adapter directory.
+    format="gguf": a GGUF file (`out` ending in .gguf, else `out`/model.gguf) in `quant` (f32 | f16 | bf16 | q8_0
+    | q4_0 | q4_1 | q5_0 | q5_1; default from `dtype`, else f16) plus an Ollama Modelfile beside it.
+    """
+    if format == "merged":
+        if quant is not None:
+            raise UnsupportedError("quant applies to format='gguf'; a merged export takes dtype= instead")
+        from .merged import export_merged
+        kwargs = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes is not None else {}
+        return export_merged(model, tokenizer, out, dtype=dtype, overwrite=overwrite, **kwargs)
+    if format == "adapter":
+        from .merged import export_adapter
+        return export_adapter(model, out, overwrite=overwrite)
+    if format == "gguf":
+        from .gguf_writer import export_gguf
+        return export_gguf(model, tokenizer, out, quant=quant, dtype=dtype, overwrite=overwrite)
+    raise UnsupportedError(f"export format {format!r} is not supported; supported: {', '.join(FORMATS)}")
+
+
+__all__ = ["export", "FORMATS"]
