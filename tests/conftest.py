@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes imports triton; triton reads TRITON_INTERPRET when a kernel is defined. Set it before any import so
+# the kernel tests interpret whatever order the test files run in (dispatch still picks the reference on CPU tensors).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

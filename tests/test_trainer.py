@@ -196,3 +196,10 @@ def test_schedule_shapes():
 def test_missing_model_path_and_quantized_full_finetune_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.path"):
         vt.train({"data": {"path": "x.jsonl"}, "train": {"output_dir": str(tmp_path / "o")}})
+
+
+def test_offloaded_checkpointing_gives_the_same_losses(setup):
+    model_dir, data, tmp = setup
+    plain = vt.train(base_config(model_dir, data, tmp / "a", train={"max_steps": 3}))
+    off = vt.train(base_config(model_dir, data, tmp / "b", train={"max_steps": 3, "gradient_checkpointing": "offload"}))
+    assert off.losses == pytest.approx(plain.losses, rel=1e-6)

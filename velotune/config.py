@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, Literal["offload"]] = False  # "offload": block inputs kept on the CPU
     save_every: int | None = None                    # optimizer steps between checkpoints
     keep_last: int = 2
     eval_every: int | None = None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.lora_ops import fused_lora_linear
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
 
 
@@ -50,6 +51,10 @@ class LoraLinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x):
+        if not self.merged:
+            fused = fused_lora_linear(self, x)  # saves x, A, B only; None where it does not apply (dropout, DoRA)
+            if fused is not None:
+                return fused
         result = self.base_layer(x)
         if self.merged:
             return result

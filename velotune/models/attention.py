@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import apply_rope, rms_norm
+from ..kernels.lora_ops import lora_projections
+from ..kernels.varlen import packed_attention
 
 
 class AttentionMask:
@@ -31,6 +33,18 @@ class AttentionMask:
         if window not in self._cache:
             self._cache[window] = self._build(window)
         return self._cache[window]
+
+    def memo(self, key, build):
+        """`build()` once per forward, shared by the layers (varlen backends keep their sample bounds here)."""
+        key = ("memo", key)
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def packed_only(self) -> bool:
+        """Packed rows, nothing else: a varlen backend can replace the dense mask."""
+        return self.doc_ids is not None and self.key_padding is None and self.q_len == self.kv_len
 
     def _build(self, window):
         offset = self.kv_len - self.q_len
@@ -55,6 +69,10 @@ def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
 
 def attend(q, k, v, mask: AttentionMask, *, window=None, scale=None, softcap=None):
     """q: [B, Hq, T, D]; k, v: [B, Hk, S, D] -> [B, Hq, T, D]."""
+    if mask.packed_only:  # no [T, T] mask where a varlen backend runs (kernels/varlen.py)
+        out = packed_attention(q, k, v, mask, window=window, scale=scale, softcap=softcap)
+        if out is not None:
+            return out
     dense = mask.dense(window)
     if softcap is None:
         groups = q.shape[1] // k.shape[1]
@@ -114,6 +132,9 @@ class Attention(nn.Module):
         if self.fused_qkv:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv * self.head_dim
             return self.qkv_proj(x).split([q_out, kv_out, kv_out], dim=-1)
+        fused = lora_projections([self.q_proj, self.k_proj, self.v_proj], x)  # one op saving x once, no x A^T
+        if fused is not None:
+            return fused
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, mask: AttentionMask, cache=None):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels import linear_cross_entropy
+from ..kernels.offload import offloaded_checkpoint
 from .attention import Attention, AttentionMask, RMSNorm, doc_ids_from_positions
 from .mlp import GatedMLP
 from .rope import RotaryEmbedding
@@ -53,12 +54,15 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, norm_offset)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
                                           args.partial_rotary_factor, args.max_position_embeddings)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # False, True, or "offload" (block inputs kept on the CPU)
 
     def forward(self, h, rope, mask, cache=None):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, mask, cache, use_reentrant=False)
+                if self.gradient_checkpointing == "offload":
+                    h = offloaded_checkpoint(lambda x, layer=layer: layer(x, rope, mask, cache), h)
+                else:
+                    h = checkpoint(layer, h, rope, mask, cache, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, cache)
         return self.norm(h)
@@ -94,7 +98,10 @@ class CausalLM(nn.Module):
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True):
+    def set_gradient_checkpointing(self, enabled: bool | str = True):
+        """True: recompute each block in backward; "offload": also keep each block's input on the CPU."""
+        if enabled not in (True, False, "offload"):
+            raise ValueError(f"gradient checkpointing must be True, False or 'offload', got {enabled!r}")
         self.model.gradient_checkpointing = enabled
 
     # ---- forward -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from torch import nn
 
 from ..errors import UnsupportedError
 from ..kernels import geglu, swiglu
+from ..kernels.lora_ops import lora_mlp
 
 # hidden_act value in config.json -> (kind, gelu approximation)
 ACTIVATIONS = {
@@ -34,8 +35,15 @@ class GatedMLP(nn.Module):
             self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = gated_activation(act)
+        self.act_kind = ACTIVATIONS[act]
 
     def forward(self, x):
+        # One autograd op for the block when its linears allow (frozen bases, LoRA without dropout / DoRA):
+        # it saves x, gate and up, and recomputes the activation in backward.
+        gate_up = [self.gate_up_proj] if self.fused else [self.gate_proj, self.up_proj]
+        out = lora_mlp(gate_up, self.down_proj, self.act, self.act_kind, x)
+        if out is not None:
+            return out
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:

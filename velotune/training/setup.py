@@ -34,7 +34,7 @@ def prepare_for_training(model, cfg) -> dict:
         _setup_full(model, cfg.finetune)
     if cfg.train.gradient_checkpointing:
         if hasattr(model, "set_gradient_checkpointing"):
-            model.set_gradient_checkpointing(True)
+            model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
         else:
             log.warning("train.gradient_checkpointing: not available for this model; ignored")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

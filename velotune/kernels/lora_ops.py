@@ -1,0 +1,245 @@
+"""Fused LoRA: linears (with or without an adapter) over a frozen base, with a hand-written backward.
+
+    y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T        for every projection i reading the same x
+
+What backward keeps: x, A, B. x A^T ([tokens, r]) is recomputed; the base weight is never saved (a 4-bit base
+is dequantized again in backward, and a dequantized copy never outlives the matmul that needs it). The MLP
+block keeps x, gate and up; act(gate) and act(gate) * up are recomputed in backward.
+
+`lora_projections` (q/k/v, or one linear) and `lora_mlp` (gate/up -> act -> down) return None when the modules
+cannot take the fused path (LoRA dropout in training, DoRA, an int8 or trainable base, dtype mismatch,
+VELOTUNE_KERNELS=reference, no autograd): the caller then runs its plain modules, which give the same numbers.
+Modules are recognised by their attributes (`base_layer`, `lora_A`, ...) so kernels/ does not import lora/.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import geglu_reference, swiglu_reference
+from .dispatch import kernel_mode, use_triton
+from .nf4 import dequantize_4bit, is_4bit_linear
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """One linear of a fused group: a frozen base (plain or 4-bit) and, when `lora`, its adapter's scaling."""
+    base: nn.Module
+    lora: bool
+    scaling: float = 0.0
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight [out, in] in `dtype`: the parameter itself, or a fresh dequantized copy."""
+        w = self.base.weight
+        if is_4bit_linear(self.base):
+            return dequantize_4bit(w.data, w.quant_state, dtype)
+        return w if w.dtype == dtype else w.to(dtype)
+
+    def bias(self, dtype: torch.dtype):
+        b = self.base.bias
+        return None if b is None else b.to(dtype)
+
+
+def projection_of(module: nn.Module, dtype: torch.dtype, autocast: bool) -> Projection | None:
+    """The fused view of a LoRA layer or a plain / 4-bit linear, or None when it needs the plain path."""
+    lora = hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    base = module.base_layer if lora else module
+    if lora and not module.merged:
+        dropout = module.lora_dropout
+        if module.use_dora or not (isinstance(dropout, nn.Identity) or not dropout.training):
+            return None
+    quantized = is_4bit_linear(base)
+    if not (quantized or type(base) is nn.Linear) or base.weight.requires_grad:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    if not autocast:  # the plain path computes in the base's dtype: the fused one must see the same
+        base_dtype = getattr(base, "compute_dtype", None) if quantized else base.weight.dtype
+        if base_dtype != dtype:
+            return None
+    if lora and not module.merged:
+        return Projection(base, True, module.scaling)
+    return Projection(base, False)
+
+
+def _adapters(modules, projections):
+    return [t for m, p in zip(modules, projections) if p.lora for t in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def _fused_group(modules, x):
+    """(projections, compute dtype, adapter tensors), or None when any module needs the plain path."""
+    if not torch.is_grad_enabled() or kernel_mode() == "reference" or not x.is_floating_point():
+        return None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    projections = [projection_of(m, dtype, autocast) for m in modules]
+    if any(p is None for p in projections):
+        return None
+    return projections, dtype, _adapters(modules, projections)
+
+
+@contextlib.contextmanager
+def _no_autocast(device_type: str):
+    """Everything inside runs in the dtype chosen at the call (autocast would re-cast the matmuls)."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+# ---- shared-input projections: forward and backward -------------------------------------------------------
+def _project(x2, projections, adapters, dtype):
+    """[tokens, in] -> one [tokens, out_i] per projection; the same ops, in the same order, as LoraLinear."""
+    outs, i = [], 0
+    for p in projections:
+        y = F.linear(x2, p.weight(dtype), p.bias(dtype))
+        if p.lora:
+            a, b = adapters[i].to(dtype), adapters[i + 1].to(dtype)
+            i += 2
+            y = y + F.linear(F.linear(x2, a), b) * p.scaling
+        outs.append(y)
+    return outs
+
+
+def _project_backward(x2, projections, adapters, grads, dtype, need_x, need_adapters):
+    """d x and d A, d B for each adapter (None where not needed), from the output gradients [tokens, out_i]."""
+    dx, d_adapters, i = None, [], 0
+    for p, dy in zip(projections, grads):
+        d_a = d_b = None
+        dx_p = torch.mm(dy, p.weight(dtype)) if need_x and dy is not None else None
+        if p.lora:
+            a, b = adapters[i].to(dtype), adapters[i + 1].to(dtype)
+            if dy is not None:
+                g = dy * p.scaling  # the gradient the adapter's output sees
+                if need_adapters[i + 1]:
+                    d_b = torch.mm(g.t(), F.linear(x2, a)).to(adapters[i + 1].dtype)
+                g_b = torch.mm(g, b)
+                if need_adapters[i]:
+                    d_a = torch.mm(g_b.t(), x2).to(adapters[i].dtype)
+                if dx_p is not None:
+                    dx_p = dx_p + torch.mm(g_b, a)
+            d_adapters += [d_a, d_b]
+            i += 2
+        if dx_p is not None:
+            dx = dx_p if dx is None else dx + dx_p
+    return dx, d_adapters
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class SharedInputLora(torch.autograd.Function):
+    """Several projections of one input (q/k/v, or a single linear). Saves x and the adapters only."""
+
+    @staticmethod
+    def forward(ctx, x, projections, dtype, *adapters):
+        with _no_autocast(x.device.type):
+            outs = _project(_rows(x), projections, adapters, dtype)
+        ctx.projections, ctx.dtype = projections, dtype
+        ctx.save_for_backward(x, *adapters)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *adapters = ctx.saved_tensors
+        with _no_autocast(x.device.type):
+            dx, d_adapters = _project_backward(
+                _rows(x), ctx.projections, adapters, [None if g is None else _rows(g) for g in grads], ctx.dtype,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[3:])
+        return (None if dx is None else dx.view(x.shape), None, None, *d_adapters)
+
+
+def lora_projections(modules, x: torch.Tensor):
+    """[module(x) for module in modules] through one fused op, or None (the caller runs the modules)."""
+    group = _fused_group(modules, x)
+    if group is None or not any(p.lora for p in group[0]):
+        return None  # without an adapter a frozen linear saves nothing of its own: nothing to gain
+    projections, dtype, adapters = group
+    return list(SharedInputLora.apply(x.to(dtype), projections, dtype, *adapters))
+
+
+def fused_lora_linear(module: nn.Module, x: torch.Tensor):
+    outs = lora_projections([module], x)
+    return None if outs is None else outs[0]
+
+
+# ---- the gated MLP block -------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class MLPSpec:
+    gate_up: list          # [gate, up] projections, or [gate_up] (one fused linear, split in halves)
+    down: Projection
+    act: object            # the block's activation function act(gate, up) (dispatching to Triton on CUDA)
+    kind: tuple            # ("swiglu", None) or ("geglu", "none" | "tanh")
+    dtype: torch.dtype
+
+    @property
+    def n_in_adapters(self) -> int:
+        return 2 * sum(p.lora for p in self.gate_up)
+
+
+def _gate_and_up(spec, parts):
+    return parts if len(spec.gate_up) == 2 else parts[0].chunk(2, dim=-1)
+
+
+def _gated_grads(spec, gate, up, dh):
+    """d gate, d up of act(gate) * up: the Triton backward kernel where it runs, else autograd on the reference."""
+    kind, approx = spec.kind
+    if use_triton(gate) and (kind == "swiglu" or approx in ("none", "tanh")):
+        from .triton_lora import gated_grads_triton
+        return gated_grads_triton(gate, up, dh, kind, approx)
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        h = swiglu_reference(g, u) if kind == "swiglu" else geglu_reference(g, u, approx)
+        return torch.autograd.grad(h, (g, u), dh)
+
+
+class LoraMLP(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) with LoRA on any of the three. Saves x, gate, up and the adapters."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *adapters):
+        k = spec.n_in_adapters
+        with _no_autocast(x.device.type):
+            parts = _project(_rows(x), spec.gate_up, adapters[:k], spec.dtype)
+            h = spec.act(*_gate_and_up(spec, parts))
+            (out,) = _project(h, [spec.down], adapters[k:], spec.dtype)
+        ctx.spec = spec
+        ctx.save_for_backward(x, *parts, *adapters)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        spec, k = ctx.spec, ctx.spec.n_in_adapters
+        n_parts = len(spec.gate_up)
+        x, *rest = ctx.saved_tensors
+        parts, adapters = rest[:n_parts], rest[n_parts:]
+        needs = ctx.needs_input_grad[2:]
+        with _no_autocast(x.device.type):
+            gate, up = _gate_and_up(spec, parts)
+            h = spec.act(gate, up)  # recomputed: the one [tokens, intermediate] tensor the down LoRA needs
+            dh, d_down = _project_backward(h, [spec.down], adapters[k:], [_rows(dout)], spec.dtype, True, needs[k:])
+            del h
+            d_gate, d_up = _gated_grads(spec, gate, up, dh)
+            del dh
+            grads = [d_gate, d_up] if n_parts == 2 else [torch.cat((d_gate, d_up), dim=-1)]
+            dx, d_in = _project_backward(_rows(x), spec.gate_up, adapters[:k], grads, spec.dtype,
+                                         ctx.needs_input_grad[0], needs[:k])
+        return (None if dx is None else dx.view(x.shape), None, *d_in, *d_down)
+
+
+def lora_mlp(gate_up_modules, down_module, act, kind, x: torch.Tensor):
+    """The fused MLP block's output, or None (the caller runs its modules). `gate_up_modules` is [gate, up] or
+    [gate_up]; `act(gate, up)` is the block's activation and `kind` its ("swiglu" | "geglu", approximation)."""
+    modules = [*gate_up_modules, down_module]
+    group = _fused_group(modules, x)
+    if group is None:
+        return None
+    projections, dtype, adapters = group
+    spec = MLPSpec(projections[:-1], projections[-1], act, kind, dtype)
+    return LoraMLP.apply(x.to(dtype), spec, *adapters)

@@ -1,0 +1,82 @@
+"""4-bit (NF4, also FP4) dequantization of weights in the bitsandbytes layout, so `Linear4bit` weights and
+checkpoints are read as they are.
+
+Layout: the weight [out, in] is flattened row-major and cut into blocks of `blocksize` values (64 by default;
+blocks run across row ends). Each value is a 4-bit index into a 16-entry code table (NF4: the normal-float
+quantiles); two indices share a byte, the first value in the high nibble. Each block has one fp32 scale, its
+absmax. With double quantization ("nested") the absmaxes are themselves stored as uint8 indices into a
+256-entry code table, scaled per block of `blocksize2` absmaxes by fp32 second-level scales, plus an offset.
+
+value = code[index] * absmax[block], computed in fp32 and then cast (as bitsandbytes does). The Triton kernel
+(triton_nf4.py) is used on CUDA; the reference below runs anywhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import use_triton
+
+# The NF4 data type (QLoRA, Dettmers et al. 2023): 16 quantiles of N(0, 1) normalised to [-1, 1], with an exact 0.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def code_table(state, device) -> torch.Tensor:
+    """The state's 16-entry table (NF4 or FP4) in fp32 on `device`."""
+    code = getattr(state, "code", None)
+    if code is None:
+        if state.quant_type != "nf4":
+            raise ValueError(f"4-bit state of type {state.quant_type!r} carries no code table")
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return code.to(device=device, dtype=torch.float32)
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed weight as a flat uint8 tensor (bitsandbytes may store it as another dtype, e.g. for FSDP)."""
+    flat = packed.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def block_scales_reference(state) -> torch.Tensor:
+    """One fp32 scale per block of `state.blocksize` values; undoes double quantization when nested."""
+    if not getattr(state, "nested", False):
+        return state.absmax.float()
+    inner = state.state2
+    scales = inner.code.float()[state.absmax.long()]
+    per_value = torch.arange(scales.numel(), device=scales.device) // inner.blocksize
+    scales = scales * inner.absmax.float()[per_value]
+    return scales + state.offset.float()
+
+
+def dequantize_4bit_reference(packed: torch.Tensor, state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pure PyTorch: the weight of shape `state.shape` in `dtype` (default: the state's dtype)."""
+    n = state.shape.numel()
+    q = packed_bytes(packed)
+    if q.numel() * 2 < n:
+        raise ValueError(f"packed 4-bit weight holds {q.numel() * 2} values, its state says {tuple(state.shape)}")
+    indices = torch.stack((q >> 4, q & 0xF), dim=-1).reshape(-1)[:n].long()
+    values = code_table(state, q.device)[indices]
+    block = torch.arange(n, device=q.device) // state.blocksize
+    out = values * block_scales_reference(state)[block]
+    return out.reshape(state.shape).to(dtype or state.dtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dequantized weight: the Triton kernel on CUDA (or when forced), else the reference."""
+    if state.blocksize % 2:
+        raise ValueError(f"4-bit blocksize must be even, got {state.blocksize}")
+    if use_triton(packed):
+        from .triton_nf4 import dequantize_4bit_triton
+        return dequantize_4bit_triton(packed, state, dtype)
+    return dequantize_4bit_reference(packed, state, dtype)
+
+
+def is_4bit_linear(module) -> bool:
+    """A bitsandbytes Linear4bit whose weight is in the standard layout (not repacked for CPU inference)."""
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    return (type(weight).__name__ == "Params4bit" and state is not None
+            and not getattr(state, "packing_format_for_cpu", False))
