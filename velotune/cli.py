@@ -16,7 +16,7 @@ def _cmd_train(ns):
 
 def _cmd_demo(ns):
     from .demo import run_demo
-    run_demo(out_dir=ns.out, steps=ns.steps, quick=ns.quick)
+    run_demo(out_dir=ns.out, steps=ns.steps, quick=ns.quick, threads=ns.threads)
 
 
 def _cmd_chat(ns):
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny bundled model on a bundled data set, then chat with it")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
-    p.add_argument("--quick", action="store_true", help="a much shorter run, for smoke tests")
+    p.add_argument("--quick", action="store_true", help="a shorter run (fewer steps, most answers learned)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
     p.set_defaults(func=_cmd_demo)
     from .exporting.export_cli import add_export_parser
     add_export_parser(sub)
