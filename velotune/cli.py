@@ -78,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--quick", action="store_true", help="a shorter run (fewer steps, most answers learned)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: up to 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1)")
     p.set_defaults(func=_cmd_demo)
     from .exporting.export_cli import add_export_parser
     add_export_parser(sub)
+    from .bench_cli import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

@@ -104,7 +104,7 @@ DEMO_RECIPE = {
     "finetune": {"method": "lora"},
     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "targets": "all-linear", "modules_to_save": ["lm_head"]},
     "data": {"format": "messages", "train_on": "assistant", "max_seq_length": 64, "packing": False},
-    "train": {"seed": 0, "max_steps": 300, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "weight_decay": 0.0,
+    "train": {"seed": 0, "max_steps": 200, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "weight_decay": 0.0,
               "scheduler": "cosine", "warmup_steps": 10, "max_grad_norm": 1.0, "precision": "fp32"},
 }
 # A shorter run (same recipe, schedule over these steps): every DEMO_QUESTIONS answer right by step 75-100.
