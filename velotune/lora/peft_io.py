@@ -107,10 +107,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME} (not a PEFT adapter directory?)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    config = ckpt.read_json(path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config

@@ -41,14 +41,19 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
             f"Offline, pass a local directory holding config.json and *.safetensors.") from None
 
 
+def read_json(path: Path):
+    """A JSON file's content; invalid JSON is a CheckpointError naming the file, line and column."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    config = read_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{path}: missing field 'model_type'")
     return config

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..models.checkpoint import atomic_dir
-from .state import CHECKPOINTS, TrainState, prune_checkpoints, set_rng_state
+from .state import CHECKPOINTS, TrainState, prune_checkpoints, read_checkpoint_files, set_rng_state
 
 SHARDED_DIR = "sharded"
 TRAINER_FILE = "trainer.pt"
@@ -91,15 +91,9 @@ def load_sharded_checkpoint(path, model, optimizer, scheduler, scaler=None) -> T
 
 def load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler=None) -> TrainState:
     """Loads a usual (one-process or DDP) checkpoint into a sharded model: each rank keeps its shards."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     path = Path(path)
-    try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    tensors, extra, state = read_checkpoint_files(path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     wrong = sorted(set(tensors) ^ trainable)
     if wrong:

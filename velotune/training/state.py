@@ -89,16 +89,22 @@ def prune_checkpoints(out_dir: Path, keep_last: int):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainState:
-    """Restores trainable tensors, optimizer, scheduler and RNG states; returns the TrainState."""
+def read_checkpoint_files(path: Path):
+    """(trainable tensors, optimizer/scheduler/RNG states, TrainState) of a one-process or DDP checkpoint."""
     from safetensors.torch import load_file
-    path = Path(path)
     try:
         tensors = load_file(str(path / "trainable.safetensors"))
         extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    return tensors, extra, state
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainState:
+    """Restores trainable tensors, optimizer, scheduler and RNG states; returns the TrainState."""
+    path = Path(path)
+    tensors, extra, state = read_checkpoint_files(path)
     params = dict(model.named_parameters())
     wrong = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
     if wrong:
