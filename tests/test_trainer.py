@@ -203,3 +203,15 @@ def test_offloaded_checkpointing_gives_the_same_losses(setup):
     plain = vt.train(base_config(model_dir, data, tmp / "a", train={"max_steps": 3}))
     off = vt.train(base_config(model_dir, data, tmp / "b", train={"max_steps": 3, "gradient_checkpointing": "offload"}))
     assert off.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
+def test_report_to_without_the_package_warns_and_trains(setup, caplog):
+    model_dir, data, tmp = setup
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed: the missing-package path cannot be shown")
+    with caplog.at_level("WARNING", logger="velotune"):
+        result = vt.train(base_config(model_dir, data, tmp / "run", train={"max_steps": 1,
+                                                                           "report_to": ["tensorboard"]}))
+    assert result.steps == 1
+    assert "tensorboard package is not installed" in caplog.text
