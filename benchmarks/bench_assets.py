@@ -1,0 +1,162 @@
+"""What the training benchmark's processes share: model shapes, a random-weight checkpoint with a word-level
+tokenizer, and a synthetic prompt/completion data set. Built once, cached under a temp dir, read by every case.
+
+The tokenizer maps the word `w<k>` to one id, so random "text" is random token ids at the full vocabulary size:
+the loss over a 32k-128k vocabulary costs what it costs at scale, and no tokenizer or data set is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; words w0, w1, ... follow
+
+# Llama-shaped configs (transformers LlamaConfig fields). llama-56m is the generation benchmark's shape too.
+SHAPES = {
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "llama-56m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
+}
+
+# Document lengths as fractions of the sequence length: "chat" packs 2-3 samples per row; "long" is one sample
+# that fills its row exactly (a 30% prompt, the rest completion and EOS).
+DOC_KINDS = {"chat": dict(prompt=(0.02, 0.25), completion=(0.03, 0.5)),
+             "long": dict(prompt=(0.30, 0.30), completion=None)}
+
+
+def parameter_count(shape: dict) -> int:
+    """Parameters of a Llama-shaped config, counted without building it."""
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    embeddings = shape["vocab_size"] * h * (1 if shape["tie_word_embeddings"] else 2)
+    return layers * per_layer + embeddings + h
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VELOTUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "velotune-bench"))
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def checkpoint_path(shape: str, dtype: str, cache: Path | None = None) -> Path:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    return (cache or default_cache_dir()) / f"{shape}-{dtype}-{_key(SHAPES[shape], dtype)}"
+
+
+def ensure_checkpoint(shape: str, dtype: str, device: str, cache: Path | None = None) -> Path:
+    """The cached checkpoint, built on first use in a child process, so that the driver never holds torch,
+    transformers or (on a GPU) memory of its own while the measured processes run."""
+    target = checkpoint_path(shape, dtype, cache)
+    if not (target / "config.json").is_file():
+        print(f"building the {shape} checkpoint ({dtype}) in {target} ...", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), shape, dtype, device, str(target.parent)],
+                       check=True)
+    return target
+
+
+def checkpoint_dir(shape: str, dtype: str, device: str, cache: Path | None = None) -> Path:
+    """The cached checkpoint of `shape` in `dtype`, written on first use (random weights, seed 0)."""
+    target = checkpoint_path(shape, dtype, cache)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _write_checkpoint(tmp, SHAPES[shape], dtype, device)
+        _write_tokenizer(tmp, SHAPES[shape]["vocab_size"])
+        os.replace(tmp, target)  # atomic: another process sees the whole directory or none
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_checkpoint(path: Path, shape: dict, dtype: str, device: str):
+    """Weights drawn here (normal, std 0.02; norms at 1), on `device`: transformers' own init takes far longer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # never materialised in fp32 first
+    model.to_empty(device=device)
+    if shape.get("tie_word_embeddings"):
+        model.tie_weights()  # to_empty gives the head its own tensor: share the embedding's again
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=g)
+    model.config.dtype = dtype
+    model.save_pretrained(str(path))
+
+
+def _write_tokenizer(path: Path, vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{k}": len(SPECIALS) + k for k in range(vocab_size - len(SPECIALS))})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", model_max_length=1 << 20)
+    tok.save_pretrained(str(path))
+
+
+def data_file(model_dir: Path, *, seq: int, batch: int, steps: int, kind: str = "chat", seed: int = 0) -> Path:
+    """A prompt/completion jsonl with enough samples for `steps` packed batches of `batch` x `seq` tokens.
+    Prompts are masked from the loss, completions trained: the real target tokens are a part of each row."""
+    if kind not in DOC_KINDS:
+        raise ValueError(f"unknown document kind {kind!r}; known: {', '.join(DOC_KINDS)}")
+    shape = json.loads((model_dir / "config.json").read_text())
+    words = shape["vocab_size"] - len(SPECIALS)
+    lengths = DOC_KINDS[kind]
+    mean_doc = seq * sum(sum(r) / 2 for r in lengths.values()) if lengths["completion"] else seq
+    records = int(steps * batch * seq / mean_doc * 1.5) + 4
+    path = model_dir / f"data-{kind}-{seq}-{records}-{seed}.jsonl"
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+
+    def words_text(n):
+        return " ".join(f"w{rng.randrange(words)}" for _ in range(max(1, n)))
+
+    def record():
+        n_prompt = int(seq * rng.uniform(*lengths["prompt"]))
+        span = lengths["completion"]
+        n_completion = int(seq * rng.uniform(*span)) if span else seq - 1 - n_prompt  # + EOS = seq
+        return {"prompt": words_text(n_prompt) + " ", "completion": words_text(n_completion)}
+
+    lines = [json.dumps(record()) for _ in range(records)]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":  # shape dtype device cache_dir: what ensure_checkpoint runs
+    print(checkpoint_dir(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))
