@@ -122,3 +122,30 @@ def test_is_4bit_linear():
     assert is_4bit_linear(model[0]) and not is_4bit_linear(torch.nn.Linear(64, 8))
     model[0].weight.quant_state.packing_format_for_cpu = True  # repacked for CPU inference: not our layout
     assert not is_4bit_linear(model[0])
+
+
+@pytest.mark.parametrize("shape,blocksize", [((96, 128), 64), ((37, 64), 64), ((24, 256), 128)])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_cpu_dispatch_uses_bitsandbytes_where_it_is_exact(monkeypatch, shape, blocksize, nested, dtype):
+    """Rows a multiple of the block size: bitsandbytes' CPU kernel, bit for bit the reference's output."""
+    packed, state = quantized(shape, nested, blocksize=blocksize)
+    calls = []
+    real = bnb.functional.dequantize_4bit
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("VELOTUNE_KERNELS", "auto")
+    out = dequantize_4bit(packed, state, dtype)
+    assert calls == [1] and out.dtype == (dtype or torch.float32)
+    assert torch.equal(out, dequantize_4bit_reference(packed, state, dtype))
+
+
+def test_cpu_dispatch_keeps_the_reference_where_bitsandbytes_is_wrong(monkeypatch):
+    """Blocks across rows (48 columns, blocks of 64) or bytes stored as another dtype: the reference."""
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a: pytest.fail("bitsandbytes was called"))
+    monkeypatch.setenv("VELOTUNE_KERNELS", "auto")
+    w = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(dequantize_4bit(packed, state), dequantize_4bit_reference(packed, state))
+    packed, state = quantized((16, 64), True)
+    as_bf16 = packed.reshape(-1).view(torch.bfloat16)[:, None]
+    assert torch.equal(dequantize_4bit(as_bf16, state), dequantize_4bit_reference(packed, state))

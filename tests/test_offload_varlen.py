@@ -134,7 +134,9 @@ def test_flex_document_mask_matches_the_dense_mask(monkeypatch, family):
 def test_backend_choice(monkeypatch):
     q = torch.zeros(1, 2, 4, 8)
     monkeypatch.delenv("VELOTUNE_ATTENTION", raising=False)
-    assert packed_backend(q) == "dense"  # the CPU: the dense block mask
+    assert packed_backend(q) == packed_backend(q, needs_grad=True) == "segments"  # the CPU: SDPA per sample
+    monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
+    assert packed_backend(q) == "dense"
     monkeypatch.setenv("VELOTUNE_ATTENTION", "flex")
     assert packed_backend(q) == "flex"
     assert packed_backend(q, needs_grad=True) == "dense"  # flex_attention has no CPU backward
@@ -159,3 +161,54 @@ def test_training_with_flex_forced_on_the_cpu_takes_the_dense_path(monkeypatch):
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
     loss, grads = loss_and_grads(model, False)
     assert loss_flex == loss and all(torch.equal(grads[n], grads_flex[n]) for n in grads)
+
+
+# a row of three samples (7 + 6 + 5) and tail padding (its own segment, positions from 0, no labels), and a row
+# holding one sample
+SEG_POSITIONS = torch.tensor([list(range(7)) + list(range(6)) + list(range(5)) + list(range(6)), list(range(24))])
+SEG_IDS = torch.randint(0, 101, SEG_POSITIONS.shape, generator=torch.Generator().manual_seed(6))
+SEG_LABELS = SEG_IDS.clone()
+SEG_LABELS[0, 18:] = -100
+
+
+def _logits_and_grads(model, positions):
+    model.zero_grad(set_to_none=True)
+    out = model(SEG_IDS, labels=SEG_LABELS, position_ids=positions)
+    (out.loss + out.logits.square().mean()).backward()  # every logit gets a gradient, padding included
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("single", [False, True], ids=["packed", "one_sample_per_row"])
+def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single):
+    """The CPU default for packed rows: SDPA per sample slice (no [T, T] mask built), the dense path's logits
+    and gradients. A window no shorter than any sample changes nothing, so it too runs per sample."""
+    model = tiny_model(layers=2, sliding_window=window).train()
+    positions = torch.arange(24).expand(2, 24) if single else SEG_POSITIONS
+    monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
+    logits, grads = _logits_and_grads(model, positions)
+    monkeypatch.delenv("VELOTUNE_ATTENTION")
+    calls = []
+    real_sdpa = varlen.F.scaled_dot_product_attention
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or real_sdpa(*a, **kw))
+    with monkeypatch.context() as patch:
+        patch.setattr(AttentionMask, "_build", lambda *a: pytest.fail("a dense mask was built"))
+        seg_logits, seg_grads = _logits_and_grads(model, positions)
+    # per layer: one call on the whole batch, or one per sample slice
+    assert calls == ([24] * 2 if single else [7, 6, 5, 6, 24] * 2)
+    assert rel_err(seg_logits, logits) < 1e-6 and grads.keys() == seg_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert rel_err(seg_grads[name], grads[name]) < 1e-5, name
+
+
+def test_cpu_segments_path_falls_back_to_the_dense_mask_for_a_short_window():
+    """A window shorter than a sample: the dense mask (built once per forward, shared by the layers)."""
+    model = tiny_model(layers=2, sliding_window=4).eval()
+    built = []
+    real_build = AttentionMask._build
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AttentionMask, "_build", lambda self, w: built.append(w) or real_build(self, w))
+        with torch.no_grad():
+            model(SEG_IDS, position_ids=SEG_POSITIONS)
+    assert built == [4]

@@ -8,9 +8,11 @@ absmax. With double quantization ("nested") the absmaxes are themselves stored a
 256-entry code table, scaled per block of `blocksize2` absmaxes by fp32 second-level scales, plus an offset.
 
 value = code[index] * absmax[block], computed in fp32 and then cast (as bitsandbytes does). The Triton kernel
-(triton_nf4.py) is used on CUDA; the reference below runs anywhere.
+(triton_nf4.py) is used on CUDA; on the CPU bitsandbytes' own kernel where it is exact, else the reference.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -71,7 +73,22 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype | None = Non
     if use_triton(packed):
         from .triton_nf4 import dequantize_4bit_triton
         return dequantize_4bit_triton(packed, state, dtype)
+    if _bnb_cpu_is_exact(packed, state, dtype):
+        from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+        return bnb_dequantize(packed, state).to(dtype or state.dtype)
     return dequantize_4bit_reference(packed, state, dtype)
+
+
+def _bnb_cpu_is_exact(packed, state, dtype) -> bool:
+    """bitsandbytes' CPU kernel (faster than the reference) gives the reference's bits when its blocks do not run
+    across rows (0.50.2 reads blocks per row) and it rounds fp32 once to the dtype we want."""
+    if packed.device.type != "cpu" or packed.dtype != torch.uint8 or getattr(state, "code", None) is None:
+        return False
+    if len(state.shape) == 0 or state.shape[-1] % state.blocksize:
+        return False
+    if (dtype or state.dtype) != state.dtype and state.dtype != torch.float32:
+        return False
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def is_4bit_linear(module) -> bool:

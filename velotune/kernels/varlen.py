@@ -8,9 +8,12 @@ in the order `auto` tries them:
   stream of samples described by cumulative lengths; no mask exists at all.
 - flex: torch's flex_attention with a document mask_mod, compiled (CUDA). The block mask is built by a
   compiled pass too, so no [T, T] tensor is ever held; fully masked tiles are skipped.
-- dense: SDPA with the boolean block-diagonal mask (attention.py), the fallback everywhere else (the CPU).
+- segments: the CPU. SDPA with `is_causal` on each sample's slice of its row, so no [T, T] mask (nor its
+  float copy saved per layer) exists and no tile of another sample is computed. Gemma 2's soft-capping, and a
+  sliding window shorter than a sample, take the dense path instead.
+- dense: SDPA with the boolean block-diagonal mask (attention.py), the fallback everywhere else.
 
-`VELOTUNE_ATTENTION=auto|flash|flex|dense` forces one (`flex` on the CPU runs flex_attention eagerly, which
+`VELOTUNE_ATTENTION=auto|flash|flex|segments|dense` forces one (`flex` on the CPU runs flex_attention eagerly, which
 materialises the scores and has no backward there: it serves to check the mask logic, and a CPU forward that
 needs gradients takes the dense path). VELOTUNE_KERNELS=reference
 means dense. `packed_attention` returns None when the dense path should run.
@@ -22,11 +25,12 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnsupportedError
 from .dispatch import kernel_mode
 
-BACKENDS = ("auto", "flash", "flex", "dense")
+BACKENDS = ("auto", "flash", "flex", "segments", "dense")
 
 
 def attention_setting() -> str:
@@ -51,7 +55,7 @@ def flex_available() -> bool:
 
 
 def packed_backend(q: torch.Tensor, needs_grad: bool = False) -> str:
-    """'flash', 'flex' or 'dense' for these queries [B, H, T, D] (`needs_grad`: backward will run)."""
+    """'flash', 'flex', 'segments' or 'dense' for these queries [B, H, T, D] (`needs_grad`: backward will run)."""
     setting = attention_setting()
     if setting == "dense" or kernel_mode() == "reference":
         return "dense"
@@ -66,6 +70,8 @@ def packed_backend(q: torch.Tensor, needs_grad: bool = False) -> str:
     if setting == "flex" or (setting == "auto" and q.is_cuda):
         cpu_backward = not q.is_cuda and needs_grad  # flex_attention has no backward on the CPU
         return "flex" if flex_available() and not cpu_backward else "dense"
+    if setting == "segments" or (setting == "auto" and not q.is_cuda):
+        return "segments"
     return "dense"
 
 
@@ -78,6 +84,36 @@ def document_bounds(doc_ids: torch.Tensor):
     first = starts.reshape(-1).nonzero().flatten()
     cu = torch.cat((first, torch.tensor([B * T], device=doc_ids.device))).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def row_segments(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) of each sample in it: one host sync per forward (kept in `mask.memo`)."""
+    T = doc_ids.shape[1]
+    cu = document_bounds(doc_ids)[0].tolist()
+    rows: list[list[tuple[int, int]]] = [[] for _ in range(doc_ids.shape[0])]
+    for start, end in zip(cu[:-1], cu[1:]):
+        row = start // T
+        rows[row].append((start - row * T, end - row * T))
+    return rows
+
+
+def _segments(q, k, v, mask, window, scale):
+    """SDPA with `is_causal` per sample slice; None (dense path) when a window is shorter than a sample."""
+    rows = mask.memo("row_segments", lambda: row_segments(mask.doc_ids))
+    if window is not None and max(end - start for row in rows for start, end in row) > window:
+        return None
+    gqa = q.shape[1] != k.shape[1]
+
+    def causal(qs, ks, vs):
+        return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+
+    if all(len(row) == 1 for row in rows):  # one sample per row: plain causal attention of the whole batch
+        return causal(q, k, v)
+    out = []
+    for b, row in enumerate(rows):
+        pieces = [causal(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e]) for s, e in row]
+        out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    return torch.cat(out, dim=0)
 
 
 def _flash(q, k, v, mask, window, scale, softcap):
@@ -145,4 +181,6 @@ def packed_attention(q, k, v, mask, *, window=None, scale=None, softcap=None):
         return _flash(q, k, v, mask, window, scale, softcap)
     if backend == "flex":
         return _flex(q, k, v, mask, window, scale, softcap)
+    if backend == "segments" and not softcap:  # soft-capping: the explicit dense path (attention.py)
+        return _segments(q, k, v, mask, window, scale)
     return None

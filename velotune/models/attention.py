@@ -75,11 +75,8 @@ def attend(q, k, v, mask: AttentionMask, *, window=None, scale=None, softcap=Non
             return out
     dense = mask.dense(window)
     if softcap is None:
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=dense is None, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=dense is None, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     return _softcapped_attention(q, k, v, dense, scale, softcap)
 
 
