@@ -128,7 +128,7 @@ def machine_info(plan: dict, runs: dict, load_before, seconds: float) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return dict(cpu=_cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
+    return dict(cpu=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), devices=devices, versions=versions,
                 velotune=_velotune_version(), load_average_before=load_before, load_average_after=load_average(),
                 duration_s=round(seconds, 1), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=command_line())
@@ -159,7 +159,7 @@ def _velotune_version() -> dict:
             "uncommitted_changes": None if changed is None else len(changed.splitlines())}
 
 
-def _cpu_name():
+def cpu_name():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

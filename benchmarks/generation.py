@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from bench_report import cpu_name  # the script's folder is on sys.path
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Llama-2-like proportions at ~56M parameters (32.8M of them in the untied embedding and output head).
@@ -169,7 +171,7 @@ def machine_info(device, dtype, threads) -> dict:
 
     import velotune
     info = dict(platform=platform.platform(), python=platform.python_version(), cpu_count=os.cpu_count(),
-                cpu=_cpu_name(), torch=torch.__version__, transformers=transformers.__version__,
+                cpu=cpu_name(), torch=torch.__version__, transformers=transformers.__version__,
                 velotune=velotune.__version__, device=str(device), dtype=str(dtype).replace("torch.", ""),
                 torch_threads=threads, load_average=_load_average(),
                 command="python " + " ".join([sys.argv[0].split("/velotune/", 1)[-1]] + sys.argv[1:]),
@@ -177,16 +179,6 @@ def machine_info(device, dtype, threads) -> dict:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _load_average():

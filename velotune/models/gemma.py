@@ -8,6 +8,13 @@ from .args import BaseArgs
 from .base import CausalLM, PreNormBlock
 
 
+def refuse_bidirectional(args, source: str):
+    """Gemma configs may ask for bidirectional attention (an encoder variant): we build causal decoders only."""
+    if args.use_bidirectional_attention:
+        raise UnsupportedError(f"{source}: use_bidirectional_attention (an encoder variant) is not supported; "
+                               "only causal decoders are")
+
+
 @dataclass
 class Args(BaseArgs):
     model_type: str = "gemma"
@@ -22,9 +29,7 @@ class Args(BaseArgs):
 
     def validate(self, source: str = "config.json"):
         super().validate(source)
-        if self.use_bidirectional_attention:
-            raise UnsupportedError(f"{source}: use_bidirectional_attention (an encoder variant) is not supported; "
-                                   "only causal decoders are")
+        refuse_bidirectional(self, source)
 
     @property
     def activation(self) -> str:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import UnsupportedError
 from .args import BaseArgs
 from .attention import Attention, RMSNorm
 from .base import CausalLM
+from .gemma import refuse_bidirectional
 from .mlp import GatedMLP
 
 
@@ -35,9 +35,7 @@ class Args(BaseArgs):
 
     def validate(self, source: str = "config.json"):
         super().validate(source)
-        if self.use_bidirectional_attention:
-            raise UnsupportedError(f"{source}: use_bidirectional_attention (an encoder variant) is not supported; "
-                                   "only causal decoders are")
+        refuse_bidirectional(self, source)
         if self.layer_types is None:
             self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
