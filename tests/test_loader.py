@@ -292,3 +292,15 @@ def test_unknown_model_type_lists_supported(tmp_path):
     _edit_config(path, model_type="t5")
     with pytest.raises(UnsupportedError, match="model_type 't5' has no causal language model"):
         vt.load(path, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2"])
+def test_bidirectional_gemma_config_is_refused(model_type):
+    from importlib import import_module
+
+    from velotune.errors import UnsupportedError
+    args_cls = import_module(f"velotune.models.{model_type}").Args
+    config = dict(model_type=model_type, vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, use_bidirectional_attention=True)
+    with pytest.raises(UnsupportedError, match=r"x/config.json: use_bidirectional_attention"):
+        args_cls.from_dict(config, source="x/config.json")
