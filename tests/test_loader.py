@@ -301,6 +301,6 @@ def test_bidirectional_gemma_config_is_refused(model_type):
     from velotune.errors import UnsupportedError
     args_cls = import_module(f"velotune.models.{model_type}").Args
     config = dict(model_type=model_type, vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, use_bidirectional_attention=True)
+                  num_attention_heads=2, num_key_value_heads=1, use_bidirectional_attention=True)
     with pytest.raises(UnsupportedError, match=r"x/config.json: use_bidirectional_attention"):
         args_cls.from_dict(config, source="x/config.json")
