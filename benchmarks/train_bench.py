@@ -77,7 +77,7 @@ def parse_args(argv=None):
 def make_plan(ns) -> dict:
     device = "cuda" if ns.device.startswith("cuda") else "cpu"
     plan = dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick)
-    plan["dtype"] = "bfloat16" if device == "cuda" else "float32"
+    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
     for key in ("reps", "steps", "warmup", "seq_limit"):
         if getattr(ns, key, None) is not None:
             plan[key] = getattr(ns, key)
@@ -223,6 +223,8 @@ def run(ns) -> dict:
         out = Path(ns.out) if ns.out else HERE / "results"
         shape = plan["cases"][0].shape if plan["cases"] else "none"
         name = f"train-{'cuda' if plan['device'].startswith('cuda') else 'cpu'}-{shape}"
+        if plan["dtype"] != ("bfloat16" if plan["device"].startswith("cuda") else "float32"):
+            name += "-" + {"float32": "fp32", "bfloat16": "bf16"}[plan["dtype"]]
         bench_report.write(out, name, report, text)
         print(f"wrote {out / name}.json and .md")
     return report

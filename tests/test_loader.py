@@ -82,6 +82,20 @@ def test_dtype_choice(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("stored, native, expected", [
+    ("bfloat16", "1", torch.bfloat16),   # bf16 checkpoint, CPU with bf16 dot products: stays bf16
+    ("bfloat16", "0", torch.float32),    # no native bf16: fp32, emulated bf16 matmuls are slow
+    ("float16", "1", torch.float32),     # fp16 matmuls on CPUs are slower still
+    ("float32", "1", torch.float32),
+])
+def test_cpu_default_dtype_follows_bf16_checkpoints_where_native(tmp_path, monkeypatch, stored, native, expected):
+    path, _ = make_checkpoint(tmp_path, "llama")
+    _edit_config(path, dtype=stored)
+    monkeypatch.setenv("VELOTUNE_CPU_BF16", native)
+    model, _ = vt.load(path, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
 def test_tokenizer_loads_when_present_and_survives_save(tmp_path):
     path, _ = make_checkpoint(tmp_path, "llama_tied")
     tok = make_tokenizer()

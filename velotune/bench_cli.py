@@ -27,6 +27,8 @@ def add_bench_arguments(p):
     p.add_argument("--warmup", type=int, help="untimed steps first (allocations, first-call costs)")
     p.add_argument("--seq", type=int, help="max sequence length (rows are packed up to it)")
     p.add_argument("--batch", type=int, help="rows per batch")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights and compute dtype for every system (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: steadier)")
     p.add_argument("--max-seq-search", dest="max_seq_search", action="store_true",
                    help="also find the longest sequence that trains within --memory-budget-mb (first case only)")

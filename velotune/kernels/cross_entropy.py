@@ -43,22 +43,31 @@ def _chunk_rows(n_rows: int, vocab: int, hidden: torch.Tensor, softcap, use_trit
     return max(1, min(rows, n_rows))
 
 
-def _ce_rows_grad_torch(logits, targets, scale, *, softcap, ignore_index, write_grad):
-    """PyTorch twin of the Triton kernel: per-row loss, logits (fp32/fp64, pre-cap) -> gradient in place."""
+def _ce_rows_grad_torch(logits, targets, scale, *, softcap, ignore_index, write_grad, grad_out=None):
+    """PyTorch twin of the Triton kernel: per-row loss from fp32/fp64 logits (pre-cap, overwritten), and when
+    `write_grad` d loss / d logits, in `grad_out` (another dtype) or else in `logits` itself.
+
+    One exp per element: the shifted logits are exponentiated in place, their row sum gives the log-sum-exp
+    and, divided out, the softmax; the one-hot target is subtracted before the last scaling, which writes the
+    gradient straight in `grad_dtype` (no separate cast pass for bf16 activations)."""
     valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
     if softcap:
         t = torch.tanh(logits.div_(softcap))
         logits = torch.mul(t, softcap, out=logits)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = torch.where(valid, lse - logits.gather(1, safe[:, None])[:, 0], 0.0)
-    if write_grad:
-        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-        grad.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
-        if softcap:
-            grad.mul_(t.mul_(t).neg_().add_(1.0))
-        grad.mul_((valid.to(grad.dtype) * scale)[:, None])
-    return loss
+    shift = logits.amax(dim=-1, keepdim=True)
+    picked = logits.gather(1, safe)
+    expd = logits.sub_(shift).exp_()
+    total = expd.sum(dim=-1, keepdim=True)
+    lse = shift + total.log()
+    loss = torch.where(valid, (lse - picked)[:, 0], 0.0)
+    if not write_grad:
+        return loss, None
+    expd.scatter_add_(1, safe, -total)  # softmax * total - onehot * total
+    if softcap:
+        expd.mul_(t.mul_(t).neg_().add_(1.0))
+    factor = (valid.to(expd.dtype) * scale)[:, None] / total
+    return loss, torch.mul(expd, factor, out=expd if grad_out is None else grad_out)
 
 
 _MM_OUT_DTYPE = {"ok": True}
@@ -69,12 +78,18 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE["ok"]:
+    half = a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+    if half and a.is_cuda and _MM_OUT_DTYPE["ok"]:
         try:  # half-precision inputs, fp32 accumulate and output (cuBLAS), no fp32 copies of a or b
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE["ok"] = False
+    if half and a.dtype == torch.bfloat16 and not a.is_cuda:
+        # The CPU has no fp32-output bf16 matmul: the chunk's product (fp32 inside, rounded once to bf16) is
+        # added in fp32, at bf16 matmul speed rather than fp32's.
+        acc.add_(torch.mm(a, b))
+        return
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
@@ -100,19 +115,33 @@ def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reductio
     grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
     total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
     step = chunk_rows or _chunk_rows(n, vocab, hidden, softcap, use_triton)
+    # One set of chunk buffers for the whole loop: a fresh multi-MB tensor per chunk costs a page fault per 4 KiB
+    # touched, which on the CPU takes as long as the softmax itself.
+    rows = min(step, n)
+    logits_buf = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+    upcast = not use_triton and logits_buf.dtype != acc_dtype
+    acc_buf = torch.empty((rows, vocab), dtype=acc_dtype, device=hidden.device) if upcast else None
+    grad_buf = (torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+                if write_grad and not use_triton and hidden.dtype != acc_dtype else None)
     for start in range(0, n, step):
         h = hidden[start:start + step]
         tgt = targets[start:start + step]
-        logits = h @ weight.t()  # [chunk, vocab] in the input dtype
-        if not use_triton:
-            logits = logits.to(acc_dtype)
-        loss = rows_grad(logits, tgt, scale, softcap=softcap, ignore_index=ignore_index, write_grad=write_grad)
+        m = h.shape[0]
+        logits = torch.mm(h, weight.t(), out=logits_buf[:m])  # [chunk, vocab] in the input dtype
+        if use_triton:  # in place: the logits become their gradient, in the input dtype
+            loss = rows_grad(logits, tgt, scale, softcap=softcap, ignore_index=ignore_index, write_grad=write_grad)
+            grad = logits
+        else:
+            if upcast:
+                logits = acc_buf[:m].copy_(logits)
+            loss, grad = rows_grad(logits, tgt, scale, softcap=softcap, ignore_index=ignore_index,
+                                   write_grad=write_grad, grad_out=None if grad_buf is None else grad_buf[:m])
         total += loss.sum()
         if need_h:
-            torch.mm(logits.to(hidden.dtype), weight.to(hidden.dtype), out=grad_h[start:start + step])
+            torch.mm(grad.to(hidden.dtype), weight.to(hidden.dtype), out=grad_h[start:start + step])
         if need_w:
-            _addmm_fp32_(grad_w, logits.t(), h)
-        del logits
+            _addmm_fp32_(grad_w, grad.t(), h)
+        del logits, grad
     loss = total.float() if acc_dtype == torch.float32 else total
     if reduction == "mean":
         loss = loss / n_valid  # 0/0 = nan when every target is ignored, as F.cross_entropy
