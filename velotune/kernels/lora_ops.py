@@ -94,14 +94,15 @@ def _no_autocast(device_type: str):
 
 # ---- shared-input projections: forward and backward -------------------------------------------------------
 def _project(x2, projections, adapters, dtype):
-    """[tokens, in] -> one [tokens, out_i] per projection; the same ops, in the same order, as LoraLinear."""
+    """[tokens, in] -> one [tokens, out_i] per projection: what LoraLinear computes, with the adapter's product
+    accumulated into the base output in place (no [tokens, out] temporaries)."""
     outs, i = [], 0
     for p in projections:
         y = F.linear(x2, p.weight(dtype), p.bias(dtype))
         if p.lora:
             a, b = adapters[i].to(dtype), adapters[i + 1].to(dtype)
             i += 2
-            y = y + F.linear(F.linear(x2, a), b) * p.scaling
+            y.addmm_(F.linear(x2, a), b.t(), alpha=p.scaling)
         outs.append(y)
     return outs
 
@@ -111,22 +112,23 @@ def _project_backward(x2, projections, adapters, grads, dtype, need_x, need_adap
     dx, d_adapters, i = None, [], 0
     for p, dy in zip(projections, grads):
         d_a = d_b = None
-        dx_p = torch.mm(dy, p.weight(dtype)) if need_x and dy is not None else None
+        if need_x and dy is not None:  # dx accumulates in place: one [tokens, in] buffer for the whole group
+            weight = p.weight(dtype)
+            dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
         if p.lora:
             a, b = adapters[i].to(dtype), adapters[i + 1].to(dtype)
             if dy is not None:
-                g = dy * p.scaling  # the gradient the adapter's output sees
+                # The adapter's output sees scaling * dy: the scaling goes on the rank-r products, never on a
+                # [tokens, out] copy of dy.
                 if need_adapters[i + 1]:
-                    d_b = torch.mm(g.t(), F.linear(x2, a)).to(adapters[i + 1].dtype)
-                g_b = torch.mm(g, b)
+                    d_b = torch.mm(dy.t(), F.linear(x2, a)).mul_(p.scaling).to(adapters[i + 1].dtype)
+                g_b = torch.mm(dy, b).mul_(p.scaling)
                 if need_adapters[i]:
                     d_a = torch.mm(g_b.t(), x2).to(adapters[i].dtype)
-                if dx_p is not None:
-                    dx_p = dx_p + torch.mm(g_b, a)
+                if need_x:
+                    dx.addmm_(g_b, a)
             d_adapters += [d_a, d_b]
             i += 2
-        if dx_p is not None:
-            dx = dx_p if dx is None else dx + dx_p
     return dx, d_adapters
 
 
