@@ -68,6 +68,9 @@ def test_plan_filters_and_overrides():
     assert plan["systems"] == ["velotune", "hf-gc"] and plan["reps"] == 3 and plan["dtype"] == "float32"
     with pytest.raises(SystemExit, match="unknown dora"):
         train_bench.make_plan(train_bench.parse_args(["--methods", "lora,dora"]))
+    assert train_bench.make_plan(train_bench.parse_args(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        train_bench.parse_args(["--dtype", "float16"])
 
 
 def test_seq_search_doubles_then_bisects(monkeypatch):

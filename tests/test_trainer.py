@@ -186,6 +186,25 @@ def test_bf16_autocast_trains(setup):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
+def test_fp16_loss_scaling_on_the_cpu_is_checkpointed_and_resumes_exactly(setup):
+    """fp16 autocast with a GradScaler (the path GPUs without bf16 take): its scale lives in the checkpoint, and
+    an interrupted run resumed from it reproduces the uninterrupted one."""
+    model_dir, data, tmp = setup
+    extra = {"train": {"precision": "fp16", "max_steps": 4, "save_every": 10}}
+    full = vt.train(base_config(model_dir, data, tmp / "full", **extra))
+    assert all(torch.isfinite(torch.tensor(full.losses)))
+    handle = _interrupt_at_step(3)
+    try:
+        first = vt.train(base_config(model_dir, data, tmp / "split", **extra))
+    finally:
+        handle.remove()
+    saved = torch.load(tmp / "split" / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
+    assert saved["scaler"] is not None and saved["scaler"]["scale"] > 0
+    second = vt.train(base_config(model_dir, data, tmp / "split", **extra), ["train.resume=true"])
+    assert first.steps == 2 and second.steps == 4
+    assert second.losses == full.losses[2:]
+
+
 def test_schedule_shapes():
     from velotune.training.optim import lr_factor
     assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
