@@ -85,11 +85,9 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             return
         except (RuntimeError, TypeError):
             _MM_OUT_DTYPE["ok"] = False
-    if half and a.dtype == torch.bfloat16 and not a.is_cuda:
-        # The CPU has no fp32-output bf16 matmul: the chunk's product (fp32 inside, rounded once to bf16) is
-        # added in fp32, at bf16 matmul speed rather than fp32's.
-        acc.add_(torch.mm(a, b))
-        return
+    # Elsewhere (the CPU has no fp32-output bf16 matmul) the chunk is upcast: an fp32 matmul, but the sum over
+    # chunks stays exact to fp32 (adding bf16 products into an fp32 accumulator costs a [vocab, hidden]
+    # conversion per chunk, which measured slower, and rounds every chunk).
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
