@@ -52,7 +52,7 @@ def _cases(shape, seq, batch):
 
 # Per device: cases, systems, repetitions, steps, and the --max-seq-search settings (grain, limit, budget MB).
 PLANS = {
-    "cpu": dict(cases=_cases("llama-56m", 1024, 1), systems=["velotune", "hf", "hf-gc"], reps=2, warmup=1,
+    "cpu": dict(cases=_cases("llama-56m", 1024, 1), systems=["velotune", "hf", "hf-gc"], reps=3, warmup=1,
                 steps=3, lr=2e-4, grain=256, seq_limit=8192, budget_mb=2500),
     "cpu-quick": dict(cases=_cases("tiny", 128, 1), systems=["velotune", "hf"], reps=1, warmup=1, steps=2,
                       lr=2e-4, grain=64, seq_limit=512, budget_mb=1024),

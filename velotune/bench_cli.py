@@ -22,7 +22,7 @@ def add_bench_arguments(p):
     p.add_argument("--methods", help="comma-separated among lora,qlora,full (default: all)")
     p.add_argument("--systems", help="comma-separated among velotune,velotune-gc,hf,hf-gc,liger,liger-gc "
                                      "(default: velotune,hf,hf-gc; on CUDA also liger,liger-gc)")
-    p.add_argument("--reps", type=int, help="processes per system and case, alternating (default: 2 on the CPU)")
+    p.add_argument("--reps", type=int, help="processes per system and case, alternating (default: 3 on the CPU)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per process")
     p.add_argument("--warmup", type=int, help="untimed steps first (allocations, first-call costs)")
     p.add_argument("--seq", type=int, help="max sequence length (rows are packed up to it)")
