@@ -64,3 +64,10 @@ def round_bf16_like_a_gpu(monkeypatch) -> None:
         return original(self, src, dst_type)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+def rms_norm_oracle(offset: float, eps: float = 1e-6):
+    """RMSNorm in float64 all through, the family's rule (weight, or 1 + weight for Gemma) without rounding."""
+    def f(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
+    return f

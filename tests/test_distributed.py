@@ -16,7 +16,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import base_config, chat_records, make_model_dir, write_jsonl
+from train_fixtures import base_config, chat_records, interrupt_at_step, make_model_dir, write_jsonl
 from velotune.errors import CheckpointError, ConfigError, DataError
 
 # Importing the package velotune.training binds `velotune.training` to it, hiding the lazy `vt.train` function from
@@ -52,16 +52,6 @@ def capture_first_grads(model, store):
             names = {id(p): n for n, p in model.named_parameters()}
             store["grads"] = {names[id(p)]: p.grad.detach().clone() for g in optimizer.param_groups
                               for p in g["params"]}
-    return register_optimizer_step_pre_hook(hook)
-
-
-def interrupt_at(n):
-    calls = {"n": 0}
-
-    def hook(optimizer, args, kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
     return register_optimizer_step_pre_hook(hook)
 
 
@@ -113,7 +103,7 @@ def launch(tmp_path_factory):
             for name in ("ddp_lora", "fsdp2_full", "ddp_qlora")}
     refs["fsdp2_lora"] = refs["ddp_lora"]  # the same LoRA job: one reference serves both
     # A one-process run stopped after 2 steps, for a 2-rank FSDP2 run to resume (1 -> 2 processes).
-    handle = interrupt_at(3)
+    handle = interrupt_at_step(3)
     try:
         train(base_config(model_dir, data, tmp / "one_split", train={"batch_size": 4, "save_every": 10}))
     finally:

@@ -3,16 +3,10 @@ chain, float64 gradcheck, bf16/fp16 within PyTorch's own error against fp64, and
 import pytest
 import torch
 
-from kernel_checks import assert_within_torch_error, errors_vs_fp64, rel_err
+from kernel_checks import assert_within_torch_error, errors_vs_fp64, rel_err, rms_norm_oracle
 from velotune.kernels import rms_norm
 from velotune.kernels.rmsnorm import rms_norm_reference
 from velotune.kernels.rmsnorm_torch import TorchRMSNorm, rms_norm_torch
-
-
-def _oracle(offset):
-    def f(x, w):  # float64 all through, the family's rule without rounding
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + w)
-    return f
 
 
 def _grads(y, inputs, dy):
@@ -55,7 +49,7 @@ def test_low_precision_within_torch_error(dtype, offset):
     x = torch.randn(3, 37, 96, dtype=torch.float64)
     w = torch.randn(96, dtype=torch.float64) * 0.1 + (0.0 if offset else 1.0)
     rows = errors_vs_fp64(lambda a, b: rms_norm_torch(a, b, 1e-6, offset),
-                          lambda a, b: rms_norm_reference(a, b, 1e-6, offset), _oracle(offset), [x, w], dtype)
+                          lambda a, b: rms_norm_reference(a, b, 1e-6, offset), rms_norm_oracle(offset), [x, w], dtype)
     assert_within_torch_error(rows)
 
 
@@ -72,11 +66,11 @@ def test_mixed_dtypes_follow_reference():
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_float64_gradcheck_and_oracle(offset):
+def test_float64_gradcheck_andrms_norm_oracle(offset):
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: rms_norm_torch(a, b, 1e-6, offset), (x, w), fast_mode=True)
-    y, yo = rms_norm_torch(x, w, 1e-6, offset), _oracle(offset)(x, w)
+    y, yo = rms_norm_torch(x, w, 1e-6, offset), rms_norm_oracle(offset)(x, w)
     assert rel_err(y, yo) < 1e-13
     dy = torch.randn_like(y)
     for g, go in zip(_grads(y, (x, w), dy), _grads(yo, (x, w), dy)):

@@ -16,7 +16,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernel_checks import assert_within_torch_error, errors_vs_fp64, rel_err, round_bf16_like_a_gpu  # noqa: E402
+from kernel_checks import (assert_within_torch_error, errors_vs_fp64, rel_err, rms_norm_oracle,  # noqa: E402
+                           round_bf16_like_a_gpu)
 from velotune.kernels import apply_rope, geglu, rms_norm, swiglu  # noqa: E402
 from velotune.kernels.activations import geglu_reference, swiglu_reference  # noqa: E402
 from velotune.kernels.dispatch import use_triton  # noqa: E402
@@ -67,13 +68,6 @@ def test_dispatch_rule(monkeypatch):
 
 # ---------------------------------------------------------------- RMSNorm
 
-def _rms_oracle(offset):
-    def f(x, w):  # float64 all through, the family's rule without any rounding
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return normed * (offset + w)
-    return f
-
-
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rmsnorm_fp32_matches_reference(triton_mode, offset):
     x = torch.randn(3, 37, 96, requires_grad=True)
@@ -93,7 +87,7 @@ def test_rmsnorm_low_precision_within_torch_error(dtype, offset):
     x = torch.randn(3, 37, 96, dtype=torch.float64)
     w = torch.randn(96, dtype=torch.float64) * 0.1 + (0.0 if offset else 1.0)
     rows = errors_vs_fp64(lambda a, b: rms_norm_triton(a, b, 1e-6, offset),
-                          lambda a, b: rms_norm_reference(a, b, 1e-6, offset), _rms_oracle(offset), [x, w], dtype)
+                          lambda a, b: rms_norm_reference(a, b, 1e-6, offset), rms_norm_oracle(offset), [x, w], dtype)
     assert_within_torch_error(rows)
 
 
@@ -113,7 +107,7 @@ def test_rmsnorm_float64_gradcheck(offset):
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: rms_norm_triton(a, b, 1e-6, offset), (x, w), fast_mode=True)
     y = rms_norm_triton(x, w, 1e-6, offset)
-    yo = _rms_oracle(offset)(x, w)
+    yo = rms_norm_oracle(offset)(x, w)
     assert rel_err(y, yo) < 1e-13
     dy = torch.randn_like(y)
     for g, go in zip(_grads(y, (x, w), dy), _grads(yo, (x, w), dy)):

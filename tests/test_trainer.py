@@ -6,7 +6,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import base_config, chat_records, make_model_dir, write_jsonl
+from train_fixtures import base_config, chat_records, interrupt_at_step, make_model_dir, write_jsonl
 from velotune.errors import ConfigError, TrainingError
 
 
@@ -60,22 +60,12 @@ def test_gradient_accumulation_normalises_by_real_tokens(setup, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def _interrupt_at_step(n):
-    calls = {"n": 0}
-
-    def hook(optimizer, args, kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-    return register_optimizer_step_pre_hook(hook)
-
-
 def test_interrupt_then_resume_equals_uninterrupted_run(setup):
     model_dir, data, tmp = setup
     extra = {"lora": {"dropout": 0.1}, "train": {"max_steps": 4, "save_every": 10}}
     full = vt.train(base_config(model_dir, data, tmp / "full", **extra))
 
-    handle = _interrupt_at_step(3)  # Ctrl-C during step 3: steps 1-2 are done
+    handle = interrupt_at_step(3)  # Ctrl-C during step 3: steps 1-2 are done
     try:
         first = vt.train(base_config(model_dir, data, tmp / "split", **extra))
     finally:
@@ -193,7 +183,7 @@ def test_fp16_loss_scaling_on_the_cpu_is_checkpointed_and_resumes_exactly(setup)
     extra = {"train": {"precision": "fp16", "max_steps": 4, "save_every": 10}}
     full = vt.train(base_config(model_dir, data, tmp / "full", **extra))
     assert all(torch.isfinite(torch.tensor(full.losses)))
-    handle = _interrupt_at_step(3)
+    handle = interrupt_at_step(3)
     try:
         first = vt.train(base_config(model_dir, data, tmp / "split", **extra))
     finally:

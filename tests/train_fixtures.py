@@ -43,3 +43,15 @@ def base_config(model_dir, data_path, out_dir, **sections):
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def interrupt_at_step(n):
+    """Raises KeyboardInterrupt (a Ctrl-C) in the n-th optimizer step; returns the hook handle to remove."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    calls = {"n": 0}
+
+    def hook(optimizer, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+    return register_optimizer_step_pre_hook(hook)
