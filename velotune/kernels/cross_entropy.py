@@ -49,7 +49,7 @@ def _ce_rows_grad_torch(logits, targets, scale, *, softcap, ignore_index, write_
 
     One exp per element: the shifted logits are exponentiated in place, their row sum gives the log-sum-exp
     and, divided out, the softmax; the one-hot target is subtracted before the last scaling, which writes the
-    gradient straight in `grad_dtype` (no separate cast pass for bf16 activations)."""
+    gradient straight into `grad_out` (no separate cast pass for bf16 activations)."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
     if softcap:

@@ -20,7 +20,7 @@ class TorchRMSNorm(torch.autograd.Function):
         cdt = _compute_dtype(x, weight)
         xc = x.to(cdt)
         rstd = xc.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
-        normed = xc.mul_(rstd) if xc.data_ptr() != x.data_ptr() else xc * rstd
+        normed = xc.mul_(rstd) if xc is not x else xc * rstd  # in place only on our own upcast copy
         if offset:  # gemma: (offset + w) in the compute dtype, then one cast
             y = normed.mul_(weight.to(cdt) + offset).to(x.dtype)
         else:  # llama: cast the normalised value to the input dtype first, then multiply by the weight
@@ -39,8 +39,8 @@ class TorchRMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             seen = normed if ctx.offset else normed.to(x.dtype).to(cdt)
             dw = (dyc * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        dn = dyc.mul_(weight.to(cdt) + ctx.offset) if dyc.data_ptr() != dy.data_ptr() else dyc * (
-            weight.to(cdt) + ctx.offset)
+        scale = weight.to(cdt) + ctx.offset
+        dn = dyc.mul_(scale) if dyc is not dy else dyc * scale  # never in place on the caller's gradient
         dot = (dn * normed).mean(-1, keepdim=True)
         dx = dn.sub_(normed.mul_(dot)).mul_(rstd)
         return dx.to(x.dtype), dw, None, None
