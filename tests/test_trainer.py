@@ -141,6 +141,15 @@ def test_full_finetune_last_layers_and_frozen_embeddings(setup):
     assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
 
 
+def test_full_finetune_of_bf16_weights_says_how_to_keep_fp32_masters(setup, caplog):
+    model_dir, data, tmp = setup
+    cfg = base_config(model_dir, data, tmp / "bf16", finetune={"method": "full"}, train={"max_steps": 1})
+    cfg["model"]["dtype"] = "bfloat16"
+    with caplog.at_level("INFO", logger="velotune"):
+        vt.train(cfg)
+    assert "model.dtype: float32 and train.precision: bf16" in caplog.text
+
+
 def test_continued_pretraining_on_text_with_eval_split(setup):
     model_dir, _, tmp = setup
     text = write_jsonl(tmp / "text.jsonl", [{"text": f"Vell has {i} rivers and {i + 1} hills."} for i in range(20)])

@@ -32,6 +32,11 @@ def prepare_for_training(model, cfg) -> dict:
             raise ConfigError("finetune.method: 'full' cannot train a quantized base (model.quantize is set); "
                               "use method 'lora' (QLoRA) or remove model.quantize")
         _setup_full(model, cfg.finetune)
+        half = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+        if half:
+            log.info("full fine-tuning with %s weights: the optimizer updates them in that dtype (no fp32 master "
+                     "copy); for fp32 master weights set model.dtype: float32 and train.precision: bf16",
+                     str(half.pop()).replace("torch.", ""))
     if cfg.train.gradient_checkpointing:
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
