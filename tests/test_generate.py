@@ -86,6 +86,28 @@ def test_cached_decode_matches_full_forward(tmp_path, case):
         assert window < 11
 
 
+def test_bf16_decoding_on_the_cpu_stays_within_bf16_error_of_the_fp64_model(tmp_path):
+    """What `velotune chat` runs on a bf16 checkpoint on a CPU with native bf16: cached bf16 decoding. Each step's
+    logits against the same model in float64 on the same tokens, bounded by the error of the bf16 model's own
+    full forward on those tokens (x2): caching adds no error of its own."""
+    path, _ = make_checkpoint(tmp_path, "llama")
+    model, _ = vt.load(path, dtype="bfloat16", device="cpu")
+    exact, _ = vt.load(path, dtype=torch.float64, device="cpu")
+    prompts = random_prompts(model.args.vocab_size, [11, 5])
+    ids, mask = left_pad(prompts, pad_token_id=0)
+    out = generate_ids(model, ids, mask, max_new_tokens=8, eos_token_ids=[], return_logits=True)
+    for row, prompt in enumerate(prompts):
+        full = torch.tensor([prompt + out.tokens[row]])
+        span = slice(len(prompt) - 1, len(prompt) - 1 + 8)
+        with torch.no_grad():
+            oracle = exact(full).logits[0, span]
+            plain = model(full).logits[0, span]
+        got = torch.stack([step[row] for step in out.logits])
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        print("bf16 decode err", rel_err(got.double(), oracle), "plain", rel_err(plain.double(), oracle))
+        assert rel_err(got.double(), oracle) <= 2 * rel_err(plain.double(), oracle) + 1e-3
+
+
 def test_cached_decode_with_window_and_softcap_on_any_model(tmp_path):
     """The cache with a sliding window and soft-capped scores and logits, independent of the gemma2 file."""
     path, _ = make_checkpoint(tmp_path, "llama", sliding_window=4)
