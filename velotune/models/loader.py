@@ -1,6 +1,7 @@
 """`vt.load` and `vt.save`: Hugging Face checkpoint directory <-> our model, plus its tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,7 +88,7 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
 
 def _load_native(module, model_dir: Path, config: dict, dtype, device):
     args = module.Args.from_dict(config, source=str(model_dir / "config.json"))
-    with torch.device("meta"):
+    with parameters_on_meta(), skip_weight_init():
         model = module.Model(args)
     expected = model.state_dict()
     tied = args.tie_word_embeddings
@@ -118,8 +119,49 @@ def _load_native(module, model_dir: Path, config: dict, dtype, device):
     return model.eval()
 
 
+# The torch.nn.init functions modules call from reset_parameters().
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Module constructors skip their random initialisation: every weight is about to be replaced."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    for name in saved:
+        setattr(nn.init, name, _keep)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter a module registers goes to the meta device as it is registered: building the model costs
+    no memory. Unlike `with torch.device("meta")`, ops in constructors (RoPE tables, small buffers) run on the
+    CPU, not through PyTorch's Python meta decompositions, whose first use imports torch._dynamo: ~150 MB of RSS
+    for nothing."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def _rebuild_buffers(model: nn.Module, device):
-    """Non-persistent buffers (RoPE tables) were created on the meta device: build them again for real."""
+    """Non-persistent buffers (RoPE tables) are built again on the target device, after the weights were loaded."""
     from .rope import RotaryEmbedding
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

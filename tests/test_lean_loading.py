@@ -1,6 +1,6 @@
-"""Loading a checkpoint's tokenizer: the plain tokenizer.json class (Llama 3's declaration) loads without
+"""Lean loading. A checkpoint's tokenizer: the plain tokenizer.json class (Llama 3's declaration) loads without
 AutoTokenizer's class resolution and gives exactly what AutoTokenizer gives; every other declaration goes through
-AutoTokenizer."""
+AutoTokenizer. The model: built with parameters on the meta device, without importing torch._dynamo."""
 import json
 import subprocess
 import sys
@@ -86,3 +86,31 @@ def test_plain_tokenizer_load_leaves_the_modelling_stack_unimported(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("lean")
+
+
+def test_loading_and_running_a_model_leaves_the_modelling_stack_unimported(tmp_path):
+    """vt.load builds the model with its parameters on the meta device but without `torch.device("meta")`,
+    whose Python decompositions import torch._dynamo; inference needs none of it."""
+    path = _checkpoint(tmp_path, tokenizer_class="PreTrainedTokenizerFast")
+    code = ("import sys, torch, velotune as vt; m, t = vt.load(%r, device='cpu'); "
+            "m(torch.tensor([[1, 2, 3]])); vt.generate(m, t, 'hi', max_new_tokens=3); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'lean')" % str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("lean")
+
+
+def test_construction_patches_are_undone_even_on_errors():
+    import torch
+    from torch import nn
+
+    from velotune.models.loader import parameters_on_meta, skip_weight_init
+    register, normal = nn.Module.register_parameter, nn.init.normal_
+    with pytest.raises(RuntimeError, match="boom"):
+        with parameters_on_meta(), skip_weight_init():
+            layer = nn.Linear(4, 3)
+            assert layer.weight.device.type == "meta" and layer.weight.requires_grad
+            raise RuntimeError("boom")
+    assert nn.Module.register_parameter is register and nn.init.normal_ is normal
+    assert nn.Linear(4, 3).weight.device.type == "cpu"
+    assert torch.nn.Embedding(5, 2).weight.abs().sum() > 0  # initialisation runs again
