@@ -97,6 +97,28 @@ def test_half_precision_within_torch_error(use_triton, dtype):
     assert_within_torch_error(rows)
 
 
+@pytest.mark.parametrize("use_triton", IMPLS)
+def test_under_autocast_logits_are_computed_like_the_reference(use_triton):
+    """fp32 hidden and weight under bf16 autocast (fp32 master weights, bf16 compute): the logits matmul runs in
+    bf16 as the reference's `hidden @ weight.T` does, not silently in fp32; loss and gradients stay within
+    2x the reference's own error against float64, and a bf16 hidden with an fp32 weight is accepted too."""
+    hidden, weight, targets = _problem(N=45, H=32, V=211, dtype=torch.float64)
+    kw = dict(softcap=None, reduction="sum")
+    oracle = _loss_and_grads(_oracle(**kw), hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _loss_and_grads(lambda h, w, t: chunked_linear_cross_entropy(h, w, t, use_triton=use_triton,
+                                                                           chunk_rows=16, **kw),
+                               hidden.float(), weight.float(), targets)
+        ref = _loss_and_grads(lambda h, w, t: linear_cross_entropy_reference(h, w, t, **kw),
+                              hidden.float(), weight.float(), targets)
+        mixed = chunked_linear_cross_entropy(hidden.bfloat16(), weight.float(), targets, chunk_rows=16, **kw)
+    exact_fp32 = chunked_linear_cross_entropy(hidden.float(), weight.float(), targets, chunk_rows=16, **kw)
+    assert rel_err(ours[0], oracle[0]) > 10 * rel_err(exact_fp32, oracle[0])  # bf16 logits, as the reference
+    for o, r, x in zip(ours, ref, oracle):
+        assert rel_err(o, x) <= 2 * rel_err(r, x) + 1e-6
+    assert rel_err(mixed, oracle[0]) < 1e-2
+
+
 def test_grad_weight_accumulates_in_fp32():
     """Many chunks of bf16 contributions: summed in fp32, the weight gradient stays as close to the float64
     answer as one bf16 rounding."""

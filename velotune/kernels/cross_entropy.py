@@ -91,6 +91,11 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _autocast_dtype(x: torch.Tensor):
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reduction, need_h, need_w,
                      use_triton, chunk_rows=None):
     """Loss, and (when asked) d loss / d hidden in hidden's dtype and d loss / d weight in weight's dtype."""
@@ -116,7 +121,11 @@ def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reductio
     # One set of chunk buffers for the whole loop: a fresh multi-MB tensor per chunk costs a page fault per 4 KiB
     # touched, which on the CPU takes as long as the softmax itself.
     rows = min(step, n)
-    logits_buf = torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
+    # The logits matmul runs in the autocast dtype when autocast is on, as `hidden @ weight.T` would; the matmuls
+    # below write into buffers (out=), which autocast leaves alone, so the operands are cast here, once.
+    mm_dtype = _autocast_dtype(hidden) or hidden.dtype
+    weight_mm = weight.to(mm_dtype)
+    logits_buf = torch.empty((rows, vocab), dtype=mm_dtype, device=hidden.device)
     upcast = not use_triton and logits_buf.dtype != acc_dtype
     acc_buf = torch.empty((rows, vocab), dtype=acc_dtype, device=hidden.device) if upcast else None
     grad_buf = (torch.empty((rows, vocab), dtype=hidden.dtype, device=hidden.device)
@@ -125,7 +134,7 @@ def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reductio
         h = hidden[start:start + step]
         tgt = targets[start:start + step]
         m = h.shape[0]
-        logits = torch.mm(h, weight.t(), out=logits_buf[:m])  # [chunk, vocab] in the input dtype
+        logits = torch.mm(h.to(mm_dtype), weight_mm.t(), out=logits_buf[:m])  # [chunk, vocab]
         if use_triton:  # in place: the logits become their gradient, in the input dtype
             loss = rows_grad(logits, tgt, scale, softcap=softcap, ignore_index=ignore_index, write_grad=write_grad)
             grad = logits
