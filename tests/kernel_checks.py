@@ -71,3 +71,15 @@ def rms_norm_oracle(offset: float, eps: float = 1e-6):
     def f(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
     return f
+
+
+def assert_rms_norm_within_torch_error(norm_fn, dtype, offset: float, eps: float = 1e-6):
+    """`norm_fn(x, w, eps, offset)` in `dtype` on a small odd shape: outputs and gradients within 2x the error of
+    the reference chain in the same dtype, both against the float64 oracle."""
+    from velotune.kernels.rmsnorm import rms_norm_reference
+    x = torch.randn(3, 37, 96, dtype=torch.float64)
+    w = torch.randn(96, dtype=torch.float64) * 0.1 + (0.0 if offset else 1.0)
+    rows = errors_vs_fp64(lambda a, b: norm_fn(a, b, eps, offset),
+                          lambda a, b: rms_norm_reference(a, b, eps, offset), rms_norm_oracle(offset, eps), [x, w],
+                          dtype)
+    assert_within_torch_error(rows)

@@ -16,8 +16,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kernel_checks import (assert_within_torch_error, errors_vs_fp64, rel_err, rms_norm_oracle,  # noqa: E402
-                           round_bf16_like_a_gpu)
+from kernel_checks import (assert_rms_norm_within_torch_error, assert_within_torch_error, errors_vs_fp64,  # noqa: E402
+                           rel_err, rms_norm_oracle, round_bf16_like_a_gpu)
 from velotune.kernels import apply_rope, geglu, rms_norm, swiglu  # noqa: E402
 from velotune.kernels.activations import geglu_reference, swiglu_reference  # noqa: E402
 from velotune.kernels.dispatch import use_triton  # noqa: E402
@@ -84,11 +84,7 @@ def test_rmsnorm_fp32_matches_reference(triton_mode, offset):
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("offset", [0.0, 1.0])
 def test_rmsnorm_low_precision_within_torch_error(dtype, offset):
-    x = torch.randn(3, 37, 96, dtype=torch.float64)
-    w = torch.randn(96, dtype=torch.float64) * 0.1 + (0.0 if offset else 1.0)
-    rows = errors_vs_fp64(lambda a, b: rms_norm_triton(a, b, 1e-6, offset),
-                          lambda a, b: rms_norm_reference(a, b, 1e-6, offset), rms_norm_oracle(offset), [x, w], dtype)
-    assert_within_torch_error(rows)
+    assert_rms_norm_within_torch_error(rms_norm_triton, dtype, offset)
 
 
 def test_rmsnorm_mixed_dtypes_follow_reference():
