@@ -125,6 +125,7 @@ def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reductio
     # below write into buffers (out=), which autocast leaves alone, so the operands are cast here, once.
     mm_dtype = _autocast_dtype(hidden) or hidden.dtype
     weight_mm = weight.to(mm_dtype)
+    weight_h = weight_mm if mm_dtype == hidden.dtype else weight.to(hidden.dtype)  # for d hidden, also cast once
     logits_buf = torch.empty((rows, vocab), dtype=mm_dtype, device=hidden.device)
     upcast = not use_triton and logits_buf.dtype != acc_dtype
     acc_buf = torch.empty((rows, vocab), dtype=acc_dtype, device=hidden.device) if upcast else None
@@ -145,7 +146,7 @@ def _chunked_forward(hidden, weight, targets, *, softcap, ignore_index, reductio
                                    write_grad=write_grad, grad_out=None if grad_buf is None else grad_buf[:m])
         total += loss.sum()
         if need_h:
-            torch.mm(grad.to(hidden.dtype), weight.to(hidden.dtype), out=grad_h[start:start + step])
+            torch.mm(grad.to(hidden.dtype), weight_h, out=grad_h[start:start + step])
         if need_w:
             _addmm_fp32_(grad_w, grad.t(), h)
         del logits, grad

@@ -20,9 +20,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    if use_triton(x) and weight.shape == x.shape[-1:]:
+    if weight.shape != x.shape[-1:] or kernel_mode() == "reference":
+        return rms_norm_reference(x, weight, eps, offset)
+    if use_triton(x):
         from .triton_rmsnorm import rms_norm_triton
         return rms_norm_triton(x, weight, eps, offset)
-    if kernel_mode() == "reference" or weight.shape != x.shape[-1:]:
-        return rms_norm_reference(x, weight, eps, offset)
     return rms_norm_torch(x, weight, eps, offset)

@@ -108,7 +108,7 @@ class RotaryEmbedding(nn.Module):
         return inv_freq
 
     def rebuild(self, device):
-        """Recomputes the tables for real (after a model was built on the meta device)."""
+        """Recomputes the tables on `device` (after the model was built and its weights loaded elsewhere)."""
         with torch.device(device):
             self.inv_freq = self.compute_inv_freq()
             if self.kind == "longrope":
