@@ -2,7 +2,7 @@
 # Creates .venv and installs velotune into it, torch first.
 # Why torch first: a bare `torch` requirement on a machine without torch pulls the multi-GB CUDA build;
 # installing the pinned CPU build first makes every later range resolve to it.
-#   scripts/setup.sh          runtime + demo
+#   scripts/setup.sh          everything the README's commands need (train, chat, serve, export, demo)
 #   scripts/setup.sh --test   also the test tools (peft, bitsandbytes, gguf, datasets, triton, server clients)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '
   || quiet_pip "torch==$TORCH_VERSION"
 constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
-extras="quant,export,data"
+extras="quant,export,data,serve"
 if [ "${1:-}" = "--test" ]; then
   extras="test,quant,export,data,serve"
   # triton runs our kernels under TRITON_INTERPRET=1 in the tests; 3.8.0 is the version known to install offline here.

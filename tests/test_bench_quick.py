@@ -1,5 +1,5 @@
-"""The training benchmark keeps working: its quick mode runs end to end once (no speed is asserted), and its
-pieces that need no process (plan, sequence search, FLOP count, `velotune bench` wiring) behave."""
+"""The training benchmark keeps working: its quick mode runs end to end once from the clone's script (no speed is
+asserted), and its pieces that need no process (plan, sequence search, `velotune bench` wiring) behave."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+from velotune.bench import train
+from velotune.bench.cli import add_bench_arguments
+from velotune.errors import ConfigError
 
-import train_bench  # noqa: E402
-from bench_worker import flops_per_step, step_work  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse(argv):
+    import argparse
+    return add_bench_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +46,22 @@ def test_quick_mode_reports_every_case(quick_report):
             assert system["target_tokens_per_s"] > 0 and system["input_tokens_per_s"] >= system["target_tokens_per_s"]
             assert system["peak_rss_mb"] >= system["rss_before_train_mb"] > 0
             assert system["peak_memory_mb"] == system["peak_rss_mb"]
+            assert system["utilisation"] == round(system["tflops"] / case["peak"]["tflops"], 4) > 0
         assert case["same_batches"], case["name"]
         assert set(case["ratios"]["velotune"]["hf"]) == {"speed", "memory", "train_extra"}
         assert case["ratios"]["velotune"]["hf"]["speed"] > 0
+
+
+def test_quick_mode_measures_the_matmul_peak_once_per_shape(quick_report):
+    """On the CPU the peak is torch.mm at the model's shapes, in this run: the three cases share one shape and
+    token count, so one measurement (per repetition) serves them all."""
+    report, _ = quick_report
+    peaks = [c["peak"] for c in report["cases"]]
+    assert all(p == peaks[0] for p in peaks)
+    assert peaks[0]["tflops"] == peaks[0]["matmul_tflops"] > 0 and "measured" in peaks[0]["source"]
+    assert [s["name"] for s in peaks[0]["matmul_shapes"]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj", "lm_head"]
+    assert peaks[0]["matmul_shapes"][-1]["shape"] == [128, 64, 2048]  # tokens x hidden x vocab
 
 
 def test_quick_mode_trains_the_same_model_on_the_same_batches(quick_report):
@@ -56,21 +74,38 @@ def test_quick_mode_trains_the_same_model_on_the_same_batches(quick_report):
 
 def test_quick_mode_writes_the_markdown_table(quick_report):
     _, text = quick_report
-    assert "| case | system | target tok/s | vs hf |" in text
+    assert "| case | system | target tok/s | vs hf |" in text and "| utilisation |" in text
     assert "| lora (128x1) | velotune |" in text and "## Machine" in text
+    assert "- lora: " in text and "(torch.mm at the model's shapes, measured in this run)" in text
 
 
 def test_plan_filters_and_overrides():
-    ns = train_bench.parse_args(["--methods", "full,lora", "--systems", "velotune,hf-gc", "--seq", "512",
-                                 "--reps", "3"])
-    plan = train_bench.make_plan(ns)
+    ns = parse(["--methods", "full,lora", "--systems", "velotune,hf-gc", "--seq", "512", "--reps", "3"])
+    plan = train.make_plan(ns)
     assert [(c.method, c.seq, c.batch) for c in plan["cases"]] == [("lora", 512, 1), ("full", 512, 1)]
     assert plan["systems"] == ["velotune", "hf-gc"] and plan["reps"] == 3 and plan["dtype"] == "float32"
-    with pytest.raises(SystemExit, match="unknown dora"):
-        train_bench.make_plan(train_bench.parse_args(["--methods", "lora,dora"]))
-    assert train_bench.make_plan(train_bench.parse_args(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="--methods: unknown dora; expected some of lora, qlora, full"):
+        train.make_plan(parse(["--methods", "lora,dora"]))
+    assert train.make_plan(parse(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
     with pytest.raises(SystemExit):
-        train_bench.parse_args(["--dtype", "float16"])
+        parse(["--dtype", "float16"])
+    cuda = train.make_plan(parse(["--device", "cuda", "--cases", "qlora-long", "--seq-grain", "16384"]))
+    assert [(c.name, c.seq, c.kind) for c in cuda["cases"]] == [("qlora-long", 16384, "long")]
+    assert cuda["grain"] == 16384 and cuda["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="--cases: unknown qlora-long"):
+        train.make_plan(parse(["--cases", "qlora-long"]))  # a CUDA case only
+    with pytest.raises(ConfigError, match="no case left to run: --methods full and --cases lora select none"):
+        train.make_plan(parse(["--methods", "full", "--cases", "lora"]))
+    with pytest.raises(ConfigError, match=r"--steps \(0\)"):
+        train.make_plan(parse(["--steps", "0"]))
+
+
+def test_bad_option_is_one_line_from_the_script():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_bench.py"), "--methods", "dora"],
+                          capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("train_bench.py: error: --methods: unknown dora; expected some of lora, qlora, "
+                                   "full")
 
 
 def test_seq_search_doubles_then_bisects(monkeypatch):
@@ -81,37 +116,25 @@ def test_seq_search_doubles_then_bisects(monkeypatch):
         calls.append(spec["seq"])
         return {"ok": True, "memory": {"peak_rss_mb": 100 + spec["seq"] / 10}}
 
-    monkeypatch.setattr(train_bench, "run_worker", fake_worker)
-    monkeypatch.setattr(train_bench, "make_spec", lambda case, system, plan, cache, **kw: {"seq": kw["seq"]})
+    monkeypatch.setattr(train, "run_worker", fake_worker)
+    monkeypatch.setattr(train, "make_spec", lambda case, system, plan, cache, **kw: {"seq": kw["seq"]})
     plan = dict(grain=256, seq_limit=65536, budget_mb=1000, device="cpu")
-    case = train_bench.Case("lora", "tiny", 1024, 1)
-    result = train_bench.seq_search(case, "velotune", plan, Path("unused"))
+    case = train.Case("lora", "tiny", 1024, 1)
+    result = train.seq_search(case, "velotune", plan, Path("unused"))
     assert result["longest"] == 8960 and not result["limit_reached"]
     assert calls[:5] == [1024, 2048, 4096, 8192, 16384]
     assert all(p["fits"] == (p["seq"] <= 9000) for p in result["probes"])
 
 
-def test_flop_count_of_a_step():
-    """6 N per token for full fine-tuning, 4 N + 6 N_lora for LoRA, plus causal attention 12 L d per context."""
-    config = type("C", (), dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                intermediate_size=16, vocab_size=10))
-    n = 2 * (8 * (8 + 2 * 4) + 8 * 8 + 3 * 8 * 16) + 10 * 8
-    assert flops_per_step(config, "full", 0, tokens=3, context_sum=6) == 6 * n * 3 + 12 * 2 * 8 * 6
-    assert flops_per_step(config, "lora", 5, tokens=3, context_sum=6) == (4 * n + 30) * 3 + 12 * 2 * 8 * 6
-    import torch
-    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 0]]), "position_ids": torch.tensor([[0, 1, 0, 1, 0]])}
-    assert step_work(batch) == (4, 1 + 2 + 1 + 2)
-
-
 def test_velotune_bench_command(monkeypatch):
-    from velotune import bench_cli
+    from velotune.bench import cli, loop
     from velotune.cli import build_parser
-    from velotune.errors import VelotuneError
     ns = build_parser().parse_args(["bench", "--quick", "--methods", "lora", "--no-save"])
-    assert ns.func is bench_cli._cmd_bench and ns.quick and ns.methods == "lora" and not ns.save
-    module = bench_cli.load_bench_module()
-    assert callable(module.run) and module.make_plan(ns)["cases"][0].shape == "tiny"
-    monkeypatch.delitem(sys.modules, "velotune_train_bench")
-    monkeypatch.setattr(bench_cli, "SCRIPT", Path("/nonexistent/benchmarks/train_bench.py"))
-    with pytest.raises(VelotuneError, match="clone of the repository"):
-        bench_cli._cmd_bench(ns)
+    assert ns.func is cli.run_bench_command and ns.quick and ns.methods == "lora" and not ns.save and not ns.loop
+    assert train.make_plan(ns)["cases"][0].shape == "tiny"
+    ran = []
+    monkeypatch.setattr(train, "run", lambda ns: ran.append("train"))
+    monkeypatch.setattr(loop, "run", lambda ns: ran.append("loop"))
+    cli.run_bench_command(ns)
+    cli.run_bench_command(build_parser().parse_args(["bench", "--loop", "--quick"]))
+    assert ran == ["train", "loop"]

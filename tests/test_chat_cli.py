@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
 
 def _ns(model_dir, **kw):
     base = dict(model=str(model_dir), adapter=None, dtype="float32", quantize=None, device="cpu", system=None,
+                chat_template=None,
                 temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None,
                 max_new_tokens=6)
     return argparse.Namespace(**{**base, **kw})
@@ -54,3 +55,19 @@ def test_generate_command_prints_the_greedy_reply(model_dir, capsys):
 def test_generate_without_prompt_is_a_clear_error(model_dir, capsys):
     assert main(["generate", str(model_dir), "--device", "cpu"]) == 2
     assert "give --prompt TEXT or --messages FILE.json" in capsys.readouterr().err
+
+
+def test_help_and_unknown_commands_are_not_sent_to_the_model(model_dir, monkeypatch):
+    import importlib
+    gen = importlib.import_module("velotune.infer.generate")  # the package exports a function of that name
+    sent, real = [], gen.encode_prompt
+    monkeypatch.setattr(gen, "encode_prompt", lambda tok, prompt: sent.append(prompt) or real(tok, prompt))
+    lines = iter(["/help", "/hepl", "/system", "//etc/hosts is a file", "/systematic", "/quit"])
+    out = io.StringIO()
+    run_chat(_ns(model_dir), input_fn=lambda prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count("/reset") == 2 and "//text sends /text" in text  # the banner and /help
+    assert "unknown command /hepl; /help lists them" in text
+    assert "unknown command /systematic; /help lists them" in text
+    assert "(system prompt cleared; history cleared)" in text
+    assert [m[-1]["content"] for m in sent] == ["/etc/hosts is a file"]

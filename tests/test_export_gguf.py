@@ -269,14 +269,14 @@ def test_single_file_output_existing_paths_and_overwrite(tmp_path):
     _, model, tok, _ = _case_model(tmp_path, "phi3")
     target = tmp_path / "out" / "tuned.gguf"
     path = vt.export(model, tok, target, format="gguf", quant="q8_0")
-    assert path == target and (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./tuned.gguf\n")
+    assert path == target and (tmp_path / "out" / "tuned.Modelfile").read_text().startswith("FROM ./tuned.gguf\n")
     before = target.read_bytes()
     with pytest.raises(CheckpointError, match="tuned.gguf: already exists"):
         vt.export(model, tok, target, format="gguf", quant="f16")
     assert target.read_bytes() == before
     (tmp_path / "out2").mkdir()
-    (tmp_path / "out2" / "Modelfile").write_text("mine")
-    with pytest.raises(CheckpointError, match="Modelfile: already exists"):
+    (tmp_path / "out2" / "a.Modelfile").write_text("mine")
+    with pytest.raises(CheckpointError, match="a.Modelfile: already exists"):
         vt.export(model, tok, tmp_path / "out2" / "a.gguf", format="gguf")
     assert not (tmp_path / "out2" / "a.gguf").exists()
     vt.export(model, tok, target, format="gguf", quant="f16", overwrite=True)
@@ -303,13 +303,14 @@ def test_interrupted_gguf_write_leaves_no_file_under_the_final_name(tmp_path, mo
     calls.clear()
     with pytest.raises(OSError, match="disk full"):
         vt.export(model, tok, tmp_path / "dir", format="gguf", quant="q8_0")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "qwen2") == ["Modelfile", "m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "qwen2") == ["m.Modelfile", "m.gguf"]
 
 
 @pytest.mark.parametrize("template_name, marker", [("chatml", "<|im_start|>{{ .Role }}"),
                                                     ("llama-3", "<|start_header_id|>{{ .Role }}<|end_header_id|>"),
                                                     ("gemma", "<start_of_turn>model\n"), ("phi-3", "<|{{ .Role }}|>"),
-                                                    ("mistral", "[INST] {{ .Content }}[/INST]"), ("alpaca", None)])
+                                                    ("mistral", "[INST] {{ .Content }}[/INST]"),
+                                                    ("alpaca", "### Instruction:\n{{ .Content }}\n\n")])
 def test_modelfile_template_stops_and_sampling(tmp_path, template_name, marker):
     from velotune.data.templates import BUILTIN_TEMPLATES, END_OF_TURN
     path, tok = make_tokenized_checkpoint(tmp_path, "llama", chat_template=BUILTIN_TEMPLATES[template_name])
@@ -321,10 +322,7 @@ def test_modelfile_template_stops_and_sampling(tmp_path, template_name, marker):
     text = (out.parent / "Modelfile").read_text()
     lines = text.splitlines()
     assert lines[0] == "FROM ./model.gguf"
-    if marker is None:
-        assert "TEMPLATE" not in text and "tokenizer.chat_template" in text
-    else:
-        assert f"# chat format: {template_name}" in lines and marker in text and "bos" not in text.lower()
+    assert f"# chat format: {template_name}" in lines and marker in text and "bos" not in text.lower()
     stops = [line for line in lines if line.startswith("PARAMETER stop")]
     want = ["<|eos|>", "<|eot_id|>"] + ([END_OF_TURN[template_name]] if END_OF_TURN[template_name] not in
                                         (None, "<|eot_id|>") else [])
@@ -349,7 +347,7 @@ def test_cli_gguf_export_and_quant_refused_before_loading(tmp_path, capsys):
     assert main(args + ["--quant", "q4_k_m"]) == 2
     assert "supported: f32, f16" in capsys.readouterr().err and not out.exists()
     assert main(args + ["--quant", "q8_0"]) == 0
-    assert {p.name for p in out.iterdir()} == {"model.gguf", "Modelfile"}
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "Modelfile", ".velotune-files.json"}
     fields, tensors = read_gguf(out / "model.gguf")
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     merged = expected_tensors(model, "qwen2")["blk.0.attn_q.weight"]
@@ -369,3 +367,14 @@ def test_gguf_from_an_nf4_base_holds_the_dequantized_merge(tmp_path):
             assert torch.equal(got, want), name
             checked += 1
     assert checked >= 10
+
+
+def test_modelfile_leaves_an_unknown_template_to_ollama(tmp_path):
+    from velotune.data.templates import ALPACA
+    from velotune.exporting.modelfile import chat_format
+    variant = ALPACA.replace("Below is an instruction", "Here is an instruction")  # alpaca-like, another preamble
+    assert chat_format(variant) is None and chat_format(ALPACA, "</s>")[0] == "alpaca"
+    path, tok = make_tokenized_checkpoint(tmp_path, "llama", chat_template=variant)
+    model, _ = load_with_lora(path)
+    text = (vt.export(model, tok, tmp_path / "g", format="gguf", quant="f16").parent / "Modelfile").read_text()
+    assert "TEMPLATE" not in text and "Ollama derives the format from the GGUF's tokenizer.chat_template" in text

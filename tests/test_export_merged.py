@@ -14,6 +14,7 @@ from export_fixtures import (input_ids, load_with_lora, make_tokenized_checkpoin
                              snapshot)
 from hf_reference import SHRUNK
 from velotune.errors import CheckpointError, UnsupportedError
+from velotune.models.checkpoint import MANIFEST_NAME
 
 FP32_BOUND = 1e-5
 # bf16: the export computing in bf16 may be at most twice as far from the fp64 answer as our own model computing
@@ -144,8 +145,8 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         vt.export(model, tok, out, format="merged")
     assert (out / "keep.txt").read_text() == "x"
-    vt.export(model, tok, out, format="merged", overwrite=True)
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    vt.export(model, tok, out, format="merged", overwrite=True)  # replaces what velotune wrote, keeps the rest
+    assert (out / "model.safetensors").is_file() and (out / "keep.txt").read_text() == "x"
 
 
 def test_interrupted_merged_export_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
@@ -173,7 +174,9 @@ def test_adapter_format_writes_a_peft_adapter(tmp_path):
     model, _ = load_with_lora(path)
     ids = input_ids(len(tok))
     out = vt.export(model, tok, tmp_path / "adapter", format="adapter")
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                                               "tokenizer_config.json", "chat_template.jinja", MANIFEST_NAME}
+    assert (out / "chat_template.jinja").read_text() == tok.chat_template
     fresh, _ = vt.load(path, dtype="float32", device="cpu")
     vt.load_adapter(fresh, out)
     with torch.no_grad():

@@ -290,6 +290,39 @@ def test_tokenizer_eos_ends_text_generation(tiny):
                                                       max_new_tokens=4, eos_token_ids=[]).tokens[0]
 
 
+def test_a_chat_reply_ends_at_its_end_of_turn_token(tiny):
+    """<|end|> closes a turn in this chat template, though it is not the tokenizer's EOS: a chat reply stops
+    there (an adapter trained with another template than the base's EOS would run on); a plain prompt does not."""
+    model, tok, _ = tiny
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end != tok.eos_token_id
+    chat = generate_batch(EmitsAt(model, end, step=3), tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=10,
+                          return_details=True)[0]
+    assert (chat.finish_reason, chat.completion_tokens) == ("eos", 3)
+    plain = generate_batch(EmitsAt(model, end, step=3), tok, ["hi"], max_new_tokens=10, return_details=True)[0]
+    assert plain.token_ids[3] == end
+
+
+def test_nonfinite_logits_fail_their_prompt_only(tiny):
+    """(issue 10 item 8) NaN in one prompt's logits (here a NaN embedding row) ends that prompt with an error;
+    the prompt beside it gets the answer it gets alone."""
+    from velotune.infer.generate import NonFiniteLogitsError
+    model, tok, path = tiny
+    poisoned, _ = vt.load(path, dtype="float32", device="cpu")
+    bad = tok.convert_tokens_to_ids("[INST]")
+    with torch.no_grad():
+        poisoned.model.embed_tokens.weight[bad] = float("nan")
+    good, broken = tok("The quick brown fox").input_ids, tok("Hello").input_ids + [bad]
+    rows = generate_batch(poisoned, tok, [good, broken], max_new_tokens=6, temperature=0.0, return_details=True)
+    assert (rows[1].finish_reason, rows[1].completion_tokens) == ("nonfinite", 0)
+    alone = generate_batch(model, tok, [good], max_new_tokens=6, temperature=0.0, return_details=True)[0]
+    assert (rows[0].text, rows[0].token_ids, rows[0].finish_reason) == (alone.text, alone.token_ids, "length")
+    with pytest.raises(NonFiniteLogitsError, match="for prompt 1 became NaN or infinite after 0 generated"):
+        generate_batch(poisoned, tok, [good, broken], max_new_tokens=6, temperature=1.0, seed=3)
+    with pytest.raises(NonFiniteLogitsError):
+        list(vt.stream(poisoned, tok, broken, max_new_tokens=4))
+
+
 def test_stop_strings_end_generation_and_are_not_returned(tiny):
     model, tok, _ = tiny
     prompt = "Translate to German:"

@@ -184,7 +184,7 @@ def test_no_grad_and_edge_cases():
     assert torch.isnan(mean) and torch.isnan(linear_cross_entropy_reference(
         hidden.detach(), weight, everything_ignored, reduction="mean"))
     with pytest.raises(ValueError, match="reduction"):
-        chunked_linear_cross_entropy(hidden.detach(), weight, targets, reduction="none")
+        chunked_linear_cross_entropy(hidden.detach(), weight, targets, reduction="max")
     with pytest.raises(ValueError, match="expected hidden"):
         chunked_linear_cross_entropy(hidden.detach()[None], weight, targets)
 
@@ -217,11 +217,99 @@ def test_dispatch_picks_chunked_on_cpu(monkeypatch):
     assert calls and calls[-1].get("use_triton") is False
     assert type(loss.grad_fn).__name__ == "ChunkedLinearCrossEntropyBackward"
     n = len(calls)
-    per_token = linear_cross_entropy(h, weight, targets, reduction="none")  # only the reference has "none"
-    assert per_token.shape == targets.shape and len(calls) == n
+    per_token = linear_cross_entropy(h, weight, targets, reduction="none")
+    assert per_token.shape == targets.shape and len(calls) == n + 1
+    n += 1
     monkeypatch.setenv("VELOTUNE_KERNELS", "reference")
     assert rel_err(linear_cross_entropy(h, weight, targets), loss) < 1e-6 and len(calls) == n
     if HAS_TRITON:
         monkeypatch.setenv("VELOTUNE_KERNELS", "triton")
         assert rel_err(linear_cross_entropy(h, weight, targets), loss) < 1e-6
         assert calls[-1].get("use_triton") is True
+
+
+# ---- per-row losses (reduction="none"): token log-probabilities for preference and RL objectives -------------
+
+def _per_row_loss_and_grads(fn, hidden, weight, targets, weights, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    losses = fn(h, w, targets, **kw)
+    gh, gw = torch.autograd.grad((losses * weights).sum(), (h, w))  # every row with its own grad_output
+    return losses.detach(), gh, gw
+
+
+@pytest.mark.parametrize("use_triton", IMPLS)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_per_row_fp32_matches_reference(use_triton, softcap):
+    hidden, weight, targets = _problem()
+    weights = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1))
+    ref = _per_row_loss_and_grads(linear_cross_entropy_reference, hidden, weight, targets, weights,
+                                  softcap=softcap, reduction="none")
+    for rows in (8, None):
+        out = _per_row_loss_and_grads(chunked_linear_cross_entropy, hidden, weight, targets, weights,
+                                      softcap=softcap, reduction="none", use_triton=use_triton, chunk_rows=rows)
+        assert out[0].shape == targets.shape and out[0].dtype == torch.float32
+        assert (out[0][targets == -100] == 0).all()
+        for name, a, b in zip(("losses", "grad hidden", "grad weight"), out, ref):
+            assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("use_triton", IMPLS)
+def test_per_row_float64_gradcheck(use_triton):
+    hidden, weight, targets = _problem(N=5, H=3, V=7, dtype=torch.float64)
+    targets[1] = -100
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    fn = lambda a, b: chunked_linear_cross_entropy(a, b, targets, softcap=1.5, reduction="none",  # noqa: E731
+                                                   use_triton=use_triton, chunk_rows=2)
+    assert torch.autograd.gradcheck(fn, (h, w), fast_mode=use_triton)
+    assert rel_err(fn(h, w), _oracle(1.5, "none")(h, w, targets)) < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_per_row_half_precision_within_torch_error(dtype):
+    hidden, weight, targets = _problem(N=45, H=32, V=211, dtype=torch.float64)
+    kw = dict(softcap=3.0, reduction="none")  # random output gradients: every row weighed differently
+    rows = errors_vs_fp64(lambda h, w: chunked_linear_cross_entropy(h, w, targets, chunk_rows=16, **kw),
+                          lambda h, w: linear_cross_entropy_reference(h, w, targets, **kw),
+                          lambda h, w: _oracle(**kw)(h, w, targets), [hidden, weight], dtype)
+    assert_within_torch_error(rows)
+
+
+def test_per_row_saves_inputs_not_logits():
+    N, H, V = 256, 16, 1000
+    hidden, weight, targets = _problem(N, H, V)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    saved = _saved_bytes(lambda: chunked_linear_cross_entropy(h, w, targets, reduction="none", chunk_rows=64).sum())
+    assert saved <= (hidden.numel() + weight.numel()) * 4 + targets.numel() * 8 + 1024
+    assert saved < N * V * 4 / 10
+    with torch.no_grad():
+        assert rel_err(chunked_linear_cross_entropy(hidden, weight, targets, reduction="none"),
+                       linear_cross_entropy_reference(hidden, weight, targets, reduction="none")) < 1e-6
+
+
+def test_next_token_logprobs_per_token_and_per_sequence():
+    """Label log-probabilities from hidden states (no logits) against log_softmax of the full logits, values and
+    gradients, with each sequence's sum weighed differently (as a preference loss does)."""
+    from velotune.models.base import next_token_logprobs
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, 9, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[0, :4] = -100  # a prompt without targets
+    labels[2, 6:] = -100  # padding
+    seq_weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def reference(h, w):
+        logp = torch.log_softmax(h @ w.t(), dim=-1)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+        picked = logp.gather(-1, shifted.clamp(min=0)[..., None])[..., 0] * (shifted != -100)
+        return picked, picked.sum(1)
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    per_token, per_seq, counts = next_token_logprobs(h1, labels, w1)
+    (per_seq * seq_weights).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_token, ref_seq = reference(h2, w2)
+    (ref_seq * seq_weights).sum().backward()
+    assert counts.tolist() == [5, 8, 5]  # labels[1:] of each row, less the masked ones
+    assert rel_err(per_token, ref_token) < 1e-12 and rel_err(per_seq, ref_seq) < 1e-12
+    assert rel_err(h1.grad, h2.grad) < 1e-12 and rel_err(w1.grad, w2.grad) < 1e-12

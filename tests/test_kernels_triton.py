@@ -243,7 +243,7 @@ _COMPILE_ALL = textwrap.dedent("""
           {"BACKWARD": True, "HAS_PASS": True, "CDT": f32, "BLOCK_R": 64, "BLOCK_HALF": 64, "BLOCK_PASS": 32})
     build(A._gated_bwd, ["*bf16"] * 5 + ["i32"] * 7, {"KIND": 2, "CDT": f32, "BLOCK_M": 1, "BLOCK_N": 4096}, 8)
     build(A._gated_fwd, ["*bf16"] * 3 + ["i32"] * 5, {"KIND": 1, "CDT": f32, "BLOCK_M": 1, "BLOCK_N": 4096}, 8)
-    build(C._ce_rows_grad, ["*bf16", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "fp32"],
+    build(C._ce_rows_grad, ["*bf16", "*i64", "*fp32", "*fp32", "i32", "i32", "i32", "i32", "fp32"],
           {"HAS_SOFTCAP": True, "WRITE_GRAD": True, "CDT": f32, "BLOCK_V": 4096}, 8)
     print("compiled")
 """)

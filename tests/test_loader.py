@@ -225,7 +225,8 @@ def test_save_refuses_an_existing_directory_unless_overwrite(tmp_path):
     assert (out / "keep.txt").read_text() == "user data"
     assert not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written left beside it
     vt.save(model, None, out, overwrite=True)
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    # An overwrite replaces what velotune writes and keeps the user's own files (checkpoint.atomic_dir).
+    assert (out / "model.safetensors").is_file() and (out / "keep.txt").read_text() == "user data"
 
 
 # ---- the generic path ---------------------------------------------------------------------------------------

@@ -173,7 +173,7 @@ SEG_LABELS[0, 18:] = -100
 
 def _logits_and_grads(model, positions):
     model.zero_grad(set_to_none=True)
-    out = model(SEG_IDS, labels=SEG_LABELS, position_ids=positions)
+    out = model(SEG_IDS, labels=SEG_LABELS, position_ids=positions, return_logits=True)
     (out.loss + out.logits.square().mean()).backward()  # every logit gets a gradient, padding included
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -124,7 +124,7 @@ def test_nf4_with_bf16_compute(aligned):
     model = randomize_adapters(vt.add_lora(quantized(aligned, "nf4", "bfloat16"), r=4, alpha=8, seed=0))
     assert model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.bfloat16
     ids = token_ids()
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, return_logits=True)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -111,23 +111,23 @@ def test_penalty_state_ignores_padding_and_counts_active_rows():
 def test_penalties_apply_before_greedy_choice():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     state = Penalties(SamplingParams(repetition_penalty=1.2), torch.tensor([[0]]), None, vocab_size=3)
-    assert sample(logits, SamplingParams()).item() == 0
-    assert sample(logits, SamplingParams(repetition_penalty=1.2), penalties=state).item() == 1
+    assert sample(logits, SamplingParams())[0].item() == 0
+    assert sample(logits, SamplingParams(repetition_penalty=1.2), penalties=state)[0].item() == 1
 
 
 # ---- draws --------------------------------------------------------------------------------------------------
 
 def test_greedy_is_argmax():
     logits = torch.randn(4, 50)
-    assert torch.equal(sample(logits, SamplingParams(temperature=0.0)), logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingParams(temperature=0.0))[0], logits.argmax(-1))
 
 
 def test_seed_repeats_and_differs():
     logits = torch.randn(3, 200)
     params = SamplingParams(temperature=1.0)
-    a = [sample(logits, params, g).tolist() for g in [make_generator(1, "cpu")] for _ in range(20)]
-    b = [sample(logits, params, g).tolist() for g in [make_generator(1, "cpu")] for _ in range(20)]
-    c = [sample(logits, params, g).tolist() for g in [make_generator(2, "cpu")] for _ in range(20)]
+    a = [sample(logits, params, g)[0].tolist() for g in [make_generator(1, "cpu")] for _ in range(20)]
+    b = [sample(logits, params, g)[0].tolist() for g in [make_generator(1, "cpu")] for _ in range(20)]
+    c = [sample(logits, params, g)[0].tolist() for g in [make_generator(2, "cpu")] for _ in range(20)]
     assert a == b
     assert a != c
 
@@ -136,7 +136,7 @@ def test_draws_follow_the_filtered_distribution():
     logits = log_probs(0.5, 0.3, 0.15, 0.05)
     g = make_generator(0, "cpu")
     params = SamplingParams(temperature=1.0, top_k=3)
-    draws = torch.stack([sample(logits.expand(1000, 4), params, g) for _ in range(4)]).flatten()
+    draws = torch.stack([sample(logits.expand(1000, 4), params, g)[0] for _ in range(4)]).flatten()
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert freq[3] == 0                                          # removed by top_k
     assert torch.allclose(freq[:3], torch.tensor([0.5, 0.3, 0.15]) / 0.95, atol=0.03)
@@ -151,6 +151,32 @@ def test_sampling_params_validation():
         SamplingParams(top_k=-2)
     assert SamplingParams(stop="###").stop == ["###"]
     assert SamplingParams(stop_token_ids=7).stop_token_ids == [7]
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2 ** 63), ("seed", -1), ("repetition_penalty", 1e-300),
+                                          ("repetition_penalty", 1e3), ("temperature", float("inf")),
+                                          ("presence_penalty", float("nan"))])
+def test_values_that_would_break_a_draw_are_refused(field, value):
+    """(issue 10 item 8) a seed past 2**63-1 overflowed the generator; a tiny penalty made logits infinite."""
+    with pytest.raises(ConfigError, match=field):
+        SamplingParams(**{field: value})
+    assert SamplingParams(seed=2 ** 63 - 1, repetition_penalty=0.01).seed == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_without_usable_logits_fails_alone(temperature):
+    """(issue 10 item 8) NaN, +inf or all -inf logits flag their row instead of crashing the draw; the other
+    rows get the same tokens as without it."""
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    bad = logits.clone()
+    bad[1, 5] = float("nan")
+    bad[2, 7] = float("inf")
+    bad[3] = float("-inf")
+    params = SamplingParams(temperature=temperature)
+    tokens, unusable = sample(bad, params, make_generator(3, "cpu"))
+    assert unusable.tolist() == [False, True, True, True]
+    alone, _ = sample(logits[:1], params, make_generator(3, "cpu"))
+    assert tokens[0] == alone[0]
 
 
 # ---- defaults and their sources ----------------------------------------------------------------------------

@@ -214,7 +214,8 @@ def _error(response, status):
 
 
 def test_bad_requests(server, client, models):
-    error = _error(_post(server, "/v1/chat/completions", content=b'{"model": "tiny-base", "messages": ['), 400)
+    error = _error(_post(server, "/v1/chat/completions", content=b'{"model": "tiny-base", "messages": [',
+                         headers={**AUTH, "Content-Type": "application/json"}), 400)
     assert error["code"] == "invalid_json"
     error = _error(_post(server, "/v1/chat/completions", json={"model": BASE}), 400)
     assert error["param"] == "messages"

@@ -55,3 +55,10 @@ def interrupt_at_step(n):
         if calls["n"] == n:
             raise KeyboardInterrupt
     return register_optimizer_step_pre_hook(hook)
+
+
+def forbid_weight_loading(monkeypatch):
+    """Makes loading model weights fail the test: the error under test must come before it."""
+    def load(*args, **kwargs):
+        raise AssertionError("model weights were loaded")
+    monkeypatch.setattr("velotune.models.loader.load", load)

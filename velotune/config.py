@@ -1,12 +1,16 @@
 """The one configuration schema: YAML files, `key=value` overrides, Python dicts and objects.
 
-Sections are dataclasses; validation walks their type hints, so an unknown key or a wrong type is an
-error that names the key, the file and (for YAML) the line.
+Sections are dataclasses. Each field is declared with `setting(default, help, bound)`: its one-line help (shown by
+`velotune config --keys`) and its numeric range sit beside it. Validation walks the type hints, so an unknown key,
+a wrong type or a value out of range is an error that names the key and the file and line, or the override.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,89 +19,206 @@ from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
+log = logging.getLogger("velotune")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range declared beside a field. Values must also be finite; `count`: a list of that many numbers."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False                             # True: `low` itself is out of range
+    high_open: bool = False
+    count: int | None = None
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = (f"in {'(' if self.low_open else '['}{_number_text(self.low)}, "
+                    f"{_number_text(self.high)}{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_number_text(self.low)}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {_number_text(self.high)}"
+        return f"{_COUNT_WORDS.get(self.count, self.count)} numbers {text}" if self.count else text
+
+    def problem(self, value) -> str | None:
+        """Why `value` is out of range, or None when it fits."""
+        if self.count is not None:
+            fits = (isinstance(value, list) and len(value) == self.count
+                    and all(_is_number(v) and _finite(v) and self._fits(v) for v in value))
+            return None if fits else f"must be {self}"
+        if not _finite(value):
+            return "must be finite"
+        return None if self._fits(value) else f"must be {self}"
+
+    def _fits(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+
+_COUNT_WORDS = {2: "two", 3: "three"}
+AT_LEAST_ONE = Bound(1)
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+FRACTION = Bound(0, 1, high_open=True)
+
+
+def _number_text(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)  # ints are finite, however large
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def setting(default, help: str, bound: Bound | None = None, *, comma_list: bool = False):
+    """A schema field: its default, a one-line help, an optional range, and (comma_list) whether a plain string
+    "a,b" stands for the list [a, b]."""
+    meta = {"help": help, "bound": bound, "comma_list": comma_list}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class ModelConfig:
-    path: str = ""                                   # local Hugging Face directory or hub id
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantize: Literal[None, "nf4", "int8"] = None
-    device: str | None = None
-    max_seq_length: int | None = None
-
-
-@dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: Union[str, list] = "all-linear"        # "all-linear" or module names such as [q_proj, v_proj]
-    rslora: bool = False
-    dora: bool = False
-    modules_to_save: list = field(default_factory=list)
+    path: str = setting("", "local Hugging Face model directory, or a hub id (org/name)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "weight dtype; auto: bf16 on GPUs; on CPUs a bf16 checkpoint stays bf16 where the CPU multiplies bf16 "
+        "natively (AVX512-BF16, AMX), else fp32")
+    quantize: Literal[None, "nf4", "int8"] = setting(None, "load the base quantized: nf4 (QLoRA) or int8")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ...; null: cuda when available")
+    max_seq_length: int | None = setting(None, "context length; null: the model's max_position_embeddings",
+                                         AT_LEAST_ONE)
 
 
 @dataclass
 class FinetuneConfig:
-    method: Literal["lora", "full"] = "lora"        # QLoRA is lora with model.quantize: nf4
-    freeze_embeddings: bool = False                   # full fine-tuning: keep embeddings and lm_head fixed
-    train_last_n_layers: int | None = None           # full fine-tuning: train only the last N blocks
+    method: Literal["lora", "full"] = setting(
+        "lora", "lora: train adapters (QLoRA: lora with model.quantize nf4); full: train the weights themselves")
+    freeze_embeddings: bool = setting(False, "full fine-tuning: keep the embeddings and lm_head fixed")
+    train_last_n_layers: int | None = setting(None, "full fine-tuning: train only the last N blocks; null: all",
+                                              NON_NEGATIVE)
+
+
+@dataclass
+class LoraConfig:
+    r: int = setting(16, "adapter rank", AT_LEAST_ONE)
+    alpha: float = setting(16.0, "adapters are scaled by alpha / r (alpha / sqrt(r) with rslora)", POSITIVE)
+    dropout: float = setting(0.0, "dropout on the adapters' input while training", FRACTION)
+    targets: Union[str, list] = setting(
+        "all-linear", "all-linear (every linear but the output head), module names such as [q_proj, v_proj], "
+                      "or a regex over full module names")
+    rslora: bool = setting(False, "rank-stabilised scaling: alpha / sqrt(r)")
+    dora: bool = setting(False, "weight-decomposed LoRA (DoRA): a trained magnitude per output feature")
+    modules_to_save: list = setting([], "modules trained in full and saved with the adapter, e.g. [lm_head]",
+                                    comma_list=True)
 
 
 @dataclass
 class DataConfig:
-    path: Union[str, list, None] = None              # jsonl / json / csv / parquet file(s)
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
-    chat_template: str | None = None                 # built-in name; default: the tokenizer's template
-    system_prompt: str | None = None
-    train_on: Literal["assistant", "all"] = "assistant"  # loss on assistant turns only, or on every token
-    max_seq_length: int | None = None                # default: model.max_seq_length, else 2048
-    overflow: Literal["truncate", "drop"] = "truncate"
-    packing: bool = True
-    eval_path: Union[str, list, None] = None
-    eval_fraction: float = 0.0                       # held out from `path` when no eval_path is given
-    max_samples: int | None = None
-    shuffle: bool = True
+    path: Union[str, list, None] = setting(None, "jsonl / json / csv / tsv / parquet file, a folder, or a list")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = setting(
+        "auto", "record format; auto: told from the first record's fields")
+    chat_template: str | None = setting(
+        None, "built-in template (chatml, llama3, alpaca ...), Jinja text or a .jinja file; null: the tokenizer's own")
+    system_prompt: str | None = setting(None, "system message added to conversations that have none")
+    train_on: Literal["assistant", "all"] = setting("assistant", "loss on assistant turns only, or on every token")
+    max_seq_length: int | None = setting(None, "tokens per sample; null: model.max_seq_length, else 2048",
+                                         AT_LEAST_ONE)
+    overflow: Literal["truncate", "drop"] = setting("truncate", "samples over max_seq_length: cut, or left out")
+    packing: bool = setting(True, "pack several samples into each row, without padding")
+    eval_path: Union[str, list, None] = setting(None, "held-out file(s) for evaluation")
+    eval_fraction: float = setting(0.0, "share of `path` held out for evaluation when no eval_path is given",
+                                   FRACTION)
+    max_samples: int | None = setting(None, "use only the first N samples; null: all", AT_LEAST_ONE)
+    shuffle: bool = setting(True, "shuffle the samples every epoch")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/velotune"
-    overwrite: bool = False
-    resume: bool = False
-    seed: int = 42
-    epochs: float = 1.0
-    max_steps: int | None = None                     # optimizer steps; overrides epochs when set
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: Union[bool, Literal["offload"]] = False  # "offload": block inputs kept on the CPU
-    save_every: int | None = None                    # optimizer steps between checkpoints
-    keep_last: int = 2
-    eval_every: int | None = None
-    log_every: int = 1
-    report_to: list = field(default_factory=list)     # "tensorboard", "wandb"
-    progress: bool = True
-    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    output_dir: str = setting("runs/velotune", "where checkpoints, metrics and the adapter or model are written")
+    overwrite: bool = setting(False, "replace an output_dir that holds another run")
+    resume: bool = setting(False, "continue from the last checkpoint in output_dir")
+    seed: int = setting(42, "seed of every random choice (data order, initialisation, dropout)",
+                        Bound(0, 2 ** 32 - 1))
+    epochs: float = setting(1.0, "passes over the data (fractions allowed); max_steps wins when set", POSITIVE)
+    max_steps: int | None = setting(None, "optimizer steps; null: as many as epochs take", POSITIVE)
+    batch_size: int = setting(4, "rows per micro-batch, per device", AT_LEAST_ONE)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", AT_LEAST_ONE)
+    lr: float = setting(2e-4, "peak learning rate", NON_NEGATIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay (never on biases and norms)", NON_NEGATIVE)
+    betas: list = setting([0.9, 0.999], "AdamW betas [beta1, beta2]", Bound(0, 1, high_open=True, count=2))
+    optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", "adamw, or adamw8bit (bitsandbytes 8-bit states)")
+    scheduler: Literal["linear", "cosine", "constant"] = setting("linear", "learning-rate decay after warmup")
+    warmup_steps: int = setting(0, "optimizer steps of linear warmup; 0: warmup_ratio decides", NON_NEGATIVE)
+    warmup_ratio: float = setting(0.0, "warmup as a share of all steps, when warmup_steps is 0", FRACTION)
+    max_grad_norm: float | None = setting(1.0, "gradient clipping: the largest gradient norm; null: no clipping",
+                                          POSITIVE)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "autocast dtype; auto and fp32: none (the weights' dtype); fp16 adds loss scaling")
+    gradient_checkpointing: Union[bool, Literal["offload"]] = setting(
+        False, "recompute activations in backward to save memory; offload: block inputs kept on the CPU")
+    save_every: int | None = setting(None, "optimizer steps between checkpoints; null: none before the end",
+                                     POSITIVE)
+    keep_last: int = setting(2, "checkpoints kept in output_dir (older ones are deleted)", AT_LEAST_ONE)
+    eval_every: int | None = setting(None, "optimizer steps between evaluations; null: only at the end", POSITIVE)
+    log_every: int = setting(1, "optimizer steps between log lines", AT_LEAST_ONE)
+    report_to: list = setting([], "metrics also go to: tensorboard, wandb (a list, or a comma-separated string)",
+                              comma_list=True)
+    progress: bool = setting(True, "show a progress bar")
+    distributed: Literal["none", "ddp", "fsdp2"] = setting("none", "none; ddp or fsdp2 when started by torchrun")
+
+
+def _section(cls, help: str):
+    return field(default_factory=cls, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: str = setting("sft", "what is trained for: sft (supervised fine-tuning, next-token loss on the "
+                                    "assistant turns or all tokens), pretrain (raw text, every token), or a "
+                                    "name given to velotune.register_objective")
+    model: ModelConfig = _section(ModelConfig, "the base model and how it is loaded")
+    finetune: FinetuneConfig = _section(FinetuneConfig, "what is trained")
+    lora: LoraConfig = _section(LoraConfig, "LoRA adapters (finetune.method: lora)")
+    data: DataConfig = _section(DataConfig, "the data set and how it becomes token rows")
+    train: TrainConfig = _section(TrainConfig, "the training loop: steps, optimizer, schedule, checkpoints")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def sections() -> dict[str, type]:
+    """Section name -> its dataclass, in schema order (top-level keys such as `objective` are not sections)."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def top_level_keys() -> list[dataclasses.Field]:
+    """The keys written at the top level of a config rather than inside a section."""
+    hints = typing.get_type_hints(Config)
+    return [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(hints[f.name])]
+
+
+# Names of transformers' TrainingArguments and PEFT's LoraConfig -> ours. They are read as our keys, with an info
+# line, at the top level or inside the section they belong to; our own keys always need their section.
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "max_grad_norm": "train.max_grad_norm",
+    "warmup_steps": "train.warmup_steps", "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+    "max_steps": "train.max_steps", "seed": "train.seed", "output_dir": "train.output_dir",
+    "logging_steps": "train.log_every", "save_steps": "train.save_every", "eval_steps": "train.eval_every",
+    "save_total_limit": "train.keep_last", "report_to": "train.report_to",
+    "lora_alpha": "lora.alpha", "lora_r": "lora.r", "r": "lora.r", "target_modules": "lora.targets",
+    "lora_dropout": "lora.dropout", "use_rslora": "lora.rslora", "use_dora": "lora.dora",
+    "modules_to_save": "lora.modules_to_save",
+}
 
 
 # ---- building and validating -----------------------------------------------------------------------------
@@ -105,21 +226,26 @@ class Config:
 def load_config(source, overrides=None) -> Config:
     """A Config from a YAML path, a dict or a Config, with `key=value` overrides applied."""
     if isinstance(source, Config):
-        data, origin, lines = source.to_dict(), "<Config>", {}
+        data, origin, places = source.to_dict(), "<Config>", {}
     elif isinstance(source, dict):
-        data, origin, lines = source, "<dict>", {}
+        data, origin, places = copy.deepcopy(source), "<dict>", {}
     else:
-        data, origin, lines = _read_yaml(Path(source))
+        data, origin, places = _read_yaml(Path(source))
+    _resolve_aliases(data, origin, places)
     for item in overrides or []:
-        _apply_override(data, item)
-    return _build(Config, data, origin, lines, ())
+        _apply_override(data, places, item)
+    return _build(Config, data, origin, places, ())
 
 
 def _read_yaml(path: Path):
     import yaml
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") \
+            from None
     try:
         data = yaml.safe_load(text) or {}
         node = yaml.compose(text)
@@ -129,7 +255,7 @@ def _read_yaml(path: Path):
         raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, ...)")
-    return data, str(path), _key_lines(node, ())
+    return data, str(path), {key: f"{path}:{line}" for key, line in _key_lines(node, ()).items()}
 
 
 def _key_lines(node, prefix) -> dict:
@@ -144,57 +270,125 @@ def _key_lines(node, prefix) -> dict:
     return lines
 
 
-def _apply_override(data: dict, item: str):
+def _alias_target(parts: tuple) -> tuple | None:
+    """(section, key) for a transformers / PEFT name written at the top level or in its own section."""
+    target = ALIASES.get(parts[-1]) if len(parts) in (1, 2) else None
+    if target is None:
+        return None
+    section, key = target.split(".")
+    if len(parts) == 1 and parts[0] not in sections():
+        return section, key
+    if len(parts) == 2 and parts[0] == section and parts[1] != key:
+        return section, key
+    return None
+
+
+def _resolve_aliases(data: dict, origin: str, places: dict):
+    """Moves values written under transformers / PEFT names to our keys; both names at once is an error."""
+    written = [(key,) for key in data] + [(name, key) for name in sections() if isinstance(data.get(name), dict)
+                                           for key in data[name]]
+    for parts in written:
+        target = _alias_target(parts)
+        if target is None:
+            continue
+        if data.get(target[0]) is None:  # `train:` with nothing under it is an empty section
+            data[target[0]] = {}
+        if not isinstance(data[target[0]], dict):
+            continue  # reported by _build: the section must be a mapping
+        alias, ours = ".".join(parts), ".".join(target)
+        where = places.get(alias, origin)
+        if target[1] in data[target[0]]:
+            raise ConfigError(f"{where}: '{alias}' and '{ours}' both set {ours}: keep one")
+        holder = data[parts[0]] if len(parts) == 2 else data
+        data[target[0]][target[1]] = holder.pop(parts[-1])
+        if alias in places:
+            places[ours] = places.pop(alias)
+        log.info("%s: '%s' is read as '%s'", where, alias, ours)
+
+
+def _apply_override(data: dict, places: dict, item: str):
     import yaml
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value, e.g. lora.r=32")
-    key, _, raw = item.partition("=")
-    parts = key.strip().split(".")
-    target = data
+    blame = f"override '{item}'"
+    key, sep, raw = item.partition("=")
+    parts = tuple(part.strip() for part in key.split("."))
+    if not sep or not all(parts):
+        raise ConfigError(f"{blame}: expected key=value, e.g. lora.r=32")
+    target = _alias_target(parts)
+    if target is not None:
+        log.info("%s: '%s' is read as '%s'", blame, key.strip(), ".".join(target))
+        parts = target
+    holder = data
     for part in parts[:-1]:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        if holder.get(part) is None:  # absent, or `train:` with nothing under it
+            holder[part] = {}
+        holder = holder[part]
+        if not isinstance(holder, dict):
+            raise ConfigError(f"{blame}: '{part}' is not a section")
     try:
-        target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        holder[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        target[parts[-1]] = raw
+        holder[parts[-1]] = raw
+    dotted = ".".join(parts)
+    for replaced in [k for k in places if k.startswith(dotted + ".")]:  # a section set whole: its old lines go
+        del places[replaced]
+    places[dotted] = blame
 
 
-def _where(origin, lines, path) -> str:
-    key = ".".join(path)
-    line = lines.get(key)
-    return f"{origin}:{line}" if line else origin
+def _where(origin: str, places: dict, path: tuple) -> str:
+    """The override or file:line that set `path` (or the section holding it); else the source's name."""
+    for end in range(len(path), 0, -1):
+        place = places.get(".".join(path[:end]))
+        if place:
+            return place
+    return origin
 
 
-def _build(cls, data, origin, lines, path):
+def _build(cls, data, origin, places, path):
     if not isinstance(data, dict):
-        raise ConfigError(f"{_where(origin, lines, path)}: '{'.'.join(path)}' must be a mapping")
+        raise ConfigError(f"{_where(origin, places, path)}: '{'.'.join(path)}' must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         sub = path + (str(key),)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"{_where(origin, lines, sub)}: unknown key '{'.'.join(sub)}'{hint}")
-        kwargs[key] = _check(hints[key], value, origin, lines, sub)
+        if key not in fields:
+            raise ConfigError(f"{_where(origin, places, sub)}: unknown key '{'.'.join(sub)}'{_suggestion(sub)}")
+        kwargs[key] = _check(hints[key], fields[key], value, _where(origin, places, sub), sub, (origin, places))
     return cls(**kwargs)
 
 
-def _check(hint, value, origin, lines, path):
+def _check(hint, fld, value, where, path, source):
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, origin, lines, path)
+        return _build(hint, value if value is not None else {}, *source, path)
+    key = ".".join(path)
+    if fld.metadata.get("comma_list") and isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    typed = _typed(hint, value)
+    if typed is _REFUSED:
+        raise ConfigError(f"{where}: '{key}' = {value!r}: expected {_describe(hint)}")
+    bound = fld.metadata.get("bound")
+    problem = bound.problem(typed) if bound is not None and typed is not None else None
+    if problem:
+        nullable = " (or null)" if _accepts(hint, None) else ""
+        raise ConfigError(f"{where}: '{key}' = {typed!r}: {problem}{nullable}")
+    return typed
+
+
+_REFUSED = object()
+
+
+def _typed(hint, value):
+    """`value` as the field's type (an int where only a float fits becomes a float), or _REFUSED."""
     if _accepts(hint, value):
-        return float(value) if hint is float and isinstance(value, int) else value
+        takes_int = hint is int or int in typing.get_args(hint)
+        return float(value) if _is_number(value) and not takes_int and _accepts(hint, 0.0) else value
     # YAML 1.1 reads `2e-4` (no dot) as a string: numbers written that way are still numbers.
     if isinstance(value, str) and _accepts(hint, 0.0):
         try:
             return float(value)
         except ValueError:
             pass
-    raise ConfigError(f"{_where(origin, lines, path)}: '{'.'.join(path)}' = {value!r}: expected {_describe(hint)}")
+    return _REFUSED
 
 
 def _accepts(hint, value) -> bool:
@@ -208,7 +402,7 @@ def _accepts(hint, value) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return _is_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list or hint is list:
@@ -227,3 +421,32 @@ def _describe(hint) -> str:
     if hint is type(None):
         return "null"
     return getattr(hint, "__name__", str(hint))
+
+
+# ---- "did you mean" ----------------------------------------------------------------------------------------
+
+def _suggestion(path: tuple) -> str:
+    """' (did you mean ...?)' with at most three close names (dotted when they live in another section), or a
+    pointer to the full list."""
+    written = path[-1]
+    pairs = _known_names(path[0] if len(path) == 2 else None)
+    shown = [name for candidate, name in pairs if candidate == written]
+    if not shown:
+        close = difflib.get_close_matches(written, list(dict.fromkeys(c for c, _ in pairs)), n=3, cutoff=0.6)
+        shown = [name for match in close for candidate, name in pairs if candidate == match]
+    shown = list(dict.fromkeys(shown))[:3]
+    if not shown:
+        return "; `velotune config --keys` lists the known keys"
+    return " (did you mean " + " or ".join(f"'{name}'" for name in shown) + "?)"
+
+
+def _known_names(section: str | None) -> list[tuple[str, str]]:
+    """(name as it could be written, name to suggest) for a key written in `section` (None: the top level)."""
+    pairs = [] if section else [(name, name) for name in sections()] + [(f.name, f.name) for f in top_level_keys()]
+    for name, cls in sections().items():
+        for f in dataclasses.fields(cls):
+            pairs.append((f.name, f.name if name == section else f"{name}.{f.name}"))
+    for alias, target in ALIASES.items():
+        target_section, key = target.split(".")
+        pairs.append((alias, key if target_section == section else target))
+    return pairs

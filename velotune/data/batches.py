@@ -3,7 +3,9 @@
 Packed: each row holds several examples; `position_ids` restart at 0 for each, which is how the model knows
 where a document begins (no attention across examples); the row's tail padding is a segment of its own with
 labels -100. Not packed: one example per row, right padding, `attention_mask` 1 for real tokens.
-Rows are as long as the longest row of their batch.
+Rows are as long as the longest row of their batch, rounded up to one of a few bucket lengths (at most
+max_seq_length): a run then meets few distinct widths, and the CPU's per-shape kernel caches stop growing
+(kernels/shape_buckets.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from ..kernels.shape_buckets import bucket_length
 from .encode import IGNORE_INDEX, Encoded
 from .packing import plan_epoch
 
@@ -42,12 +45,14 @@ def batch_iterator(examples: list[Encoded], *, batch_size: int, max_seq_length: 
     plan = plan_for(examples, batch_size=batch_size, max_seq_length=max_seq_length, packing=packing, seed=seed,
                     epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size)
     for rows in plan[start_batch:]:
-        yield collate([[examples[i] for i in row] for row in rows], pad_id=pad_id, packing=packing)
+        yield collate([[examples[i] for i in row] for row in rows], pad_id=pad_id, packing=packing,
+                      max_width=max_seq_length)
 
 
-def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool) -> dict:
-    """A batch from rows of examples (one example per row when not packing)."""
-    width = max(sum(len(e) for e in row) for row in rows)
+def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+    """A batch from rows of examples (one example per row when not packing), as wide as its longest row rounded
+    up to a bucket length, but no wider than `max_width` (the run's max_seq_length) when given."""
+    width = bucket_length(max(sum(len(e) for e in row) for row in rows), cap=max_width)
     B = len(rows)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)

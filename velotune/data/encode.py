@@ -214,3 +214,20 @@ def _close_turns(ids, owner, info: _TokenizerInfo):
             ids.insert(j + 1, info.eos_id)
             trained.insert(j + 1, True)
     return ids, trained
+
+
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
+
+
+def marked_text(example: Encoded, tokenizer) -> str:
+    """The example's text with the trained tokens (those the loss is taken on) between [[ and ]]: the loss mask
+    made visible in a terminal without colours."""
+    trained = (example.labels != IGNORE_INDEX).tolist()
+    ids = example.input_ids.tolist()
+    pieces, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or trained[end] != trained[start]:
+            text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            pieces.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained[start] else text)
+            start = end
+    return "".join(pieces)

@@ -5,6 +5,7 @@ can name the file and the line or index.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from pathlib import Path
@@ -71,29 +72,53 @@ def _read_path(path: Path) -> Records:
 
 
 def _read_jsonl(path: Path) -> Records:
+    with path.open("rb") as f:
+        return _json_lines(path, _decoded_lines(path, f))
+
+
+def _json_lines(path: Path, lines) -> Records:
+    """Records from (line number, text) pairs holding one JSON object each; blank lines are skipped."""
     records, origins = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-            records.append(record)
-            origins.append(f"{path}:{number}")
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
+        origins.append(f"{path}:{number}")
     return Records(records, origins)
 
 
+def _decoded_lines(path: Path, binary):
+    """(line number, text) for each line of a binary file, line ends kept. Bytes that are not UTF-8, and NUL bytes
+    (binary data, or UTF-16 text), are errors naming the line; a byte-order mark before the first line is dropped."""
+    for number, raw in enumerate(binary, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        if b"\0" in raw:
+            raise DataError(f"{path}:{number}: NUL byte at column {raw.index(0) + 1}: binary data, or text not "
+                            "saved as UTF-8 (UTF-16?)")
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                            f"{exc.start + 1}); save the file as UTF-8") from None
+
+
 def _read_json(path: Path) -> Records:
-    text = path.read_text(encoding="utf-8")
+    with path.open("rb") as f:
+        text = "".join(line for _, line in _decoded_lines(path, f))
     if not text.strip():
         return Records()
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines under a .json name
+            return _json_lines(path, enumerate(text.split("\n"), start=1))
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -108,16 +133,19 @@ def _read_json(path: Path) -> Records:
 
 def _read_csv(path: Path, delimiter: str = ",") -> Records:
     records, origins = [], []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None:
-            return Records()
-        for row in reader:
-            line = reader.line_num  # the row's last line: a quoted cell may span several
-            if None in row:
-                raise DataError(f"{path}:{line}: more cells than header columns")
-            records.append({k: _maybe_json(v) for k, v in row.items()})
-            origins.append(f"{path}:{line}")
+    with path.open("rb") as f:
+        reader = csv.DictReader((line for _, line in _decoded_lines(path, f)), delimiter=delimiter)
+        try:
+            if reader.fieldnames is None:
+                return Records()
+            for row in reader:
+                line = reader.line_num  # the row's last line: a quoted cell may span several
+                if None in row:
+                    raise DataError(f"{path}:{line}: more cells than header columns")
+                records.append({k: _maybe_json(v) for k, v in row.items()})
+                origins.append(f"{path}:{line}")
+        except csv.Error as exc:  # e.g. a cell over csv's field size limit (131072 characters)
+            raise DataError(f"{path}:{reader.line_num + 1}: not readable as CSV ({exc})") from None
     return Records(records, origins)
 
 
@@ -138,7 +166,10 @@ def _read_parquet(path: Path) -> Records:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'velotune[data]'") from None
-    rows = pq.read_table(str(path)).to_pylist()
+    try:
+        rows = pq.read_table(str(path)).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError; a torn file, an OSError
+        raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
     return Records(rows, [f"{path} row {i + 1}" for i in range(len(rows))])
 
 

@@ -1,4 +1,5 @@
-"""Chat templates: the tokenizer's own by default, or a built-in one by name for tokenizers that have none.
+"""Chat templates: the tokenizer's own by default, or a built-in one by name (or a Jinja file) for tokenizers
+that have none. A model or adapter directory keeps the template it was trained with (`saved_chat_template`).
 
 The built-in templates are our own Jinja strings written to produce the published prompt formats of each
 model family (turn markers, BOS, end-of-turn tokens, where a system prompt goes). They need the family's
@@ -6,9 +7,12 @@ special tokens in the tokenizer; a warning says when a turn marker is not a sing
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger("velotune")
 
@@ -124,24 +128,111 @@ def template_names() -> list[str]:
     return list(BUILTIN_TEMPLATES)
 
 
+def builtin_name(template) -> str | None:
+    """The name of the built-in template `template` is, word for word; else None."""
+    return next((name for name, text in BUILTIN_TEMPLATES.items() if text == template), None)
+
+
 def resolve_chat_template(name: str | None, tokenizer) -> str:
-    """The Jinja chat template to use: a built-in by name, a literal Jinja string, or the tokenizer's own."""
+    """The Jinja chat template to use: `name` as load_chat_template reads it, else the tokenizer's own."""
     if name:
-        key = ALIASES.get(name.strip().lower().replace("_", "-"), name.strip().lower().replace("_", "-"))
-        if key in BUILTIN_TEMPLATES:
-            _warn_missing_markers(key, tokenizer)
-            return BUILTIN_TEMPLATES[key]
-        if "{{" in name or "{%" in name:
-            return name
-        raise ConfigError(f"data.chat_template: unknown chat template '{name}'; built-in templates: "
-                          f"{', '.join(BUILTIN_TEMPLATES)} (or give a Jinja template string)")
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, dict):  # older tokenizers keep several named templates
-        own = own.get("default") or next(iter(own.values()), None)
+        return load_chat_template(name, tokenizer, source="data.chat_template")
+    own = default_template(getattr(tokenizer, "chat_template", None))
     if not own:
         raise ConfigError("the tokenizer has no chat template and this data set is chat data: set "
                           f"data.chat_template to one of {', '.join(BUILTIN_TEMPLATES)} (the model family's format)")
     return own
+
+
+def load_chat_template(spec: str, tokenizer=None, *, source: str = "chat template") -> str:
+    """A built-in template by name or alias ('alpaca', 'chatml', 'llama3'), else `spec` itself when it is Jinja
+    text, else the Jinja template in the file `spec` names. With `tokenizer`, warns when a built-in template's
+    end-of-turn marker is not one of its tokens. `source` (the key or option) starts every error message."""
+    key = ALIASES.get(spec.strip().lower().replace("_", "-"), spec.strip().lower().replace("_", "-"))
+    if key in BUILTIN_TEMPLATES:
+        if tokenizer is not None:
+            _warn_missing_markers(key, tokenizer)
+        return BUILTIN_TEMPLATES[key]
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    if _is_file(path):
+        return _read_template_file(path, source)
+    if path.suffix in (".jinja", ".j2", ".txt") or "/" in spec or os.sep in spec:
+        raise ConfigError(f"{source}: {path}: no such chat template file")
+    raise ConfigError(f"{source}: unknown chat template '{spec}'; built-in templates: "
+                      f"{', '.join(BUILTIN_TEMPLATES)} (or a file holding a Jinja template, or Jinja text)")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long to be a path
+        return False
+
+
+def _read_template_file(path: Path, source: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: {path}: cannot read the chat template file ({exc})") from None
+    if "{{" not in text and "{%" not in text:
+        raise ConfigError(f"{source}: {path}: holds no Jinja template (no {{{{ ... }}}} or {{% ... %}})")
+    return text
+
+
+def saved_chat_template(directory) -> str | None:
+    """The chat template saved in a model or adapter directory: chat_template.jinja, else tokenizer_config.json's
+    chat_template (of several named ones, "default", else the first); None when there is none."""
+    directory = Path(directory)
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{jinja}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # transformers' form of named templates: [{"name": ..., "template": ...}]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = default_template(template)
+    return template if isinstance(template, str) and template else None
+
+
+def set_inference_template(tokenizer, chat_template: str | None = None, adapter=None,
+                           source: str = "--chat-template") -> str | None:
+    """Sets `tokenizer.chat_template` for chat, generation or export, by this order: `chat_template` (a name, a
+    file or Jinja text) > the template saved in the `adapter` directory (the one it was trained with) > the
+    base tokenizer's own. Logs which one and why, in one line; returns the template (None: there is none)."""
+    if chat_template:
+        tokenizer.chat_template = load_chat_template(chat_template, tokenizer, source=source)
+        why = "as asked"
+    elif adapter is not None and (saved := saved_chat_template(adapter)):
+        tokenizer.chat_template = saved
+        why = f"saved with the adapter in {adapter} (the one it was trained with)"
+    else:
+        why = "the base model's own" + (f"; the adapter in {adapter} saved none" if adapter is not None else "")
+    template = default_template(getattr(tokenizer, "chat_template", None))
+    if not template:
+        log.info("no chat template: messages cannot be formatted (%s NAME|FILE sets one)", source)
+        return None
+    name = builtin_name(template)
+    log.info("chat template: %s, %s", name or f"a custom template ({len(template)} characters)", why)
+    return template
+
+
+def default_template(template):
+    """Of several named templates (a dict), "default", else the first; a single template as it is."""
+    if isinstance(template, dict):
+        return template.get("default") or next(iter(template.values()), None)
+    return template
 
 
 def _warn_missing_markers(key: str, tokenizer):

@@ -1,11 +1,12 @@
 """Exporting a (LoRA-tuned) model to the formats people deploy.
 
     vt.export(model, tokenizer, "out_dir", format="merged", dtype="bfloat16")  # transformers-loadable safetensors
-    vt.export(model, tokenizer, "adapter_dir", format="adapter")             # the PEFT adapter alone
+    vt.export(model, tokenizer, "adapter_dir", format="adapter")             # the PEFT adapter + tokenizer
     vt.export(model, tokenizer, "out_dir", format="gguf", quant="q8_0")      # model.gguf + Ollama Modelfile
 
 Every format refuses an existing output unless `overwrite=True`, checks what it can before writing, and writes
-under a temporary name renamed into place. The model passed in is never changed.
+under a temporary name renamed into place; an overwrite replaces only the files velotune wrote there and keeps
+the others. The tokenizer's chat template is written with every format. The model passed in is never changed.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ def export(model, tokenizer, out, format: str = "merged", dtype=None, quant=None
     """Writes `model` (adapters merged where the format needs it) to `out`; returns the path written.
 
     format="merged": a Hugging Face checkpoint directory in `dtype` (float32 | bfloat16 | float16; default the
-    model's), sharded above `max_shard_bytes` (default 5 GiB). format="adapter": the PEFT adapter directory.
-    format="gguf": a GGUF file (`out` ending in .gguf, else `out`/model.gguf) in `quant` (f32 | f16 | bf16 | q8_0
-    | q4_0 | q4_1 | q5_0 | q5_1; default from `dtype`, else f16) plus an Ollama Modelfile beside it.
+    model's), sharded above `max_shard_bytes` (default 5 GiB). format="adapter": the PEFT adapter directory
+    (with the tokenizer's files when `tokenizer` is given). format="gguf": a GGUF file (`out` ending in .gguf,
+    else `out`/model.gguf) in `quant` (f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1; default from
+    `dtype`, else f16) plus an Ollama Modelfile beside it (`NAME.Modelfile` for `NAME.gguf`, else `Modelfile`).
     """
     if format == "merged":
         if quant is not None:
@@ -33,7 +35,7 @@ def export(model, tokenizer, out, format: str = "merged", dtype=None, quant=None
         return export_merged(model, tokenizer, out, dtype=dtype, overwrite=overwrite, **kwargs)
     if format == "adapter":
         from .merged import export_adapter
-        return export_adapter(model, out, overwrite=overwrite)
+        return export_adapter(model, out, overwrite=overwrite, tokenizer=tokenizer)
     if format == "gguf":
         from .gguf_writer import export_gguf
         return export_gguf(model, tokenizer, out, quant=quant, dtype=dtype, overwrite=overwrite)

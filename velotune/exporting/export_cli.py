@@ -1,7 +1,10 @@
-"""`velotune export MODEL [--adapter DIR] --format merged|adapter|gguf [--quant q8_0] [--dtype bfloat16] --out PATH`.
+"""`velotune export MODEL [--adapter DIR] --format merged|adapter|gguf [--quant q8_0] [--dtype bfloat16]
+[--chat-template NAME|FILE] --out PATH`.
 
-Everything that can be checked before loading the model (the output path, the format's options) is; the adapter
-is then matched against the base (names and shapes) before anything is written."""
+Everything that can be checked before loading the model (the output path, the format's options, the chat
+template) is; the adapter is then matched against the base (names and shapes) before anything is written. The
+export carries the chat template the adapter was trained with (saved in its directory) unless --chat-template
+names another; without either, the base's own."""
 from __future__ import annotations
 
 import json
@@ -26,12 +29,17 @@ def add_export_parser(subparsers):
     p.add_argument("--quantize", choices=["nf4", "int8"],
                    help="load the base quantized, as during QLoRA training; it is dequantized in fp32 to merge")
     p.add_argument("--device", help="where to load and merge (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--chat-template", dest="chat_template", metavar="NAME|FILE",
+                   help="the chat template to write: a built-in name (alpaca, chatml, llama-3 ...) or a Jinja file; "
+                        "default: the one saved with the adapter, else the model's own")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (only the files velotune wrote there; others are kept)")
     p.set_defaults(func=run_export)
     return p
 
 
 def run_export(ns):
+    from ..data.templates import load_chat_template
     from ..errors import ConfigError
     from .gguf_writer import check_gguf_output, resolve_quant
     from .output import check_output
@@ -44,6 +52,8 @@ def run_export(ns):
         check_gguf_output(ns.out, ns.overwrite)
     else:
         check_output(Path(ns.out), ns.overwrite)
+    if ns.chat_template:
+        load_chat_template(ns.chat_template, source="--chat-template")
     model, tokenizer = _load(ns)
     from . import export
     path = export(model, tokenizer, ns.out, format=ns.format, dtype=ns.dtype, quant=ns.quant,
@@ -52,6 +62,7 @@ def run_export(ns):
 
 
 def _load(ns):
+    from ..data.templates import set_inference_template
     from ..lora import load_adapter
     from ..models.checkpoint import resolve_model_dir
     from ..models.loader import load
@@ -59,6 +70,8 @@ def _load(ns):
     model, tokenizer = load(model_dir, dtype=_source_dtype(model_dir), quantize=ns.quantize, device=ns.device)
     if ns.adapter:
         load_adapter(model, ns.adapter, trainable=False)  # names and shapes checked here: nothing written yet
+    if tokenizer is not None:
+        set_inference_template(tokenizer, ns.chat_template, ns.adapter)
     return model, tokenizer
 
 

@@ -1,25 +1,27 @@
 """GGUF export for llama.cpp and Ollama, pure Python: the `gguf` package writes the file and quantizes with numpy.
 
     export_gguf(model, tokenizer, "out_dir", quant="q8_0")   # out_dir/model.gguf + out_dir/Modelfile
-    export_gguf(model, tokenizer, "name.gguf", quant="f16")  # name.gguf + Modelfile beside it
+    export_gguf(model, tokenizer, "name.gguf", quant="f16")  # name.gguf + name.Modelfile beside it
+
+A single-file export names its Modelfile after the .gguf (`a.gguf` -> `a.Modelfile`), so that several exports
+can share a folder (`ollama create a -f a.Modelfile`); a directory export writes `model.gguf` and `Modelfile`.
 
 LoRA adapters are merged and quantized bases dequantized in fp32 first, once; each tensor is then written in the
 asked type. 1-D tensors (norms, biases, RoPE factors) stay F32, as llama.cpp keeps them; a matrix whose rows do
 not split into the type's blocks falls back to F16. The file is written under a temporary name and renamed
-into place, so an interrupted export never leaves a half-written file under the final name.
+into place, so an interrupted export never leaves a half-written file under the final name; the temporaries of
+an interrupted export are removed by the next one.
 """
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UnsupportedError
-from ..models.checkpoint import atomic_dir
+from ..models.checkpoint import atomic_dir, publish_file, remove_stale_temporaries, temporary_file_beside
 from .gguf_arch import arch_spec, gguf_arch, gguf_tensors, write_hparams
 from .gguf_meta import write_general
 from .gguf_vocab import write_vocab
@@ -53,10 +55,11 @@ def resolve_quant(quant, dtype=None) -> str:
 
 
 def gguf_paths(out) -> tuple[Path, Path]:
-    """(GGUF file, Modelfile): `out` itself when it ends in .gguf, else `out`/model.gguf."""
+    """(GGUF file, Modelfile): `out` and `out` with the suffix .Modelfile when it ends in .gguf, else
+    `out`/model.gguf and `out`/Modelfile."""
     out = Path(out)
     if out.suffix.lower() == ".gguf":
-        return out, out.with_name(MODELFILE_NAME)
+        return out, out.with_name(f"{out.stem}.{MODELFILE_NAME}")
     return out / GGUF_NAME, out / MODELFILE_NAME
 
 
@@ -82,6 +85,7 @@ def export_gguf(model, tokenizer, out, quant=None, dtype=None, overwrite: bool =
     text = modelfile_text(model, tokenizer, f"./{gguf_path.name}")
     if single_file:
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(gguf_path.parent)
         write_atomic(writer, gguf_path)
         write_text_atomic(modelfile_path, text)
     else:
@@ -131,15 +135,13 @@ def encode_tensor(array: np.ndarray, target):
 def write_atomic(writer, final: Path):
     """Writes the file under a temporary name beside `final`, then renames it; on any error removes the
     temporary file and leaves `final` as it was."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temporary_file_beside(final)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, final)
+        publish_file(tmp, final)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -119,8 +119,10 @@ def write_tokenizer(model, tokenizer, out_dir: Path):
             shutil.copy2(Path(source) / name, out_dir / name)
 
 
-def export_adapter(model, out, overwrite: bool = False) -> Path:
-    """The LoRA adapter alone, in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-    from ..lora import save_adapter
-    check_output(Path(out), overwrite)
-    return save_adapter(model, out, overwrite=overwrite)
+def export_adapter(model, out, overwrite: bool = False, tokenizer=None) -> Path:
+    """The LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors), with the tokenizer's
+    files beside it when one is given, so that its chat template travels with the adapter."""
+    from ..lora.peft_io import save_adapter
+    out = Path(out)
+    check_output(out, overwrite)
+    return save_adapter(model, out, overwrite=overwrite, tokenizer=tokenizer)

@@ -1,11 +1,10 @@
 """Output paths of an export: refuse to replace what exists unless asked, and write small files atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..models.checkpoint import publish_file, temporary_file_beside
 
 
 def check_output(path, overwrite: bool):
@@ -20,11 +19,10 @@ def check_output(path, overwrite: bool):
 
 def write_text_atomic(path: Path, text: str):
     """Writes `text` under a temporary name beside `path`, then renames it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = temporary_file_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
+        tmp.write_text(text, encoding="utf-8")
+        publish_file(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

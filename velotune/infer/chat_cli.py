@@ -8,17 +8,65 @@ from pathlib import Path
 
 from ..errors import VelotuneError
 
-HELP = "commands: /reset (clear history)  /params (sampling settings and their sources)  /system TEXT  /quit"
+HELP = ("commands: /reset (clear history)  /params (sampling settings and their sources)  /system TEXT  /quit  "
+        "/help\n(to send a message that starts with /, double the slash: //text sends /text)")
 
 
-def load_for_inference(model_path, adapter=None, dtype=None, quantize=None, device=None):
+def add_model_args(p):
+    """The model arguments shared by chat and generate."""
+    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on a GPU; on a CPU, a bf16 checkpoint stays bf16 where "
+                        "the CPU multiplies bf16 natively (AVX512-BF16, AMX), else fp32")
+    p.add_argument("--quantize", choices=["nf4", "int8"], help="load the base quantized (bitsandbytes)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--chat-template", dest="chat_template", metavar="NAME|FILE",
+                   help="the chat template: a built-in name (alpaca, chatml, llama-3 ...) or a Jinja file; "
+                        "default: the one saved with the adapter, else the model's own")
+
+
+def add_sampling_args(p):
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--min-p", dest="min_p", type=float)
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+    p.add_argument("--seed", type=int)
+
+
+def add_chat_parsers(subparsers):
+    """Adds the `chat` and `generate` subcommands to the `velotune` command's subparsers."""
+    p = subparsers.add_parser("chat", help="interactive chat in the terminal (streaming, history, /reset /params "
+                                           "/system)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=run_chat)
+
+    p = subparsers.add_parser("generate", help="generate a reply to one prompt, for scripts")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--prompt", help="user message (or raw text with --raw)")
+    p.add_argument("--messages", help="a JSON file holding a list of {role, content} messages")
+    p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
+    p.set_defaults(func=run_generate)
+
+
+def load_for_inference(model_path, adapter=None, dtype=None, quantize=None, device=None, chat_template=None):
+    """(model, tokenizer) ready to generate: the adapter applied, and the chat template by this order:
+    `chat_template` (a name, file or Jinja text) > the one saved with the adapter > the base's own."""
+    from ..data.templates import load_chat_template, set_inference_template
     from ..models.loader import load
+    if chat_template:
+        load_chat_template(chat_template, source="--chat-template")  # refused before the model loads
     model, tokenizer = load(model_path, dtype=dtype, quantize=quantize, device=device)
     if adapter:
         from ..lora import load_adapter
         load_adapter(model, adapter, trainable=False)
     if tokenizer is None:
         raise VelotuneError(f"{model_path}: no tokenizer files; chat and generate need a tokenizer")
+    set_inference_template(tokenizer, chat_template, adapter)
     return model.eval(), tokenizer
 
 
@@ -29,7 +77,8 @@ def sampling_from_args(ns) -> dict:
 
 def run_generate(ns):
     from .generate import generate
-    model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device)
+    model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device,
+                                          ns.chat_template)
     if ns.messages:
         path = Path(ns.messages)
         try:
@@ -45,14 +94,13 @@ def run_generate(ns):
 
 def run_chat(ns, input_fn=input, out=sys.stdout):
     from .defaults import resolve_sampling
-    from .generate import stream
-    model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device)
+    model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device,
+                                          ns.chat_template)
     request = sampling_from_args(ns)
-    resolved = resolve_sampling(request, None, model)
     print(f"velotune chat - {ns.model}" + (f" + adapter {ns.adapter}" if ns.adapter else ""), file=out)
-    print(resolved.describe(), file=out)
+    print(resolve_sampling(request, None, model).describe(), file=out)
     print(HELP, file=out)
-    system, history = ns.system, []
+    session = {"system": ns.system, "history": []}
     while True:
         try:
             line = input_fn("> ")
@@ -61,28 +109,45 @@ def run_chat(ns, input_fn=input, out=sys.stdout):
             return
         if not line.strip():
             continue
-        if line.strip() in ("/quit", "/exit"):
-            return
-        if line.strip() == "/reset":
-            history = []
-            print("(history cleared)", file=out)
+        if line.lstrip().startswith("/") and not line.lstrip().startswith("//"):
+            if run_command(line.strip(), session, lambda: resolve_sampling(request, None, model), out) == "quit":
+                return
             continue
-        if line.strip() == "/params":
-            print(resolve_sampling(request, None, model).describe(), file=out)
-            continue
-        if line.startswith("/system"):
-            system = line[len("/system"):].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'cleared'}; history cleared)", file=out)
-            continue
-        history.append({"role": "user", "content": line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        reply, start, pieces = "", time.perf_counter(), 0
-        for piece in stream(model, tokenizer, messages, **resolve_sampling(request, None, model).values):
-            reply += piece
-            pieces += 1
-            print(piece, end="", file=out, flush=True)
-        elapsed = time.perf_counter() - start
-        tokens = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else 0
-        print(f"\n[{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s]", file=out)
-        history.append({"role": "assistant", "content": reply})
+        message = line.lstrip()[1:] if line.lstrip().startswith("//") else line
+        reply_to(model, tokenizer, message, session, resolve_sampling(request, None, model).values, out)
+
+
+def run_command(line: str, session: dict, sampling, out) -> str | None:
+    """One chat command; "quit" to end the chat. An unknown one is reported, never sent to the model."""
+    command, argument = (line.split(None, 1) + [""])[:2]
+    if command in ("/quit", "/exit"):
+        return "quit"
+    if command == "/help":
+        print(HELP, file=out)
+    elif command == "/reset":
+        session["history"] = []
+        print("(history cleared)", file=out)
+    elif command == "/params":
+        print(sampling().describe(), file=out)
+    elif command == "/system":
+        session["system"], session["history"] = argument.strip() or None, []
+        print(f"(system prompt {'set' if session['system'] else 'cleared'}; history cleared)", file=out)
+    else:
+        print(f"unknown command {command}; /help lists them", file=out)
+    return None
+
+
+def reply_to(model, tokenizer, message: str, session: dict, sampling: dict, out):
+    """Streams the model's reply to `message` and adds both to the history."""
+    from .generate import stream
+    session["history"].append({"role": "user", "content": message})
+    system = session["system"]
+    messages = ([{"role": "system", "content": system}] if system else []) + session["history"]
+    reply, start = "", time.perf_counter()
+    for piece in stream(model, tokenizer, messages, **sampling):
+        reply += piece
+        print(piece, end="", file=out, flush=True)
+    elapsed = time.perf_counter() - start
+    tokens = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else 0
+    print(f"\n[{tokens} tokens, {tokens / elapsed if elapsed > 0 else 0:.1f} tokens/s]", file=out)
+    session["history"].append({"role": "assistant", "content": reply})

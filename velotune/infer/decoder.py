@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from ..errors import VelotuneError
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .defaults import eos_token_ids as find_eos_token_ids
 from .sampling import Penalties, SamplingParams, make_generator, sample
@@ -22,15 +23,27 @@ PREFILL_TOKEN_BUDGET = 2048
 MIN_PREFILL_CHUNK = 64
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+FINISH_NONFINITE = "nonfinite"   # the row's logits held NaN or infinity: no token could be chosen
 
 log = logging.getLogger("velotune")
+
+
+class NonFiniteLogitsError(VelotuneError):
+    """A prompt's logits became NaN or infinite (NaN weights, an overflow in float16, ...)."""
+
+    def __init__(self, generated: int, prompt_index: int | None = None):
+        which = "" if prompt_index is None else f" for prompt {prompt_index}"
+        super().__init__(f"the model's logits{which} became NaN or infinite after {generated} generated "
+                         "token(s), so no next token could be chosen: the weights hold NaN/inf, or the values "
+                         "overflow in this dtype (try float32 or bfloat16)")
 
 
 @dataclass
 class GenerationOutput:
     tokens: list            # per row: generated ids, without the EOS / stop token that ended the row
     logprobs: list          # per row: log-prob of each generated id under the model (raw logits, no sampling)
-    finish_reasons: list    # per row: "eos" (an EOS or stop_token_ids id), "stop" (a stop string), "length"
+    finish_reasons: list    # per row: "eos" (an EOS or stop_token_ids id), "stop" (a stop string), "length",
+                            # "nonfinite" (NaN / inf logits: the row failed; the others are not affected)
     finish_tokens: list     # per row: the id that ended it ("eos"), else None
     prompt_lengths: list    # per row: real (unpadded) prompt tokens
     logits: list | None = None  # with return_logits: per step, [rows, vocab] raw logits (fp32, CPU)
@@ -120,16 +133,19 @@ class Decoder:
         penalties = Penalties(self.params, ids, self._mask(mask_width), logits.shape[-1]) \
             if self.params.uses_penalties else None
         for step in range(max_new):
-            next_ids = sample(logits, self.params, self.generator, penalties)
+            next_ids, unusable = sample(logits, self.params, self.generator, penalties)
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, next_ids[:, None]).squeeze(-1)
             if self.return_logits:
                 full = torch.full((self.batch_size, logits.shape[-1]), float("nan"))
                 full[self.rows] = logits.float().cpu()
                 self.step_logits.append(full)
-            chosen, chosen_logp = next_ids.tolist(), logp.tolist()
+            chosen, chosen_logp, failed = next_ids.tolist(), logp.tolist(), unusable.tolist()
             out = [None] * self.batch_size
             for pos, row in enumerate(self.rows):
                 if not self.active(row):
+                    continue
+                if failed[pos]:
+                    self.finish(row, FINISH_NONFINITE)
                     continue
                 token = chosen[pos]
                 if token in self.eos or token in self.stop_ids:

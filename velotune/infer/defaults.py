@@ -29,6 +29,8 @@ from .sampling import FIELDS, SamplingParams
 log = logging.getLogger("velotune")
 
 GENERATION_CONFIG = "generation_config.json"
+# The context (prompt + new tokens) a server holds requests to when the model states none.
+DEFAULT_CONTEXT_LENGTH = 4096
 
 GLOBAL_DEFAULTS: dict[str, Any] = dict(
     max_new_tokens=512,

@@ -23,8 +23,8 @@ from ..errors import VelotuneError
 from .defaults import eos_token_ids as find_eos_token_ids
 from .defaults import read_generation_config, resolve_sampling
 
-from .decoder import (DEFAULT_BLOCK_SIZE, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Decoder,  # noqa: F401
-                      GenerationOutput, _EvalMode, generate_ids, model_device)
+from .decoder import (DEFAULT_BLOCK_SIZE, FINISH_EOS, FINISH_LENGTH, FINISH_NONFINITE, FINISH_STOP,  # noqa: F401
+                      Decoder, GenerationOutput, NonFiniteLogitsError, _EvalMode, generate_ids, model_device)
 
 log = logging.getLogger("velotune")
 
@@ -133,24 +133,44 @@ class Completion:
     sources: dict = field(default_factory=dict)    # where each came from
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
-    """A string as the tokenizer encodes it (with the special tokens it adds); chat messages through the
-    tokenizer's chat template with the generation prompt; token ids as they are."""
+def _is_chat(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def encode_prompt(tokenizer, prompt, chat_template: str | None = None) -> list[int]:
+    """A string as the tokenizer encodes it (with the special tokens it adds); chat messages through
+    `chat_template` (default: the tokenizer's own) with the generation prompt; token ids as they are."""
     if isinstance(prompt, str):
         return list(tokenizer(prompt).input_ids)
     if torch.is_tensor(prompt):
         return [int(t) for t in prompt.reshape(-1).tolist()]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise VelotuneError("the tokenizer has no chat template: pass a plain string prompt, or set "
-                                "tokenizer.chat_template")
-        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    if _is_chat(prompt):
+        return list(tokenizer(chat_text(tokenizer, prompt, chat_template), add_special_tokens=False).input_ids)
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     raise TypeError("a prompt is a string, a list of chat messages ({'role': ..., 'content': ...}) or a list "
                     f"of token ids; got {type(prompt).__name__}"
                     + (" (for several prompts use generate_batch)" if isinstance(prompt, (list, tuple)) else ""))
+
+
+def chat_text(tokenizer, messages, chat_template: str | None = None) -> str:
+    """Chat messages as `chat_template` (default: the tokenizer's own) writes them, with the generation prompt;
+    its special tokens are in the text (encode it with add_special_tokens=False)."""
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise VelotuneError("the tokenizer has no chat template: pass a plain string prompt, or set "
+                            "tokenizer.chat_template")
+    return tokenizer.apply_chat_template(list(messages), chat_template=chat_template, add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:
+    """The ids of the known end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`, ...) that `template` (default: the
+    tokenizer's) writes, each a single token of the tokenizer: a chat reply ends at them, whatever the EOS."""
+    from ..data.templates import KNOWN_END_TOKENS, default_template, single_token_id
+    if template is None:
+        template = default_template(getattr(tokenizer, "chat_template", None))
+    ids = [single_token_id(tokenizer, token) for token in KNOWN_END_TOKENS if template and token in template]
+    return sorted({i for i in ids if i is not None})
 
 
 def left_pad(rows: list, pad_token_id: int):
@@ -193,6 +213,8 @@ class TextGeneration:
         self.params = self.resolved.params()
         extra_eos = options.get("eos_token_ids") or ()
         extra_eos = [extra_eos] if isinstance(extra_eos, int) else list(extra_eos)
+        if prompts and all(_is_chat(p) for p in prompts):   # replies end with their turn, whatever the EOS
+            extra_eos += end_of_turn_ids(tokenizer)
         self.eos_token_ids = find_eos_token_ids(model, tokenizer, read_generation_config(model), extra=extra_eos)
         self.encoded = [encode_prompt(tokenizer, p) for p in prompts]
         self.pad_token_id = _pad_id(tokenizer, self.eos_token_ids)
@@ -235,7 +257,8 @@ class TextGeneration:
 
     def _final_event(self, row):
         text_row, decoder = self.texts[row], self.decoder
-        if not text_row.stopped and text_row.push(text_row.detok.flush()):
+        if not text_row.stopped and text_row.push(text_row.detok.flush()) \
+                and decoder.finish_reasons[row] != FINISH_NONFINITE:
             decoder.finish_reasons[row] = FINISH_STOP
         return TextEvent(row, text_row.ready(final=True), True, decoder.finish_reasons[row])
 
@@ -259,12 +282,19 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens=128, temperature=0.
                    return_details: bool = False, **sampling):
     """Several prompts (strings or chat message lists, of any lengths) decoded together with left padding.
     Returns their texts, or `Completion`s (text, token ids, log-probs, finish reason, token counts, resolved
-    settings) with `return_details=True`."""
+    settings) with `return_details=True`. A prompt whose logits become NaN or infinite raises
+    NonFiniteLogitsError (with `return_details`, its finish_reason is "nonfinite" instead)."""
     run = TextGeneration(model, tokenizer, list(prompts), max_new_tokens, temperature, config=config, **sampling)
     texts = [""] * len(run.encoded)
     for event in run.events():
         texts[event.row] += event.text
-    return run.completions() if return_details else texts
+    completions = run.completions()
+    if return_details:   # a row whose logits went non-finite says so in its finish_reason
+        return completions
+    for i, completion in enumerate(completions):
+        if completion.finish_reason == FINISH_NONFINITE:
+            raise NonFiniteLogitsError(completion.completion_tokens, i)
+    return texts
 
 
 def generate(model, tokenizer, prompt_or_messages, max_new_tokens=128, temperature=0.0, *, config=None,
@@ -277,8 +307,8 @@ def generate(model, tokenizer, prompt_or_messages, max_new_tokens=128, temperatu
     `stop_token_ids`, `ignore_eos`. Settings not given (or given as None, `max_new_tokens` and `temperature`
     included) come from `config`, then the model's generation_config.json, then velotune's family and global
     defaults (see velotune.infer.defaults; `resolve_sampling(...).values` can be passed back as keywords).
-    Generation ends on any EOS id (tokenizer, generation_config.json, config.json), a stop string, or
-    `max_new_tokens`.
+    Generation ends on any EOS id (tokenizer, generation_config.json, config.json), for chat messages the chat
+    template's end-of-turn token (e.g. `<|im_end|>`), a stop string, or `max_new_tokens`.
     """
     return generate_batch(model, tokenizer, [prompt_or_messages], max_new_tokens, temperature, config=config,
                           **sampling)[0]
@@ -288,7 +318,12 @@ def stream(model, tokenizer, prompt_or_messages, max_new_tokens=128, temperature
            **sampling) -> Iterator[str]:
     """Like `generate`, yielding the text in pieces as it decodes (only complete characters; never any part
     of a stop string)."""
-    for event in stream_batch(model, tokenizer, [prompt_or_messages], max_new_tokens, temperature, config=config,
-                              **sampling):
+    run = TextGeneration(model, tokenizer, [prompt_or_messages], max_new_tokens, temperature, config=config,
+                         **sampling)
+    events = run.events()
+    for event in events:
         if event.text:
             yield event.text
+        if event.finish_reason == FINISH_NONFINITE:
+            events.close()
+            raise NonFiniteLogitsError(len(run.decoder.tokens[0]))

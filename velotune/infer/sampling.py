@@ -13,6 +13,7 @@ Penalties, for the tokens of each row:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,9 @@ import torch
 from ..errors import ConfigError
 
 NEG_INF = float("-inf")
+SEED_MAX = 2 ** 63 - 1                 # seeds are 0..SEED_MAX (what every torch generator takes)
+# Beyond these a penalty only pushes logits towards overflow: 1e-300 turns every seen logit into +-inf.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -57,6 +61,9 @@ class SamplingParams:
     def validate(self):
         def bad(name, expected):
             raise ConfigError(f"sampling: '{name}' = {getattr(self, name)!r}: expected {expected}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "a finite number")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad("max_new_tokens", "an integer >= 0")
         if self.temperature < 0:
@@ -67,8 +74,11 @@ class SamplingParams:
             bad("top_p", "a number in (0, 1] (1 = off)")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "a number in [0, 1] (0 = off)")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "a number > 0 (1 = off)")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            bad("repetition_penalty", f"a number in [{low:g}, {high:g}] (1 = off)")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX):
+            bad("seed", f"an integer in 0..{SEED_MAX}, or None")
         return self
 
     def replace(self, **changes) -> "SamplingParams":
@@ -167,14 +177,24 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, penalties: Pena
     return min_p_filter(logits, params.min_p)
 
 
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows no token can be chosen from: a NaN or +inf among their logits, or all of them -inf."""
+    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           penalties: Penalties | None = None) -> torch.Tensor:
-    """The next token of each row ([B], int64) from the model's last-position logits [B, V]."""
+           penalties: Penalties | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row ([B], int64) from the model's last-position logits [B, V], and which rows
+    had no usable logits ([B] bool, see `unusable_rows`; their token means nothing). Such a row (NaN weights,
+    an overflow) fails alone: the other rows get the tokens they would get without it."""
     processed = process_logits(logits, params, penalties)
+    unusable = unusable_rows(processed)
     if params.greedy:
-        return processed.argmax(dim=-1)
+        return processed.argmax(dim=-1), unusable
+    # any finite row will do for the unusable ones: the draw of each row uses only its own probabilities
+    processed = processed.masked_fill(unusable[:, None], 0.0)
     probs = torch.softmax(processed, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), unusable
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

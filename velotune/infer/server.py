@@ -6,25 +6,29 @@ The request's `model` field picks the base (its served name) or an adapter (the 
 `--adapter NAME=DIR`). Answers and `stream: true` chunks (server-sent events ending with `data: [DONE]`) have
 OpenAI's shape, with `usage` token counts; errors have OpenAI's body {"error": {message, type, param, code}}.
 
-Requests are validated and tokenized on the event loop, then queued; one worker thread owns the model and
-decodes (server_queue.py). A client that disconnects cancels its job: a streaming response is cancelled by the
-server, a waiting non-streaming one polls for the disconnect.
+A request first passes the guards (server_guards.py: API key or Host, JSON content type, body size). Its body
+is received on the event loop; parsing, validation, chat template and tokenizing run in a small thread pool,
+so that a large request never holds up the others (or /health). The job is then queued; one worker thread
+owns the model and decodes (server_queue.py). A client that disconnects cancels its job: a streaming response
+is cancelled by the server, a waiting non-streaming one polls for the disconnect.
 """
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
-from .server_jobs import JobBuilder
+from ..errors import VelotuneError
+from .server_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, read_json_body
+from .server_jobs import JobBuilder, chat_templates_for
 from .server_queue import Scheduler
 from .server_schema import APIError, ChatRequest, CompletionRequest, include_usage, parse_body, validate
 
 log = logging.getLogger("velotune")
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting non-streaming request checks that its client is still there
-OPEN_PATHS = ("/health",)  # answered without the API key
+PREPARE_THREADS = 4        # requests parsed and tokenized at once (each holds at most one body)
 
 
 class _ChatShape:
@@ -79,21 +83,26 @@ def _channel(loop):
 
 
 def _worker_error(exc) -> APIError:
+    if isinstance(exc, VelotuneError):   # a failure its message explains (e.g. non-finite logits)
+        return APIError(500, str(exc), "server_error", None, "generation_failed")
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")
 
 
+def _client_gone():
+    from fastapi.responses import JSONResponse
+    return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+
+
 class Server:
-    """The app's state: the job builder (names, tokenizer, limits) and the worker that owns the model."""
+    """The app's state: the job builder (names, tokenizer, limits), the threads that prepare requests, and the
+    worker that owns the model."""
 
-    def __init__(self, builder: JobBuilder, scheduler: Scheduler, api_key: str | None = None):
+    def __init__(self, builder: JobBuilder, scheduler: Scheduler, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.builder, self.scheduler, self.api_key = builder, scheduler, api_key
+        self.max_body_bytes = max_body_bytes
+        self.preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="velotune-prepare")
         self.created = int(time.time())
-
-    def authorized(self, header: str | None) -> bool:
-        if not self.api_key:
-            return True
-        expected = f"Bearer {self.api_key}"
-        return header is not None and hmac.compare_digest(header.encode(), expected.encode())
 
     def models(self) -> dict:
         base = self.builder.base_name
@@ -101,10 +110,18 @@ class Server:
             {"id": name, "object": "model", "created": self.created, "owned_by": "velotune",
              "root": base, "parent": None if name == base else base} for name in self.builder.model_ids()]}
 
+    def prepare(self, raw: bytes, request_cls, deliver):
+        """The validated request and its job (runs in the `preparing` pool: it takes time with a large body)."""
+        request = validate(request_cls, parse_body(raw))
+        return request, self.builder.build(request, deliver)
+
     async def complete(self, http_request, request_cls, shape):
-        request = validate(request_cls, parse_body(await http_request.body()))
-        queue, deliver = _channel(asyncio.get_running_loop())
-        job = self.builder.build(request, deliver)
+        raw = await read_json_body(http_request, self.max_body_bytes)
+        if raw is None:
+            return _client_gone()
+        loop = asyncio.get_running_loop()
+        queue, deliver = _channel(loop)
+        request, job = await loop.run_in_executor(self.preparing, self.prepare, raw, request_cls, deliver)
         self.scheduler.submit(job)
         head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": request.model}
         if request.stream:
@@ -114,7 +131,7 @@ class Server:
         from fastapi.responses import JSONResponse
         collected = await self._collect(http_request, job, queue)
         if collected is None:   # nobody is listening any more
-            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+            return _client_gone()
         text, finish = collected
         return JSONResponse({**head, "object": shape.object, "choices": [shape.choice(text, finish.reason)],
                              "usage": usage(finish)})
@@ -171,30 +188,18 @@ class Server:
                 job.cancel()
 
     def health(self) -> dict:
-        return {"status": "ok", "models": self.builder.model_ids(), "queued": self.scheduler.queued(),
+        """What a health check needs, open to anyone: no model names or paths (those are behind the key)."""
+        return {"status": "ok", "model_count": len(self.builder.model_ids()), "queued": self.scheduler.queued(),
                 **self.scheduler.stats}
 
-
-class _RequireApiKey:
-    """Answers 401 to requests without the server's key. A plain ASGI middleware: one built on
-    BaseHTTPMiddleware would hide a client's disconnect from the handlers (they poll for it)."""
-
-    def __init__(self, app, server: Server, respond):
-        self.app, self.server, self.respond = app, server, respond
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            from starlette.datastructures import Headers
-            if not self.server.authorized(Headers(scope=scope).get("authorization")):
-                response = self.respond(APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
-                                                      "KEY'.", "invalid_request_error", None, "invalid_api_key"))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def close(self):
+        self.preparing.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
 
 
-def create_app(server: Server):
-    """The FastAPI app over a Server. (No `from __future__ import annotations` in this file: FastAPI reads the
+def create_app(server: Server, allowed_hosts: frozenset | None = None):
+    """The FastAPI app over a Server; `allowed_hosts`: the Host values answered without an API key (None: any;
+    see server_guards.allowed_hosts). (No `from __future__ import annotations` in this file: FastAPI reads the
     handlers' annotations, e.g. `Request`, at run time.)"""
     from contextlib import asynccontextmanager
 
@@ -205,14 +210,14 @@ def create_app(server: Server):
     @asynccontextmanager
     async def lifespan(app):
         yield
-        server.scheduler.close()
+        server.close()
 
     app = FastAPI(title="velotune", lifespan=lifespan)
 
     def error_response(error: APIError):
         return JSONResponse(error.body(), status_code=error.status)
 
-    app.add_middleware(_RequireApiKey, server=server, respond=error_response)
+    app.add_middleware(RequestGuard, api_key=server.api_key, allowed_hosts=allowed_hosts, respond=error_response)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -248,8 +253,12 @@ def create_app(server: Server):
 
 
 def build_server(model, tokenizer, base_name: str, adapters: dict | None = None, *, api_key: str | None = None,
-                 sampling_config: dict | None = None, max_batch_size: int = 16) -> Server:
-    """A Server over a loaded model and tokenizer; `adapters` maps served names to adapter directories."""
+                 sampling_config: dict | None = None, max_batch_size: int = 16,
+                 max_body_bytes: int | None = None, max_tokens_limit: int | None = None,
+                 chat_template: str | None = None) -> Server:
+    """A Server over a loaded model and tokenizer; `adapters` maps served names to adapter directories.
+    `chat_template` (a name, a file or Jinja text) renders the chat requests of every served model; without
+    it each adapter uses the template saved with it, else the base's (see server_jobs.chat_templates_for)."""
     from ..errors import ConfigError
     from .server_adapters import AdapterSet
     adapter_set = AdapterSet(model)
@@ -260,14 +269,23 @@ def build_server(model, tokenizer, base_name: str, adapters: dict | None = None,
     if sampling_config:   # bad defaults fail now, not on every request
         from .defaults import resolve_sampling
         resolve_sampling(None, sampling_config, model).params()
-    builder = JobBuilder(model, tokenizer, base_name, adapter_set.names(), sampling_config)
+    templates = chat_templates_for(tokenizer, adapters or {}, chat_template)
+    builder = JobBuilder(model, tokenizer, base_name, adapter_set.names(), sampling_config,
+                         max_tokens_limit=max_tokens_limit, chat_templates=templates)
     scheduler = Scheduler(model, tokenizer, adapter_set, max_batch_size=max_batch_size)
-    return Server(builder, scheduler, api_key)
+    return Server(builder, scheduler, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES)
 
 
-def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    """Runs the server until interrupted."""
+def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", allow_hosts=()):
+    """Runs the server until interrupted; without an API key it answers only requests addressed to this host
+    (the local names, `host`, and `allow_hosts`)."""
     import uvicorn
+
+    from .server_guards import ANY_ADDRESS, allowed_hosts
+    hosts = None if server.api_key else allowed_hosts(host, port, allow_hosts)
+    if hosts is not None and host in ANY_ADDRESS and not allow_hosts:
+        log.warning("listening on every address without --api-key: only requests addressed to this machine's "
+                    "local names are answered; add the names clients use with --allow-host NAME")
     log.info("serving %s on http://%s:%d/v1", ", ".join(server.builder.model_ids()), host, port)
     # A bounded graceful shutdown: open connections get a few seconds, then the worker's jobs are cancelled.
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(create_app(server, hosts), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -5,7 +5,8 @@ decode: the same adapter and the same resolved sampling settings (a job with a s
 draws repeat what the same request gives alone). The group decodes as one left-padded batch through
 `TextGeneration`; each row's text goes to its own job, so outputs are never mixed up. Jobs that arrive while a
 group decodes wait for the next group (static batching). A job whose client went away is finished at the next
-decode step that hands back text, and a job cancelled while still queued never runs.
+decode step that hands back text, and a job cancelled while still queued never runs. A job whose logits go
+NaN or infinite gets an error; the others of its batch go on as if it were not there.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class Scheduler:
             return batch
 
     def _run(self, jobs):
-        from .generate import TextGeneration
+        from .generate import FINISH_NONFINITE, NonFiniteLogitsError, TextGeneration
         self.adapters.activate(jobs[0].adapter)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
@@ -160,7 +161,10 @@ class Scheduler:
             job = jobs[event.row]
             if event.text and not job.cancelled.is_set():
                 job.deliver(("text", event.text))
-            if event.finished:
+            if event.finished and event.finish_reason == FINISH_NONFINITE:   # this job alone fails
+                self.stats["jobs_failed"] += 1
+                job.deliver(("error", NonFiniteLogitsError(len(decoder.tokens[event.row]))))
+            elif event.finished:
                 reason = OPENAI_FINISH.get(event.finish_reason, event.finish_reason)
                 self._finish(job, Finish(reason, decoder.prompt_lengths[event.row], len(decoder.tokens[event.row])))
 

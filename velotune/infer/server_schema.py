@@ -11,6 +11,13 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from .sampling import REPETITION_PENALTY_RANGE, SEED_MAX
+
+# Stop strings are searched for after every token, and the text's end checked against their starts: many or
+# long ones would stall the worker.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 1024
+StopString = Annotated[StrictStr, Field(max_length=MAX_STOP_LENGTH)]
+
 
 class APIError(Exception):
     """An error answered as OpenAI does: HTTP `status` and {"error": {"message", "type", "param", "code"}}."""
@@ -39,8 +46,8 @@ class _Sampling(BaseModel):
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     temperature: Annotated[Number, Field(ge=0)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | StopString | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
     n: Annotated[StrictInt, Field(ge=1)] | None = None
@@ -49,7 +56,8 @@ class _Sampling(BaseModel):
     # extras (not in OpenAI's API; other open servers take them under the same names)
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None       # -1 or 0: off
     min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[Number, Field(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])] \
+        | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = None
 
@@ -91,10 +99,15 @@ _UNSUPPORTED = {
 }
 
 
+def _not_json(name: str):
+    # Python's json module reads NaN and Infinity, which JSON does not have (and no setting can use)
+    raise bad_request(f"the request body is not valid JSON: {name} is not a JSON value", code="invalid_json")
+
+
 def parse_body(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise bad_request(f"the request body is not valid JSON{where}: {exc}", code="invalid_json") from None

@@ -24,7 +24,7 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _ce_rows_grad(LOGITS, TARGETS, LOSS, SCALE, V, stride, ignore_index, softcap,
+def _ce_rows_grad(LOGITS, TARGETS, LOSS, SCALE, scale_stride, V, stride, ignore_index, softcap,
                   HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, CDT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride
@@ -49,7 +49,7 @@ def _ce_rows_grad(LOGITS, TARGETS, LOSS, SCALE, V, stride, ignore_index, softcap
     loss = tl.where(valid, lse - tl.sum(picked, axis=0), 0.0)
     tl.store(LOSS + row, loss)
     if WRITE_GRAD:
-        scale = tl.where(valid, tl.load(SCALE).to(CDT), 0.0)
+        scale = tl.where(valid, tl.load(SCALE + row * scale_stride).to(CDT), 0.0)
         # pass 2: (softmax - onehot) * d cap * scale, in place
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
@@ -64,7 +64,8 @@ def _ce_rows_grad(LOGITS, TARGETS, LOSS, SCALE, V, stride, ignore_index, softcap
 def ce_rows_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, *, softcap=None,
                   ignore_index: int = -100, write_grad: bool = True) -> torch.Tensor:
     """Per-row loss of `logits` [C, V] (pre-cap) against `targets` [C]; overwrites logits with
-    d(scale * sum loss)/d logits when write_grad. `scale` is a one-element tensor (no host sync)."""
+    d(sum scale_i * loss_i)/d logits when write_grad. `scale` is a tensor (no host sync) of one element, for
+    every row, or of C elements, one per row."""
     C, V = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -72,7 +73,8 @@ def ce_rows_grad_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tens
     if C == 0:
         return loss
     block_v = min(next_power_of_2(V), 4096 if logits.is_cuda else 16384)
-    _ce_rows_grad[(C,)](logits, targets, loss, scale, V, logits.stride(0), ignore_index,
+    scale_stride = 0 if scale.numel() == 1 else 1
+    _ce_rows_grad[(C,)](logits, targets, loss, scale, scale_stride, V, logits.stride(0), ignore_index,
                         float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad,
                         CDT=compute_dtype(cdt), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
     return loss

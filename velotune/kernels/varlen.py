@@ -9,8 +9,9 @@ in the order `auto` tries them:
 - flex: torch's flex_attention with a document mask_mod, compiled (CUDA). The block mask is built by a
   compiled pass too, so no [T, T] tensor is ever held; fully masked tiles are skipped.
 - segments: the CPU. SDPA with `is_causal` on each sample's slice of its row, so no [T, T] mask (nor its
-  float copy saved per layer) exists and no tile of another sample is computed. Gemma 2's soft-capping, and a
-  sliding window shorter than a sample, take the dense path instead.
+  float copy saved per layer) exists and no tile of another sample is computed. In bf16/fp16 each slice runs
+  at a bucket length (shape_buckets.py: oneDNN keeps compiled kernels per shape). Gemma 2's soft-capping, and
+  a sliding window shorter than a sample, take the dense path instead.
 - dense: SDPA with the boolean block-diagonal mask (attention.py), the fallback everywhere else.
 
 `VELOTUNE_ATTENTION=auto|flash|flex|segments|dense` forces one (`flex` on the CPU runs flex_attention eagerly, which
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedError
 from .dispatch import kernel_mode
+from .shape_buckets import bucket_length, shape_keyed_kernels
 
 BACKENDS = ("auto", "flash", "flex", "segments", "dense")
 
@@ -109,11 +111,26 @@ def _segments(q, k, v, mask, window, scale):
 
     if all(len(row) == 1 for row in rows):  # one sample per row: plain causal attention of the whole batch
         return causal(q, k, v)
+    bucketed = shape_keyed_kernels(q.device, q.dtype)
     out = []
     for b, row in enumerate(rows):
-        pieces = [causal(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e]) for s, e in row]
+        pieces = []
+        for s, e in row:
+            # Where kernels are cached per shape, each sample runs at a bucket length: its slice goes on over
+            # the next sample's tokens (views, no copy), which its causal queries never see; their outputs
+            # are dropped. Past the row's end, zero keys pad it.
+            n = bucket_length(e - s) if bucketed else e - s
+            qs, ks, vs = (_padded_slice(t[b:b + 1], s, n) for t in (q, k, v))
+            pieces.append(causal(qs, ks, vs)[:, :, :e - s])
         out.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     return torch.cat(out, dim=0)
+
+
+def _padded_slice(t, start: int, length: int):
+    """t[..., start:start + length, :] along dim 2, zero-padded where it runs past the end."""
+    piece = t[:, :, start:start + length]
+    missing = length - piece.shape[2]
+    return F.pad(piece, (0, 0, 0, missing)) if missing else piece
 
 
 def _flash(q, k, v, mask, window, scale, softcap):

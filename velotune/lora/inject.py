@@ -43,10 +43,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
     dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
     """
-    _check_hyperparameters(r, alpha, dropout)
+    check_hyperparameters(r, alpha, dropout)
     if lora_layers(model):
-        raise ConfigError("this model already carries LoRA adapters; load_adapter() replaces their weights, or "
-                          "merge_and_unload() folds them in before adding new ones")
+        raise ConfigError("this model already carries LoRA adapters; velotune.load_adapter(model, dir) replaces "
+                          "their weights, or velotune.lora.merge_and_unload(model) folds them in before adding new ones")
     names = resolve_targets(model, targets)
     keep = _resolve_modules_to_save(model, modules_to_save or [], names)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -61,7 +61,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     return model
 
 
-def _check_hyperparameters(r, alpha, dropout):
+def check_hyperparameters(r, alpha, dropout):
+    """Rank, alpha and dropout as add_lora needs them; ConfigError naming the one at fault."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"lora r (rank) must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:

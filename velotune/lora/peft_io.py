@@ -12,7 +12,9 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..models import checkpoint as ckpt
-from .inject import add_lora, linear_names, lora_layers, name_matches, remove_lora, resolve_targets
+from ..models.header_check import header_shapes, warn_if_not_finite
+from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
+                     resolve_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,8 +55,10 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, out_dir, overwrite: bool = False) -> Path:
-    """Writes the adapter in PEFT's format, atomically (a temporary directory renamed into place)."""
+def save_adapter(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None) -> Path:
+    """Writes the adapter in PEFT's format, atomically (a temporary directory renamed into place); with
+    `tokenizer`, its files go in the same write, so the chat template the adapter was trained with travels
+    with it (and a stale template from an earlier write cannot survive beside new weights)."""
     from safetensors.torch import save_file
     config = adapter_config(model)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
@@ -62,6 +66,8 @@ def save_adapter(model: nn.Module, out_dir, overwrite: bool = False) -> Path:
     with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 
@@ -83,6 +89,7 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:  # targets the model does not have: an adapter for another model
         if added:
+            _check_against_weights(model, kwargs, adapter_dir)  # before add_lora allocates r x features
             add_lora(model, **kwargs)
         else:
             _check_compatible(model, kwargs, adapter_dir / CONFIG_NAME)
@@ -140,6 +147,41 @@ def _check_compatible(model, kwargs, source):
                               f"({'; '.join(diff)}); load it into a model without LoRA instead")
 
 
+def _check_against_weights(model, kwargs: dict, adapter_dir: Path):
+    """adapter_config.json against adapter_model.safetensors' header (names and shapes, no data) and the model's
+    layers, before any LoRA layer is built: a tampered `r` would otherwise allocate r x features per layer."""
+    source, weights = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
+    check_hyperparameters(kwargs["r"], kwargs["alpha"], kwargs["dropout"])
+    found = {_normalize(name): shape for name, (shape, _) in header_shapes([weights]).items()}
+    ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape}
+    if ranks and ranks != {kwargs["r"]}:
+        raise CheckpointError(f"{source}: r is {kwargs['r']} but {weights} holds rank-"
+                              f"{'/'.join(str(r) for r in sorted(ranks))} LoRA weights")
+    targets = resolve_targets(model, kwargs["targets"])
+    in_file = [n[len(PREFIX):-len(".lora_A.weight")] for n in found if n.endswith(".lora_A.weight")]
+    absent = [n for n in targets if n not in set(in_file)]
+    if absent:
+        raise CheckpointError(f"{source}: target_modules select layers that {weights} has no weights for: "
+                              f"{_few(absent)}")
+    extra = [n for n in in_file if n not in set(targets)]
+    if extra:
+        raise CheckpointError(f"{weights} holds LoRA weights for layers target_modules does not select: "
+                              f"{_few(extra)}")
+    expected = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (kwargs["r"], base.in_features)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, kwargs["r"])
+    wrong = _wrong_shapes(expected, found)
+    if wrong:
+        raise CheckpointError(f"{weights}: adapter does not fit this model; wrong shape: {_few(wrong)}")
+
+
+def _wrong_shapes(expected: dict, found: dict) -> list[str]:
+    return [f"{k} {list(found[k])} (model needs {list(shape)})"
+            for k, shape in expected.items() if k in found and tuple(found[k]) != tuple(shape)]
+
+
 @torch.no_grad()
 def _copy_tensors(model, weights: Path):
     expected = adapter_state_dict(model)
@@ -148,13 +190,13 @@ def _copy_tensors(model, weights: Path):
         found[_normalize(name)] = tensor
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {list(found[k].shape)} (model needs {list(v.shape)})"
-              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    shapes = _wrong_shapes({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()})
     problems = [f"{label}: {_few(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
     if problems:
         raise CheckpointError(f"{weights}: adapter does not fit this model; " + "; ".join(problems))
     for k, p in expected.items():
+        warn_if_not_finite(k, found[k], weights)
         p.copy_(found[k])
 
 

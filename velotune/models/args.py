@@ -51,6 +51,7 @@ class BaseArgs:
         kwargs = {k: v for k, v in flat.items() if k in names}
         args = cls(**kwargs, raw=dict(config))
         args.validate(source)
+        args._check_window(source)  # after the architecture's own validation: Qwen drops a window it does not use
         return args
 
     def validate(self, source: str = "config.json"):
@@ -58,10 +59,14 @@ class BaseArgs:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in self.REQUIRED + ("num_key_value_heads", "head_dim"):
+        for name in self.REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise CheckpointError(f"{source}: field '{name}' must be a positive number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
@@ -70,6 +75,12 @@ class BaseArgs:
             raise CheckpointError(f"{source}: layer_types lists {len(self.layer_types)} layers but "
                                   f"num_hidden_layers is {self.num_hidden_layers}")
         self._complete_rope_scaling()
+
+    def _check_window(self, source: str):
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise CheckpointError(f"{source}: field 'sliding_window' must be a positive integer or null, "
+                                  f"got {window!r}")
 
     def _complete_rope_scaling(self):
         """As transformers: scaled RoPE types need the pretraining length; a top-level

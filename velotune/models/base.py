@@ -104,6 +104,36 @@ class CausalLM(nn.Module):
             raise ValueError(f"gradient checkpointing must be True, False or 'offload', got {enabled!r}")
         self.model.gradient_checkpointing = enabled
 
+    # ---- the names transformers users call --------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """As transformers: recompute each block in backward. (`{"offload": True}` also keeps block inputs on
+        the CPU.)"""
+        offload = bool((gradient_checkpointing_kwargs or {}).get("offload"))
+        self.set_gradient_checkpointing("offload" if offload else True)
+
+    def gradient_checkpointing_disable(self):
+        self.set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.model.gradient_checkpointing)
+
+    def enable_input_require_grads(self):
+        """A no-op kept for loops written for transformers: our checkpointing (non-reentrant) does not need the
+        embeddings' output to require gradients."""
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (a tied head is the embedding), as transformers counts them: excluding
+        embeddings leaves out the input embedding table only."""
+        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
     # ---- forward -------------------------------------------------------------------------------
     def embed(self, input_ids):
         h = self.model.embed_tokens(input_ids)
@@ -112,8 +142,13 @@ class CausalLM(nn.Module):
         return h
 
     def forward(self, input_ids=None, *, labels=None, position_ids=None, attention_mask=None, cache=None,
-                inputs_embeds=None, return_logits: bool = True, reduction: str = "mean", logits_to_keep: int = 0,
-                output_hidden_states: bool = False) -> CausalLMOutput:
+                inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
+                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
+        """`model(input_ids=ids, labels=ids)` as in transformers. With labels and gradients on, the loss is the
+        fused chunked one and `out.logits` is None (the [batch, seq, vocab] logits are never built) unless
+        `return_logits=True` asks for them; without labels, or under no_grad, logits are returned."""
+        if return_logits is None:
+            return_logits = labels is None or not torch.is_grad_enabled()
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.past_length if cache is not None else 0
@@ -159,9 +194,9 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     keep = targets != IGNORE_INDEX
     num_tokens = keep.sum()
-    if logits is not None:
-        flat = logits.reshape(-1, logits.shape[-1])[keep]
-        loss = F.cross_entropy(flat.float(), targets[keep], reduction="sum")
+    if logits is not None:  # ignore_index, not a boolean index: indexing would copy the whole logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
+                               reduction="sum")
     elif weight is not None:
         loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], weight,
                                     targets[keep], softcap=softcap, reduction="sum")
@@ -171,6 +206,20 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
     if reduction == "mean":
         loss = loss / num_tokens.clamp(min=1)
     return loss, num_tokens
+
+
+def next_token_logprobs(hidden, labels, weight, *, softcap=None):
+    """Log-probabilities of the labels without building logits, for objectives that weigh sequences (preference
+    and RL training): hidden [B, T, H] (the final norm's output), labels [B, T] (-100: no target), the head
+    `weight` [V, H]. Position t predicts labels[t+1]. Returns (per-token log-probs [B, T], 0 where there is no
+    target; their sum per sequence [B]; the number of targets per sequence [B]). Differentiable: the chunked
+    cross-entropy's per-row reduction, whose backward builds each chunk's logits again."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    B, T = targets.shape
+    per_token = -linear_cross_entropy(hidden.reshape(B * T, -1), weight, targets.reshape(-1), softcap=softcap,
+                                      reduction="none").view(B, T)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return per_token, per_token.sum(dim=1), counts
 
 
 def padding_idx(args):

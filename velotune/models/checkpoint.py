@@ -1,12 +1,18 @@
 """Hugging Face checkpoint files: find the directory, read config.json and (sharded) safetensors, write them back.
 
 Every read error names the file; every write goes to a temporary name first and is renamed into place,
-so an interrupted save never leaves a half-written file under the final name.
+so an interrupted save never leaves a half-written file under the final name. An overwrite replaces only what
+velotune wrote (each directory it writes lists its entries in MANIFEST_NAME) and keeps the user's files; the
+temporaries an interrupted writer leaves are removed by the next write beside them. Outputs get the modes the
+umask allows, as any file a tool writes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,9 +21,17 @@ import torch
 
 from ..errors import CheckpointError
 
+log = logging.getLogger("velotune")
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+# Written into every directory atomic_dir writes: the entries velotune wrote there, so that an overwrite can
+# tell them from the user's own files.
+MANIFEST_NAME = ".velotune-files.json"
+# `.NAME.tmp-PID-xxxx` / `.NAME.old-PID-xxxx` (xxxx: mkdtemp's or token_hex's letters and digits): what a
+# writer leaves behind if it dies mid-write.
+_TEMPORARY = re.compile(r"\..+\.(?:tmp|old)-(\d+)-\w+", re.ASCII)
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
@@ -47,6 +61,8 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); is it a JSON file?") from None
 
 
 def read_config(model_dir: Path) -> dict:
@@ -98,7 +114,11 @@ def iter_tensors(files: list[Path]):
 
 
 def atomic_dir(final: Path, overwrite: bool = False):
-    """Context manager: yields a temporary directory beside `final`, renamed to `final` on success only."""
+    """Context manager: yields a temporary directory beside `final`, moved into place on success only.
+
+    Without `overwrite` a non-empty `final` is refused. With it, only what velotune wrote there before (listed
+    in the directory's MANIFEST_NAME) is replaced or removed: other files in `final` are kept. A directory
+    without a manifest is taken as the user's, except for the names this write writes."""
     return _AtomicDir(Path(final), overwrite)
 
 
@@ -107,24 +127,163 @@ class _AtomicDir:
         self.final, self.overwrite = final, overwrite
 
     def __enter__(self) -> Path:
-        if self.final.exists() and not self.overwrite and any(self.final.iterdir()):
-            raise CheckpointError(f"{self.final}: already exists and is not empty (pass overwrite=True to replace)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        final = self.final
+        if final.exists() and not final.is_dir():
+            raise CheckpointError(f"{final}: exists and is a file, not a directory")
+        if final.exists() and not self.overwrite and any(final.iterdir()):
+            raise CheckpointError(f"{final}: already exists and is not empty (pass overwrite=True to replace)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final.parent)
+        remove_stale_temporaries(final)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
+        written = sorted(p.name for p in self.tmp.iterdir() if p.name != MANIFEST_NAME)
+        _write_manifest(self.tmp / MANIFEST_NAME, written)
+        apply_umask_modes(self.tmp)
+        previous = _read_manifest(self.final)
+        if not self.final.exists():
             os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
+        elif previous is not None and set(_entries(self.final)) <= previous:
+            _swap_directories(self.tmp, self.final)
         else:
-            os.replace(self.tmp, self.final)
+            _move_entries_into(self.tmp, self.final, written, previous or set())
         return False
+
+
+def _entries(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name != MANIFEST_NAME]
+
+
+def _read_manifest(directory: Path) -> set[str] | None:
+    """The entries velotune wrote in `directory`; None without a readable manifest (the user's directory)."""
+    try:
+        entries = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {e for e in entries if isinstance(e, str) and e and "/" not in e and e not in (".", "..")}
+
+
+def _write_manifest(path: Path, entries) -> None:
+    path.write_text(json.dumps({"written_by": "velotune", "entries": sorted(entries)}, indent=1) + "\n",
+                    encoding="utf-8")
+
+
+def _swap_directories(new: Path, final: Path):
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_entries_into(new: Path, final: Path, written: list[str], previous: set[str]):
+    """Moves each new entry into `final`, removes our previous entries this write no longer has, keeps the
+    rest. The manifest lists old and new entries while moving, so an interruption leaves nothing of ours
+    unlisted (an unlisted entry would be kept forever as the user's)."""
+    union = final / f"{MANIFEST_NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    _write_manifest(union, previous | set(written))
+    publish_file(union, final / MANIFEST_NAME)
+    for name in written:
+        _replace_entry(new / name, final / name)
+    for name in sorted(previous - set(written)):
+        _remove_entry(final / name)
+    publish_file(new / MANIFEST_NAME, final / MANIFEST_NAME)
+    new.rmdir()
+
+
+def _replace_entry(source: Path, target: Path):
+    """os.replace, also where a directory replaces a directory (or a file) that rename cannot overwrite."""
+    if os.path.lexists(target) and (source.is_dir() or (target.is_dir() and not target.is_symlink())):
+        aside = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(target, aside)
+        os.replace(source, target)
+        _remove_entry(aside)
+    else:
+        os.replace(source, target)
+
+
+def _remove_entry(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def remove_stale_temporaries(directory) -> list[Path]:
+    """Removes the leftovers of interrupted writes directly inside `directory` (`.NAME.tmp-PID-xxxx`,
+    `.NAME.old-PID-xxxx`) whose writer is no longer running; returns them. Never another live process's, nor
+    this process's own."""
+    directory = Path(directory)
+    if os.name == "nt" or not directory.is_dir():  # os.kill(pid, 0) would terminate a process on Windows
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+            continue
+        _remove_entry(path)
+        removed.append(path)
+    if removed:
+        log.info("removed %d leftover(s) of interrupted writes in %s: %s", len(removed), directory,
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or no possible PID: keep it
+        return True
+    return True
+
+
+def umask_default_mode(is_dir: bool = False) -> int:
+    """The mode a new file (0666) or directory (0777) gets under the process umask."""
+    return (0o777 if is_dir else 0o666) & ~current_umask()
+
+
+def apply_umask_modes(tree: Path):
+    """Gives `tree` and everything in it the modes the umask allows: mkdtemp makes 0700 and some writers
+    (safetensors) 0600 files, but an output is read by other users and tools like any other file."""
+    file_mode, dir_mode = umask_default_mode(is_dir=False), umask_default_mode(is_dir=True)
+    os.chmod(tree, dir_mode)
+    for root, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, dir_mode if name in dirs else file_mode)
+
+
+def current_umask() -> int:
+    """The umask, read from /proc where possible: setting it to read it would race with other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_file_beside(final: Path) -> Path:
+    """A new empty file `.NAME.tmp-PID-xxxx` beside `final` (mode 0600 until `publish_file`)."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def publish_file(tmp: Path, final: Path):
+    """Gives a finished temporary file the mode the umask allows and renames it to `final`."""
+    os.chmod(tmp, umask_default_mode(is_dir=False))
+    os.replace(tmp, final)
 
 
 def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,

@@ -14,7 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
+from . import checkpoint as ckpt
 from .base import CausalLMOutput, _default_positions, next_token_loss
+from .header_check import check_generic, check_positive_sizes, header_shapes, warn_if_not_finite
 from .registry import supported_model_types
 
 log = logging.getLogger("velotune")
@@ -160,24 +162,44 @@ def _past_length(cache) -> int:
 def load_generic(model_dir: Path, config: dict, dtype, device, quantize=None) -> GenericCausalLM:
     """Loads a checkpoint whose model_type has no file of ours through transformers (offline)."""
     model_type = config["model_type"]
+    config_path = model_dir / "config.json"
     _check_known(model_type, config, model_dir)
+    check_positive_sizes(config, config_path)
+    shapes = header_shapes(ckpt.weight_files(model_dir))  # safetensors only: nothing is unpickled
+    hf_config = _read_hf_config(model_dir, model_type)
+    check_generic(hf_config.get_text_config(), shapes, config_path)  # before transformers builds anything
     _warn_once(model_type)
     from transformers import AutoModelForCausalLM
     try:
-        hf, info = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+        hf, info = AutoModelForCausalLM.from_pretrained(str(model_dir), config=hf_config, dtype=dtype,
+                                                        local_files_only=True, use_safetensors=True,
                                                         output_loading_info=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: transformers could not load this {model_type} checkpoint: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise _not_loadable(model_dir, model_type, exc) from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {shown}")
+    for name, param in hf.named_parameters():
+        warn_if_not_finite(name, param.detach(), model_dir)
     model = GenericCausalLM(hf.to(device), GenericArgs.from_hf_config(hf.config, config))
     if quantize:
         from .quantize import quantize_model
         model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
     return model.eval()
+
+
+def _read_hf_config(model_dir: Path, model_type: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise _not_loadable(model_dir, model_type, exc) from None
+
+
+def _not_loadable(model_dir: Path, model_type: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{model_dir}: transformers could not load this {model_type} checkpoint: "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
 
 
 def _check_known(model_type: str, config: dict, model_dir: Path):

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
+from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
 from .registry import architecture, supported_model_types
 from .tokenizer import load_tokenizer
 
@@ -87,36 +88,49 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
 
 
 def _load_native(module, model_dir: Path, config: dict, dtype, device):
-    args = module.Args.from_dict(config, source=str(model_dir / "config.json"))
+    config_path = model_dir / "config.json"
+    check_positive_sizes(config, config_path)
+    files = ckpt.weight_files(model_dir)
+    shapes = header_shapes(files)
+    # Before Args: some architectures' validation lists a setting per layer.
+    check_layer_count(config.get("num_hidden_layers"), shapes, config_path)
+    args = module.Args.from_dict(config, source=str(config_path))
+    check_native(args, shapes, config_path, model_dir)  # before building: the sizes are the weights' own
     with parameters_on_meta(), skip_weight_init():
         model = module.Model(args)
-    expected = model.state_dict()
-    tied = args.tie_word_embeddings
-    loaded, unexpected = {}, []
-    for name, tensor, file in ckpt.iter_tensors(ckpt.weight_files(model_dir)):
-        if name.endswith(_DERIVED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{file}: tensor '{name}' has shape {list(tensor.shape)} but config.json implies "
-                f"{list(expected[name].shape)} (does the config belong to these weights?)")
-        loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    needed = [k for k in expected if not (tied and k == "lm_head.weight")]
-    missing = [k for k in needed if k not in loaded]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {shown}")
-    if unexpected:
-        log.warning("%s: ignoring %d tensor(s) this architecture does not use, e.g. %s",
-                    model_dir, len(unexpected), unexpected[0])
+    wanted = _tensors_to_load(model.state_dict(), shapes, args.tie_word_embeddings, model_dir)
+    loaded = {}
+    for name, tensor, file in ckpt.iter_tensors(files):
+        if name in wanted:
+            loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            warn_if_not_finite(name, loaded[name], file)
     model.load_state_dict(loaded, strict=False, assign=True)
-    if tied:
+    if args.tie_word_embeddings:
         model.tie_weights()
     _rebuild_buffers(model, device)
     return model.eval()
+
+
+def _tensors_to_load(expected: dict, shapes: dict, tied: bool, model_dir: Path) -> set[str]:
+    """The checkpoint tensors the model takes, checked against it (names and shapes, from the headers) before any
+    tensor data is read."""
+    def skipped(name):
+        return name.endswith(_DERIVED_SUFFIXES) or (tied and name == "lm_head.weight")
+    for name, (shape, file) in shapes.items():
+        if name in expected and not skipped(name) and shape != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has shape {list(shape)} but config.json implies "
+                f"{list(expected[name].shape)} (does the config belong to these weights?)")
+    needed = [k for k in expected if not skipped(k)]
+    missing = [k for k in needed if k not in shapes]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{model_dir}: weights missing from the checkpoint: {shown}")
+    unexpected = [n for n in shapes if n not in expected and not skipped(n)]
+    if unexpected:
+        log.warning("%s: ignoring %d tensor(s) this architecture does not use, e.g. %s",
+                    model_dir, len(unexpected), unexpected[0])
+    return set(needed)
 
 
 # The torch.nn.init functions modules call from reset_parameters().

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 log = logging.getLogger("velotune")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -15,14 +17,45 @@ def load_tokenizer(model_dir: Path):
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         log.warning("%s: no tokenizer files (%s); the tokenizer is None", model_dir, ", ".join(TOKENIZER_FILES))
         return None
-    tokenizer = _load_plain_fast_tokenizer(model_dir)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = _load_plain_fast_tokenizer(model_dir)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # tokenizers / transformers raise many kinds; each becomes one line naming a file
+        raise CheckpointError(_why_not_loadable(model_dir, exc)) from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         # Padding is masked out everywhere; reusing EOS as the pad id keeps batches well-formed.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _why_not_loadable(model_dir: Path, exc: Exception) -> str:
+    """The tokenizer file at fault (invalid JSON, or a tokenizer.json the tokenizers library refuses), else the
+    library's own reason."""
+    from tokenizers import Tokenizer
+
+    from .checkpoint import read_json
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            read_json(path)
+        except CheckpointError as bad_json:
+            return str(bad_json)
+        except UnicodeDecodeError:
+            return f"{path}: not UTF-8 text"
+        if name == "tokenizer.json":
+            try:
+                Tokenizer.from_file(str(path))
+            except Exception as refused:
+                return f"{path}: not a valid tokenizer file: {_first_line(refused)}"
+    return f"{model_dir}: cannot load the tokenizer: {_first_line(exc)}"
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 # Declared classes for which AutoTokenizer itself ends in TokenizersBackend.from_pretrained (transformers 5).

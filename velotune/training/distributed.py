@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedError
+from ..errors import CheckpointError, ConfigError, UnsupportedError
 
 log = logging.getLogger("velotune")
 MODES = ("none", "ddp", "fsdp2")
@@ -72,10 +72,13 @@ class Distributed:
         out = t.tolist()
         return out if len(out) > 1 else out[0]
 
-    def barrier(self):
+    def all_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums a tensor over ranks in place, on its device: no host synchronisation (the loss of a step stays
+        on the GPU until a logging step reads it)."""
         if self.active:
             import torch.distributed as dist
-            dist.barrier()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
 
     def on_main(self, fn, *args, **kwargs):
         """Runs `fn` on rank 0 only and gives every rank its result, or raises its error on every rank, so that
@@ -166,10 +169,12 @@ class Distributed:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def stop_requested(self) -> bool:
+    def stop_requested(self, asked_here: bool = False) -> bool:
+        """Whether any rank was asked to stop (a signal, or `asked_here`: this rank's stop request): all ranks
+        get the same answer at the same step boundary."""
         if not self.active:
-            return False
-        return self.all_sum(1.0 if self._stop_asked else 0.0) > 0
+            return asked_here
+        return self.all_sum(1.0 if self._stop_asked or asked_here else 0.0) > 0
 
     # ---- checkpoints and outputs ------------------------------------------------------------------------
     def save_checkpoint(self, out_dir, state, model, optimizer, scheduler, scaler, keep_last, rng):
@@ -185,13 +190,25 @@ class Distributed:
                             scaler, keep_last, rng=rng)
 
     def load_checkpoint(self, path, model, optimizer, scheduler, scaler):
+        """Every rank reads the checkpoint itself (its own rows of a sharded one); if any rank fails, all raise,
+        so that none goes on training alone and waits forever in a collective."""
         from . import sharded
         from .state import load_checkpoint
-        if sharded.is_sharded_checkpoint(path):
-            return sharded.load_sharded_checkpoint(path, model, optimizer, scheduler, scaler)
-        if self.mode == "fsdp2":
-            return sharded.load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler)
-        return load_checkpoint(path, unwrap(model), optimizer, scheduler, scaler)
+        failure = None
+        try:
+            if sharded.is_sharded_checkpoint(path):  # into a sharded, DDP or plain model: each rank reads its rows
+                state = sharded.load_sharded_checkpoint(path, unwrap(model), optimizer, scheduler, scaler)
+            elif self.mode == "fsdp2":
+                state = sharded.load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler)
+            else:
+                state = load_checkpoint(path, unwrap(model), optimizer, scheduler, scaler)
+        except Exception as exc:
+            failure = exc
+        if self.active and self.all_sum(1.0 if failure is not None else 0.0) > 0 and failure is None:
+            raise CheckpointError(f"{path}: another rank could not load this checkpoint (its error is in its log)")
+        if failure is not None:
+            raise failure
+        return state
 
     @contextmanager
     def full_model(self, model: nn.Module, trainable_only: bool):

@@ -1,10 +1,11 @@
-"""What a user sees and keeps: a progress bar (loss, lr, real tokens/s, ETA) and metrics.jsonl, plus
-TensorBoard / Weights & Biases when installed and asked for."""
+"""What a user sees and keeps: a progress bar (loss, lr, tokens/s through the model and trained tokens/s, ETA) and
+metrics.jsonl, plus TensorBoard / Weights & Biases when installed and asked for."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -12,15 +13,18 @@ log = logging.getLogger("velotune")
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, report_to=(), config: dict | None = None, append: bool = False,
+    def __init__(self, out_dir: Path, report_to=(), config: dict | None = None, resume_step: int | None = None,
                  enabled: bool = True):
-        """`enabled=False` (ranks other than 0 of a multi-process run): writes nothing."""
+        """`resume_step`: a resumed run keeps the lines of the steps up to its checkpoint's (the steps after it
+        are trained again); otherwise the file starts empty. `enabled=False` (ranks other than 0): writes nothing."""
         self.path = Path(out_dir) / "metrics.jsonl"
         self._file = self._tb = self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        if resume_step is not None:
+            keep_steps_up_to(self.path, resume_step)
+        self._file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
         for name in report_to or ():
             if name == "tensorboard":
                 self._tb = _tensorboard_writer(Path(out_dir) / "tensorboard")
@@ -52,6 +56,23 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def keep_steps_up_to(path: Path, step: int):
+    """Rewrites metrics.jsonl with the lines of steps <= `step` only (a line cut short by a kill is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-w")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _tensorboard_writer(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -71,28 +92,46 @@ def _wandb_run(config):
 
 
 class Progress:
-    """A tqdm bar over optimizer steps; real tokens/s is measured over the steps of this session only."""
+    """A tqdm bar over optimizer steps with loss, the lr the step used, and two rates measured over this session's
+    steps: tokens through the model (padding excluded) and trained (target) tokens."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
         self.start_time = time.perf_counter()
-        self.start_step = start_step
-        self.tokens = 0
+        self.input_tokens = self.target_tokens = 0
+        self.loss, self.lr = None, 0.0
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="train")
 
-    def tokens_per_second(self) -> float:
+    def rates(self) -> tuple[float, float]:
+        """(tokens/s through the model, trained tokens/s)."""
         elapsed = time.perf_counter() - self.start_time
-        return self.tokens / elapsed if elapsed > 0 else 0.0
+        if elapsed <= 0:
+            return 0.0, 0.0
+        return self.input_tokens / elapsed, self.target_tokens / elapsed
 
-    def update(self, tokens: int, loss: float, lr: float):
-        self.tokens += tokens
+    def update(self, input_tokens: int, target_tokens: int, lr: float):
+        """One step done; the loss shown is the last one read (losses are read once per logging step)."""
+        self.input_tokens += input_tokens
+        self.target_tokens += target_tokens
+        self.lr = lr
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_second():.0f}",
-                                 refresh=False)
+            self._show()
             self.bar.update(1)
+
+    def show_loss(self, loss: float | None):
+        self.loss = loss
+        if self.bar is not None:
+            self._show()
+            self.bar.refresh()
+
+    def _show(self):
+        through, trained = self.rates()
+        loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
+        self.bar.set_postfix_str(f"{loss}lr {self.lr:.2e}, {through:.0f} tok/s, {trained:.0f} trained tok/s",
+                                 refresh=False)
 
     def close(self):
         if self.bar is not None:

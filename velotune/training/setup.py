@@ -10,27 +10,43 @@ from ..errors import ConfigError
 log = logging.getLogger("velotune")
 
 
+def check_settings(cfg):
+    """Settings that cannot work together, refused before anything loads."""
+    if cfg.finetune.method == "full" and cfg.model.quantize:
+        raise ConfigError("finetune.method: 'full' cannot train a quantized base (model.quantize is set); "
+                          "use method 'lora' (QLoRA) or remove model.quantize")
+
+
 def load_model(cfg):
+    """The model's weights per the config's model section (the tokenizer is loaded before, on its own)."""
     from ..models.loader import load
     if not cfg.model.path:
         raise ConfigError("model.path: required (a Hugging Face model directory or hub id)")
     dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-    return load(cfg.model.path, dtype=dtype, quantize=cfg.model.quantize, device=cfg.model.device,
-                max_seq_length=cfg.model.max_seq_length)
+    model, _ = load(cfg.model.path, dtype=dtype, quantize=cfg.model.quantize, device=cfg.model.device,
+                    max_seq_length=cfg.model.max_seq_length, load_tokenizer_files=False)
+    return model
 
 
 def prepare_for_training(model, cfg) -> dict:
-    """Adds LoRA or sets up full fine-tuning per `cfg.finetune`; returns parameter counts."""
-    if cfg.finetune.method == "lora":
+    """Adds LoRA (or trains the LoRA layers the model already carries) or sets up full fine-tuning per
+    `cfg.finetune`; returns parameter counts."""
+    from ..lora import lora_layers
+    has_lora = bool(lora_layers(model))
+    if cfg.finetune.method == "lora" and has_lora:
+        _use_existing_lora(model, cfg.lora)
+    elif cfg.finetune.method == "lora":
         from ..lora import add_lora
         lora = cfg.lora
         add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
                  rslora=lora.rslora, dora=lora.dora, modules_to_save=lora.modules_to_save or None,
                  seed=cfg.train.seed)
     else:
-        if cfg.model.quantize:
-            raise ConfigError("finetune.method: 'full' cannot train a quantized base (model.quantize is set); "
-                              "use method 'lora' (QLoRA) or remove model.quantize")
+        check_settings(cfg)
+        if has_lora:
+            raise ConfigError("finetune.method: 'full', but the model carries LoRA adapters: train them with "
+                              "finetune.method=lora, or merge them into the weights first (velotune.lora."
+                              "merge_and_unload)")
         _setup_full(model, cfg.finetune)
         half = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
         if half:
@@ -45,6 +61,31 @@ def prepare_for_training(model, cfg) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
+
+
+def _use_existing_lora(model, lora_cfg):
+    """A model passed with LoRA layers is trained with those; the config's lora section is not applied, and
+    a warning names each of its settings that differs from the model's adapters."""
+    from ..config import LoraConfig
+    from ..lora import lora_layers, resolve_targets
+    settings = model.lora_settings
+    log.info("the model already carries LoRA adapters (r=%d, %d modules): training those; the config's lora "
+             "section is not applied", settings.r, len(lora_layers(model)))
+    defaults, differ = LoraConfig(), []
+    for key in ("r", "alpha", "dropout", "rslora", "dora"):
+        wanted, has = getattr(lora_cfg, key), getattr(settings, key)
+        if wanted != getattr(defaults, key) and wanted != has:
+            differ.append(f"lora.{key}={wanted} (the model's: {has})")
+    if lora_cfg.targets != defaults.targets:
+        try:
+            same = sorted(resolve_targets(model, lora_cfg.targets)) == sorted(settings.targets)
+        except ConfigError:
+            same = False
+        if not same:
+            differ.append(f"lora.targets={lora_cfg.targets} (the model's: {len(settings.targets)} modules)")
+    if differ:
+        log.warning("the config's lora section differs from the adapters the model carries, which are the ones "
+                    "trained: %s", ", ".join(differ))
 
 
 def _setup_full(model, ft):

@@ -1,23 +1,35 @@
 """TrainState and checkpoints.
 
-A checkpoint is a directory `checkpoints/step-000123/` holding the trainable tensors (safetensors), the optimizer,
-scheduler and RNG states, and `state.json`. It is written under a temporary name and renamed into place, so a crash
-at any moment leaves either the previous checkpoint or the new one, never half of one.
+A checkpoint is a directory `checkpoints/step-000123/` holding the trainable tensors (`trainable.safetensors`), the
+optimizer, scheduler, loss-scaler and RNG states (`optimizer.json` + `optimizer.safetensors`, see state_codec) and
+`state.json`. Nothing in it is pickled, so reading a checkpoint cannot run code. It is written under a temporary
+name and renamed into place, so a crash at any moment leaves either the previous checkpoint or the new one.
+A resume checks every tensor and state against the run before it changes anything (state_checks).
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
 from ..models.checkpoint import atomic_dir
+from .state_checks import (check_like, check_optimizer_state, check_rng_state, check_trainable_tensors,
+                           optimizer_param_names)
+from .state_codec import read_json, read_safetensors, read_state, write_state
 
 CHECKPOINTS = "checkpoints"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_STEM = "optimizer"  # optimizer.json + optimizer.safetensors
+STATE_FILE = "state.json"
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # torch optimizer group keys
+# Files of older velotune checkpoints (pickles: reading one could run code) -> the file that replaced each.
+OLD_FORMAT_FILES = {"optimizer.pt": "optimizer.json", "trainer.pt": "trainer.json",
+                    "sharded/.metadata": "sharded/index.json"}
 
 
 @dataclass
@@ -66,14 +78,44 @@ def save_checkpoint(out_dir: Path, state: TrainState, model, optimizer, schedule
     from safetensors.torch import save_file
     final = Path(out_dir) / CHECKPOINTS / f"step-{state.step:06d}"
     with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng if rng is not None else rng_state()},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
+        save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
+        write_state(tmp, OPTIMIZER_STEM, {
+            "optimizer": optimizer.state_dict(), "optimizer_class": type(optimizer).__name__,
+            **trainer_extra(scheduler, scaler, rng if rng is not None else rng_state())})
+        write_train_state(tmp, state)
     prune_checkpoints(out_dir, keep_last)
     return final
+
+
+def trainer_extra(scheduler, scaler, rng: dict) -> dict:
+    """The scheduler, loss-scaler and RNG part of a checkpoint (shared with sharded checkpoints)."""
+    return {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng}
+
+
+def write_train_state(directory: Path, state: TrainState):
+    (Path(directory) / STATE_FILE).write_text(json.dumps(state.to_json(), indent=2), encoding="utf-8")
+
+
+def read_train_state(path: Path) -> TrainState:
+    """`state.json` of a checkpoint, its fields checked by name and kind."""
+    file = Path(path) / STATE_FILE
+    data = read_json(file)
+    if type(data) is not dict:
+        raise CheckpointError(f"{file}: expected a JSON object of training-state fields")
+    known = {f.name for f in fields(TrainState)}
+    for key, value in data.items():
+        if key not in known:
+            raise CheckpointError(f"{file}: unknown field {key!r} (known: {', '.join(sorted(known))})")
+        if key == "best_eval_loss":
+            ok = value is None or type(value) in (int, float)
+        elif key == "history":
+            ok = type(value) is list
+        else:
+            ok = type(value) is int and value >= 0
+        if not ok:
+            raise CheckpointError(f"{file}: {key}: unexpected value {value!r}")
+    return TrainState(**data)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -81,7 +123,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / "state.json").is_file())
+                  and (p / STATE_FILE).is_file())
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int):
@@ -89,33 +131,79 @@ def prune_checkpoints(out_dir: Path, keep_last: int):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_old_format(path: Path):
+    """Older checkpoints pickled their states; unpickling can run any code, so they are never read."""
+    for old, new in OLD_FORMAT_FILES.items():
+        if (Path(path) / old).exists() and not (Path(path) / new).exists():
+            raise CheckpointError(f"{Path(path) / old}: written by an older velotune in a format that can run "
+                                  f"code; not read (start the run again, or train on from its adapter / model)")
+
+
 def read_checkpoint_files(path: Path):
-    """(trainable tensors, optimizer/scheduler/RNG states, TrainState) of a one-process or DDP checkpoint."""
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(str(path / "trainable.safetensors"))
-        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    return tensors, extra, state
+    """(trainable tensors, optimizer/scheduler/scaler/RNG states, TrainState) of a one-process or DDP checkpoint."""
+    path = Path(path)
+    refuse_old_format(path)
+    tensors = read_safetensors(path / TRAINABLE_FILE)
+    extra = read_state(path, OPTIMIZER_STEM)
+    source = path / f"{OPTIMIZER_STEM}.json"
+    if type(extra) is not dict or not {"optimizer", "optimizer_class", "scheduler", "scaler", "rng"} <= set(extra):
+        raise CheckpointError(f"{source}: expected the keys optimizer, optimizer_class, scheduler, scaler, rng")
+    return tensors, extra, read_train_state(path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainState:
-    """Restores trainable tensors, optimizer, scheduler and RNG states; returns the TrainState."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, *, local_piece=None) -> TrainState:
+    """Restores trainable tensors, optimizer, scheduler and RNG states; returns the TrainState.
+    `local_piece`: see `restore`."""
     path = Path(path)
     tensors, extra, state = read_checkpoint_files(path)
-    params = dict(model.named_parameters())
-    wrong = sorted(set(tensors) ^ {n for n, p in params.items() if p.requires_grad})
-    if wrong:
-        raise CheckpointError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
-                              f"(e.g. {wrong[0]}); was it written with different lora/finetune settings?")
+    optimizer_file = str(path / f"{OPTIMIZER_STEM}.json")
+    restore(model, optimizer, scheduler, scaler, tensors, extra, tensors_file=str(path / TRAINABLE_FILE),
+            optimizer_file=optimizer_file, trainer_file=optimizer_file, local_piece=local_piece)
+    return state
+
+
+def restore(model, optimizer, scheduler, scaler, tensors: dict, extra: dict, *, tensors_file: str,
+            optimizer_file: str, trainer_file: str, local_piece=None):
+    """Checks every checkpoint tensor and state against the run, then copies them in: a checkpoint that does not
+    fit changes nothing. The *_file names (of the trainable tensors, the optimizer state, the scheduler / scaler /
+    RNG states) go into the errors. `local_piece(value, like)` gives the part of checkpoint tensor `value` this
+    process keeps for parameter `like` (None: the whole tensor); by default the tensor itself (no sharding)."""
+    params = check_trainable_tensors(tensors_file, tensors, model)
+    check_optimizer_state(optimizer_file, extra["optimizer"], extra["optimizer_class"], optimizer,
+                          optimizer_param_names(model, optimizer))
+    check_like(extra["scheduler"], scheduler.state_dict(), f"{trainer_file}: scheduler")
+    if scaler is not None and extra["scaler"] is not None:
+        check_like(extra["scaler"], scaler.state_dict(), f"{trainer_file}: scaler")
+    check_rng_state(extra["rng"], f"{trainer_file}: rng")
+    piece = local_piece or (lambda value, like: value)
+    values = {name: piece(tensors[name], param) for name, param in params.items()}
+    optimizer_state = _local_optimizer_state(extra["optimizer"], optimizer, piece)
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(extra["optimizer"])
+        for name, value in values.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(extra["scheduler"])
-    if scaler is not None and extra.get("scaler"):
+    if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
     set_rng_state(extra["rng"])
-    return state
+
+
+def _local_optimizer_state(saved: dict, optimizer, piece) -> dict:
+    """The saved optimizer state with each tensor shaped like its parameter replaced by this process's part."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    param_of = dict(zip(ids, params))
+
+    def local(value, param):
+        if isinstance(value, torch.Tensor):
+            shaped_like = value.dim() > 0 and value.shape == param.shape
+            return piece(value, param if shaped_like else None)
+        if type(value) is dict:
+            return {k: local(v, param) for k, v in value.items()}
+        return value
+    # How the update runs (fused kernel or per-tensor loop) follows this run's tensors (DTensors or plain), not the
+    # run that saved: torch's load_state_dict would otherwise take the saved flags.
+    groups = [{**saved_group, **{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group}}
+              for saved_group, group in zip(saved["param_groups"], optimizer.param_groups)]
+    return {"state": {pid: local(entry, param_of[pid]) for pid, entry in saved["state"].items()},
+            "param_groups": groups}

@@ -1,8 +1,10 @@
-"""What the training benchmark's processes share: model shapes, a random-weight checkpoint with a word-level
-tokenizer, and a synthetic prompt/completion data set. Built once, cached under a temp dir, read by every case.
+"""What the benchmark processes share: model shapes, a random-weight checkpoint with a word-level tokenizer, and a
+synthetic prompt/completion data set. Built once, cached under a temp dir, read by every case.
 
 The tokenizer maps the word `w<k>` to one id, so random "text" is random token ids at the full vocabulary size:
 the loss over a 32k-128k vocabulary costs what it costs at scale, and no tokenizer or data set is downloaded.
+
+    python -m velotune.bench.assets SHAPE DTYPE DEVICE CACHE_DIR   # what ensure_checkpoint runs
 """
 from __future__ import annotations
 
@@ -16,23 +18,35 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .processes import child_env
+
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; words w0, w1, ... follow
 
-# Llama-shaped configs (transformers LlamaConfig fields). llama-56m is the generation benchmark's shape too.
+_LLAMA_3 = dict(rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, model_type="llama")
+
+# transformers config fields by shape name; `model_type` picks the architecture. llama-56m is the generation
+# benchmark's shape too; qwen2-384 is the loop benchmark's (SmolLM2's 49152 vocabulary, tied embeddings).
 SHAPES = {
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-56m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                    tie_word_embeddings=False),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+    "tiny": dict(model_type="llama", vocab_size=2048, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False),
+    "llama-56m": dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2-tiny": dict(model_type="qwen2", vocab_size=2048, hidden_size=64, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2-384": dict(model_type="qwen2", vocab_size=49152, hidden_size=384, intermediate_size=1536,
+                      num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                      max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA_3, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=False,
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192)),
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+    "llama-3.2-1b": dict(_LLAMA_3, vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         tie_word_embeddings=True,
                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=8192)),
 }
@@ -42,13 +56,16 @@ SHAPES = {
 DOC_KINDS = {"chat": dict(prompt=(0.02, 0.25), completion=(0.03, 0.5)),
              "long": dict(prompt=(0.30, 0.30), completion=None)}
 
+QKV_BIAS = ("qwen2",)  # architectures whose q, k, v projections carry a bias
+
 
 def parameter_count(shape: dict) -> int:
-    """Parameters of a Llama-shaped config, counted without building it."""
+    """Parameters of a decoder shape (gated MLP, RMSNorm), counted without building it."""
     h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
     q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    bias = q + 2 * kv if shape.get("model_type") in QKV_BIAS else 0
+    per_layer = h * (q + 2 * kv) + bias + q * h + 3 * h * inter + 2 * h
     embeddings = shape["vocab_size"] * h * (1 if shape["tie_word_embeddings"] else 2)
     return layers * per_layer + embeddings + h
 
@@ -73,8 +90,8 @@ def ensure_checkpoint(shape: str, dtype: str, device: str, cache: Path | None = 
     target = checkpoint_path(shape, dtype, cache)
     if not (target / "config.json").is_file():
         print(f"building the {shape} checkpoint ({dtype}) in {target} ...", flush=True)
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), shape, dtype, device, str(target.parent)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "velotune.bench.assets", shape, dtype, device, str(target.parent)],
+                       check=True, env=child_env(os.cpu_count() or 1))
     return target
 
 
@@ -100,10 +117,11 @@ def checkpoint_dir(shape: str, dtype: str, device: str, cache: Path | None = Non
 def _write_checkpoint(path: Path, shape: dict, dtype: str, device: str):
     """Weights drawn here (normal, std 0.02; norms at 1), on `device`: transformers' own init takes far longer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    from transformers import AutoConfig, AutoModelForCausalLM
+    fields = {k: v for k, v in shape.items() if k != "model_type"}
+    config = AutoConfig.for_model(shape["model_type"], **fields, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))  # never materialised in fp32 first
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))  # never materialised in fp32
     model.to_empty(device=device)
     if shape.get("tie_word_embeddings"):
         model.tie_weights()  # to_empty gives the head its own tensor: share the embedding's again
@@ -158,5 +176,5 @@ def data_file(model_dir: Path, *, seq: int, batch: int, steps: int, kind: str = 
     return path
 
 
-if __name__ == "__main__":  # shape dtype device cache_dir: what ensure_checkpoint runs
+if __name__ == "__main__":
     print(checkpoint_dir(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))

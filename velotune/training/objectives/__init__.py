@@ -1,0 +1,42 @@
+"""Training objectives: each owns records -> examples -> batches -> loss, the loop stays one loop (base.py).
+
+    objective: sft        # in the config (default); or vt.train(cfg, objective=MyObjective())
+    register_objective("mine", MyObjective)   # then objective: mine
+"""
+from __future__ import annotations
+
+from ...errors import ConfigError
+from .base import Objective
+from .sft import SFT, Pretrain
+
+_REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain}
+
+
+def register_objective(name: str, factory) -> None:
+    """Makes `objective: name` in a config build `factory()` (an Objective subclass or a function)."""
+    if not name or not isinstance(name, str):
+        raise ValueError("an objective's name must be a non-empty string")
+    _REGISTRY[name] = factory
+
+
+def objective_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_objective(spec) -> Objective:
+    """The objective a config names (or the Objective instance given)."""
+    if isinstance(spec, Objective):
+        return spec
+    factory = _REGISTRY.get(spec)
+    if factory is None:
+        import difflib
+        close = difflib.get_close_matches(str(spec), list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"objective: unknown objective {spec!r}{hint}; known: {', '.join(objective_names())}")
+    objective = factory()
+    if not isinstance(objective, Objective):
+        raise ConfigError(f"objective {spec!r}: its factory made a {type(objective).__name__}, not an Objective")
+    return objective
+
+
+__all__ = ["Objective", "Pretrain", "SFT", "make_objective", "objective_names", "register_objective"]

@@ -1,0 +1,60 @@
+"""The seam every training objective plugs into: how records become examples, how examples become batches, and
+the loss of a batch. The loop (trainer.py) knows nothing else of the objective.
+
+The loop calls, in this order:
+    prepare(config, tokenizer, max_seq_length=, seed=)  once, before any weights load: the examples and their counts
+    epoch_rows(examples, epoch=, **batch_kwargs)         per epoch: the batches, as rows of example indices
+    collate(rows_of_examples, pad_id=, max_width=)       per batch: the tensors
+    units(batch)                                          per batch, before the forward: what the loss is normalised by
+    loss(model, batch) -> (sum, units)                    per batch: the summed loss (on the batch's device)
+The loss of an optimizer step is sum over micro-batches and ranks of `sum`, divided by the units of the whole
+global batch (all its micro-batches on all ranks), so 1 x 8 and 8 x 1 give the same update.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Objective:
+    """Base class of objectives; a subclass overrides what differs (SFT overrides nothing but its name)."""
+
+    name = "objective"
+    unit_name = "token"    # what `units` counts, for the log
+
+    # ---- records -> examples -----------------------------------------------------------------------------------
+    def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
+        """Reads and encodes the data: a PreparedData (train and eval examples, counts, format, chat template)."""
+        from ...data.dataset import prepare_data
+        return prepare_data(config.data, tokenizer, max_seq_length=max_seq_length, seed=seed)
+
+    def sample_view(self, example, tokenizer) -> str:
+        """One example as the model reads it, its trained part marked (the dry run prints it)."""
+        from ...data.encode import marked_text
+        return marked_text(example, tokenizer)
+
+    # ---- examples -> batches ------------------------------------------------------------------------------------
+    def epoch_rows(self, examples, *, epoch: int, batch_size: int, max_seq_length: int, packing: bool, seed: int,
+                   shuffle: bool = True, rank: int = 0, world_size: int = 1) -> list:
+        """This process's batches of `epoch`: each a list of rows, each row a list of example indices."""
+        from ...data import plan_for
+        return plan_for(examples, epoch=epoch, batch_size=batch_size, max_seq_length=max_seq_length,
+                        packing=packing, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
+
+    def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+        """A batch of tensors from rows of examples."""
+        from ...data import collate
+        return collate(rows, pad_id=pad_id, packing=packing, max_width=max_width)
+
+    def input_tokens(self, rows) -> int:
+        """Real tokens the batch puts through the model (padding excluded): the throughput the bar shows."""
+        return sum(len(example) for row in rows for example in row)
+
+    # ---- batches -> loss ----------------------------------------------------------------------------------------
+    def units(self, batch: dict) -> int:
+        """What the batch's loss is normalised by, known before the forward (here: tokens with a target)."""
+        from ...data import count_target_tokens
+        return count_target_tokens(batch)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        """(summed loss, units) of a batch already on the model's device, under the run's autocast."""
+        raise NotImplementedError(f"{type(self).__name__}.loss")
