@@ -4,7 +4,7 @@ import sys
 
 
 def test_public_names_resolve_to_callables_after_submodule_imports():
-    code = ("import velotune.training.trainer, velotune.infer.generate, velotune.exporting, velotune.lora\n"
+    code = ("import velotune.training.trainer, velotune.infer.generation, velotune.exporting, velotune.lora\n"
             "import velotune as vt\n"
             "names = ['load', 'save', 'add_lora', 'merge_lora', 'unmerge_lora', 'save_adapter', 'load_adapter',\n"
             "         'train', 'generate', 'stream', 'export']\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from velotune.bench import assets, loop, loop_worker
-from velotune.bench.cli import add_bench_arguments
+from velotune.bench.options import add_bench_arguments
 from velotune.bench.flops import lora_params
 from velotune.errors import ConfigError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from velotune.bench import train
-from velotune.bench.cli import add_bench_arguments
+from velotune.bench.options import add_bench_arguments
 from velotune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

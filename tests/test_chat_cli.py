@@ -59,7 +59,7 @@ def test_generate_without_prompt_is_a_clear_error(model_dir, capsys):
 
 def test_help_and_unknown_commands_are_not_sent_to_the_model(model_dir, monkeypatch):
     import importlib
-    gen = importlib.import_module("velotune.infer.generate")  # the package exports a function of that name
+    gen = importlib.import_module("velotune.infer.generation")
     sent, real = [], gen.encode_prompt
     monkeypatch.setattr(gen, "encode_prompt", lambda tok, prompt: sent.append(prompt) or real(tok, prompt))
     lines = iter(["/help", "/hepl", "/system", "//etc/hosts is a file", "/systematic", "/quit"])

@@ -13,16 +13,16 @@ STEPS = 30
 
 
 def batches(n, vocab=101, seed=4, distinct=4):
-    """Packed rows (positions restart per sample) with some prompt tokens masked out of the loss: `distinct`
+    """Packed rows (two documents each) with some prompt tokens masked out of the loss: `distinct`
     batches seen in turn, so the loss falls (4.83 -> 3.16) and the comparison is not between two noisy lines."""
     g = torch.Generator().manual_seed(seed)
-    positions = torch.tensor([list(range(9)) + list(range(12)), list(range(14)) + list(range(7))])
+    documents = torch.tensor([[0] * 9 + [1] * 12, [0] * 14 + [1] * 7])
     out = []
     for _ in range(distinct):
-        ids = torch.randint(0, vocab, positions.shape, generator=g)
+        ids = torch.randint(0, vocab, documents.shape, generator=g)
         labels = ids.clone()
         labels[:, :3] = -100
-        out.append((ids, labels, positions))
+        out.append((ids, labels, documents))
     return [out[i % distinct] for i in range(n)]
 
 
@@ -42,8 +42,8 @@ def train(mode, dtype=torch.float32, quantize=None):
     opt = torch.optim.SGD(params, lr=0.3)
     losses = []
     with kernels(mode):
-        for ids, labels, positions in batches(STEPS):
-            loss = model(ids, labels=labels, position_ids=positions, return_logits=False).loss
+        for ids, labels, documents in batches(STEPS):
+            loss = model(ids, labels=labels, document_ids=documents, return_logits=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -59,10 +59,11 @@ def test_packed_batch_layout():
     examples = fake_examples([4, 2, 5, 3])
     batch = next(batch_iterator(examples, batch_size=2, max_seq_length=8, packing=True, pad_id=PAD, seed=0,
                                 epoch=0, shuffle=False))
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "document_ids"}
     assert all(t.dtype == torch.long for t in batch.values())
     # first-fit in order into rows of 8: row0 = ex0 (4) + ex1 (2); row1 = ex2 (5) + ex3 (3). Rows are as wide
-    # as the batch's longest (8); row0's tail padding restarts the positions: a segment of its own.
+    # as the batch's longest (8); row0's tail padding is a document of its own, its positions restart too.
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]]
     assert batch["input_ids"][0, :6].tolist() == examples[0].input_ids.tolist() + examples[1].input_ids.tolist()
     assert batch["input_ids"][0, 6:].tolist() == [PAD, PAD]

@@ -341,6 +341,5 @@ def test_ctrl_c_stops_all_ranks_at_a_step_boundary_with_a_checkpoint(tiny, monke
 
 
 def test_decoder_blocks_are_found_for_sharding(tiny):
-    from velotune.training.distributed import decoder_blocks
     model, _ = vt.load(tiny[0], dtype="float32", device="cpu")
-    assert decoder_blocks(model) == list(model.model.layers) and len(decoder_blocks(model)) == 2
+    assert model.blocks() == list(model.model.layers) and len(model.blocks()) == 2

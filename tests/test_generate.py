@@ -1,16 +1,16 @@
 """Generation on tiny random checkpoints: cached decoding against full forwards, batches against single prompts,
 stopping (EOS ids, stop strings, max_new_tokens), seeds, streaming text, and the public entry points."""
+import contextlib
 import json
 
 import pytest
 import torch
-from torch import nn
 
 import velotune as vt
 from hf_reference import SHRUNK, make_checkpoint
 from tiny_tokenizer import BOS, EOS, make_tokenizer
 from velotune.infer import KVCache, generate_batch, generate_ids, stream_batch
-from velotune.infer.generate import IncrementalDetokenizer, encode_prompt, left_pad
+from velotune.infer.generation import IncrementalDetokenizer, encode_prompt, left_pad
 from velotune.models.registry import supported_model_types
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -173,8 +173,6 @@ def test_kv_cache_blocks_and_growth():
     assert cache.past_length == 11 and cache.keys[0].shape[2] == 12 and cache.reallocations == 2
     cache.select_rows(torch.tensor([1]))
     assert cache.keys[1].shape[0] == 1 and torch.equal(cache.keys[1][0, :, :6], k[1])
-    cache.crop(4)
-    assert cache.past_length == 4
 
 
 def test_cache_growing_during_decoding_matches_full_forward(tiny):
@@ -264,26 +262,30 @@ def test_eos_from_generation_config_ends_generation(tmp_path, tokenizer):
     assert out.tokens[0] == free[:stop_at]
 
 
-class EmitsAt(nn.Module):
-    """Wraps a model so that its `step`-th forward (0 = prefill) predicts `token` with certainty."""
+@contextlib.contextmanager
+def emitting_at(model, token, step):
+    """Within: the model's `step`-th forward (0 = prefill) predicts `token` with certainty. (The model itself, not
+    a wrapper module: generation takes velotune models only.)"""
+    real, calls = model.forward, [0]
 
-    def __init__(self, model, token, step):
-        super().__init__()
-        self.inner, self.token, self.step, self.calls = model, token, step, 0
-
-    def forward(self, *args, **kwargs):
-        out = self.inner(*args, **kwargs)
-        if self.calls == self.step:
-            out.logits[..., self.token] = 1e4
-        self.calls += 1
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if calls[0] == step:
+            out.logits[..., token] = 1e4
+        calls[0] += 1
         return out
+    model.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+    try:
+        yield model
+    finally:
+        del model.forward
 
 
 def test_tokenizer_eos_ends_text_generation(tiny):
     model, tok, _ = tiny
     free = vt.generate(model, tok, "The capital", max_new_tokens=10)
-    wrapped = EmitsAt(model, tok.eos_token_id, step=4)
-    details = generate_batch(wrapped, tok, ["The capital"], max_new_tokens=10, return_details=True)[0]
+    with emitting_at(model, tok.eos_token_id, step=4):
+        details = generate_batch(model, tok, ["The capital"], max_new_tokens=10, return_details=True)[0]
     assert details.finish_reason == "eos" and details.completion_tokens == 4
     assert free.startswith(details.text) and EOS not in details.text
     assert details.token_ids == vt.infer.generate_ids(model, torch.tensor([tok("The capital").input_ids]),
@@ -296,17 +298,19 @@ def test_a_chat_reply_ends_at_its_end_of_turn_token(tiny):
     model, tok, _ = tiny
     end = tok.convert_tokens_to_ids("<|end|>")
     assert end != tok.eos_token_id
-    chat = generate_batch(EmitsAt(model, end, step=3), tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=10,
-                          return_details=True)[0]
+    with emitting_at(model, end, step=3):
+        chat = generate_batch(model, tok, [[{"role": "user", "content": "hi"}]], max_new_tokens=10,
+                              return_details=True)[0]
     assert (chat.finish_reason, chat.completion_tokens) == ("eos", 3)
-    plain = generate_batch(EmitsAt(model, end, step=3), tok, ["hi"], max_new_tokens=10, return_details=True)[0]
+    with emitting_at(model, end, step=3):
+        plain = generate_batch(model, tok, ["hi"], max_new_tokens=10, return_details=True)[0]
     assert plain.token_ids[3] == end
 
 
 def test_nonfinite_logits_fail_their_prompt_only(tiny):
     """(issue 10 item 8) NaN in one prompt's logits (here a NaN embedding row) ends that prompt with an error;
     the prompt beside it gets the answer it gets alone."""
-    from velotune.infer.generate import NonFiniteLogitsError
+    from velotune.infer.generation import NonFiniteLogitsError
     model, tok, path = tiny
     poisoned, _ = vt.load(path, dtype="float32", device="cpu")
     bad = tok.convert_tokens_to_ids("[INST]")

@@ -198,10 +198,10 @@ def test_autocast_bf16_close_to_plain_autocast():
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_mlp_with_triton_activation_kernels_matches_plain(monkeypatch, act):
     """VELOTUNE_KERNELS=triton: the fused block runs the Triton activation forward and its backward kernel."""
-    from velotune.kernels import triton_lora
+    from velotune.kernels import triton_activations
     calls = []
-    original = triton_lora.gated_grads_triton
-    monkeypatch.setattr(triton_lora, "gated_grads_triton", lambda *a: calls.append(a[3]) or original(*a))
+    original = triton_activations.gated_grads
+    monkeypatch.setattr(triton_activations, "gated_grads", lambda *a: calls.append(a[3]) or original(*a))
     mlp = lora_mlp_module(act, hidden=40, inter=56)
     x = torch.randn(2, 5, 40)
     fused, dx, grads, raw = outputs_and_grads(mlp, x, "triton")
@@ -327,3 +327,23 @@ def test_whole_model_on_the_triton_path_matches_the_reference():
     assert rel_err(loss, loss_ref) < 1e-6 and len(grads) == 2 * 7 * 2
     for name in grads_ref:
         assert rel_err(grads[name], grads_ref[name]) < 2e-6, name
+
+
+def test_an_adapter_kind_the_kernels_do_not_know_is_refused_loudly():
+    """A linear carrying adapter parameters without describing itself (AdaptedLinear.adapter_view) would be
+    taken for a module without adapter: the fused path refuses it instead."""
+    from velotune.errors import UnsupportedError
+    from velotune.kernels.lora_ops import lora_projections
+
+    class HomeMadeLora(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(8, 8)
+            self.lora_A = torch.nn.Linear(8, 2, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_A(x).sum()
+
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(UnsupportedError, match="HomeMadeLora carries adapter parameters"):
+        lora_projections([HomeMadeLora()], x)

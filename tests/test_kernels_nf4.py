@@ -7,8 +7,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel module is impor
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from velotune.kernels import nf4  # noqa: E402
-from velotune.kernels.nf4 import NF4_CODE, dequantize_4bit, dequantize_4bit_reference, is_4bit_linear  # noqa: E402
+from velotune.kernels.nf4 import dequantize_4bit, dequantize_4bit_reference, is_4bit_linear  # noqa: E402
+from velotune.kernels.nf4_layout import NF4_CODE, code_table  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 triton_nf4 = pytest.importorskip("velotune.kernels.triton_nf4")
@@ -94,7 +94,7 @@ def test_nf4_table_is_the_bitsandbytes_one():
     _, state = quantized((4, 64), False)
     assert torch.equal(torch.tensor(NF4_CODE), state.code.float())
     state.code = None  # a state without its table gets ours
-    assert torch.equal(nf4.code_table(state, "cpu"), torch.tensor(NF4_CODE))
+    assert torch.equal(code_table(state, "cpu"), torch.tensor(NF4_CODE))
 
 
 def test_non_uint8_storage_is_read_as_bytes():

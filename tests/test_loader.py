@@ -256,7 +256,7 @@ def test_generic_path_matches_transformers_and_warns_once(tmp_path, caplog, monk
 
     ids, labels = IDS.repeat(2, 1), IDS.repeat(2, 1).clone()
     labels[:, :3] = -100
-    ours, ref = model(ids, labels=labels), hf(input_ids=ids, labels=labels)
+    ours, ref = model(ids, labels=labels, return_logits=True), hf(input_ids=ids, labels=labels)
     assert rel_err(ours.logits, ref.logits) <= 1e-6
     assert ours.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     assert ours.num_tokens.item() == 2 * (IDS.shape[1] - 3)
@@ -319,3 +319,14 @@ def test_bidirectional_gemma_config_is_refused(model_type):
                   num_attention_heads=2, num_key_value_heads=1, use_bidirectional_attention=True)
     with pytest.raises(UnsupportedError, match=r"x/config.json: use_bidirectional_attention"):
         args_cls.from_dict(config, source="x/config.json")
+
+
+def test_a_multimodal_config_with_text_config_is_refused_clearly(tmp_path):
+    """The text model's fields sit in text_config: reading only the top level would build from defaults."""
+    path, _ = make_checkpoint(tmp_path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    text = {k: config.pop(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
+    config["text_config"] = text
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="holds a text_config"):
+        vt.load(path, dtype="float32", device="cpu")

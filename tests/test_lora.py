@@ -170,7 +170,7 @@ def test_merged_state_dict_and_merge_and_unload(ckpt):
     assert all(t.dtype == torch.bfloat16 for t in bf16.values())
     assert lora_layers(model)  # merged_state_dict did not change the model
     merge_and_unload(model)
-    assert not lora_layers(model) and not hasattr(model, "lora_settings")
+    assert not lora_layers(model) and model.lora_settings is None
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     assert rel_err(model(ids).logits, lora_logits) <= 2e-6
 

@@ -89,20 +89,21 @@ def test_batch_width_is_a_bucket_length_capped_at_max_seq_length(packing):
     assert batch["input_ids"].shape == (2, 40)  # 33 tokens -> 40
     assert collate(rows, pad_id=0, packing=packing, max_width=36)["input_ids"].shape == (2, 36)
     assert batch["labels"][0, 33:].eq(-100).all() and batch["input_ids"][0, 33:].eq(0).all()
-    if packing:  # the tail padding is a segment of its own: positions restart at 0
+    if packing:  # the tail padding is a document of its own: positions restart at 0
         assert batch["position_ids"][0, 33:].tolist() == list(range(7))
+        assert batch["document_ids"][0].tolist() == [0] * 20 + [1] * 13 + [2] * 7
     else:
         assert batch["attention_mask"].sum(1).tolist() == [33, 9]
 
 
 # Two packed rows of 40: samples of 9, 13, 17 and a 1-token tail padding; one sample of 40.
-POSITIONS = torch.tensor([list(range(9)) + list(range(13)) + list(range(17)) + [0], list(range(40))])
-IDS = torch.randint(0, 101, POSITIONS.shape, generator=torch.Generator().manual_seed(3))
+DOCS = torch.tensor([[0] * 9 + [1] * 13 + [2] * 17 + [3], [0] * 40])
+IDS = torch.randint(0, 101, DOCS.shape, generator=torch.Generator().manual_seed(3))
 
 
 def _logits_and_grads(model):
     model.zero_grad(set_to_none=True)
-    out = model(IDS, labels=IDS, position_ids=POSITIONS, return_logits=True)
+    out = model(IDS, labels=IDS, document_ids=DOCS, return_logits=True)
     (out.loss + out.logits.float().square().mean()).backward()
     return out.logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -1,6 +1,7 @@
 """Parity of every architecture file with transformers: logits and every parameter gradient, fp32.
 
-Also: packed rows (position ids restarting at 0) and left-padded batches give each sample the logits it has alone.
+Also: packed rows (document_ids) and left-padded batches give each sample the logits it has alone; position_ids
+alone are plain positions.
 `python tests/hf_reference.py` prints the measured errors per case.
 """
 import json
@@ -93,22 +94,48 @@ def test_packed_row_matches_separate_samples(tmp_path, case):
     ours, _ = vt.load(path, dtype="float32", device="cpu")
     a, b = _two_samples(hf.config.vocab_size)
     packed = torch.cat([a, b], dim=1)
+    documents = torch.tensor([[0] * a.shape[1] + [1] * b.shape[1]])
     positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
     labels = packed.clone()
     labels[0, a.shape[1]] = -100  # the last token of `a` must not learn to predict the first of `b`
     with torch.no_grad():
-        out = ours(packed, labels=labels, position_ids=positions, reduction="sum")
+        out = ours(packed, labels=labels, document_ids=documents, reduction="sum")
         alone_a, alone_b = ours(a, labels=a, reduction="sum"), ours(b, labels=b, reduction="sum")
         hf_a, hf_b = hf(input_ids=a).logits, hf(input_ids=b).logits
+        # transformers packs when given restarting positions, no attention mask and no cache: the same numbers
+        hf_packed = hf(input_ids=packed, position_ids=positions, use_cache=False).logits
     n = a.shape[1]
     assert rel_err(out.logits[:, :n], alone_a.logits) <= 1e-5
     assert rel_err(out.logits[:, n:], alone_b.logits) <= 1e-5
     assert rel_err(out.logits[:, :n], hf_a) <= 1e-5 and rel_err(out.logits[:, n:], hf_b) <= 1e-5
+    assert rel_err(out.logits, hf_packed) <= 1e-5
     assert out.num_tokens.item() == alone_a.num_tokens.item() + alone_b.num_tokens.item()
     assert out.loss.item() == pytest.approx(alone_a.loss.item() + alone_b.loss.item(), rel=1e-5)
-    # Without the position ids the row is one document: the second sample's logits change.
     with torch.no_grad():
+        # positions restarting per document are the default with document_ids
+        assert torch.equal(ours(packed, document_ids=documents, position_ids=positions).logits, out.logits)
+        # without document_ids the row is one document: the second sample's logits change
         assert rel_err(ours(packed).logits[:, n:], alone_b.logits) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_position_ids_alone_are_plain_positions(tmp_path, case):
+    """position_ids without document_ids place the tokens (RoPE) and nothing else: the row stays one document.
+    transformers reads the same call differently (restarting positions and no mask: it packs), so the reference
+    is transformers given an all-ones attention_mask, which turns its packing inference off."""
+    path, hf = make_checkpoint(tmp_path, case)
+    ours, _ = vt.load(path, dtype="float32", device="cpu")
+    a, b = _two_samples(hf.config.vocab_size)
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    with torch.no_grad():
+        plain = ours(row, position_ids=positions).logits
+        reference = hf(input_ids=row, position_ids=positions, attention_mask=torch.ones_like(row)).logits
+        packed = ours(row, document_ids=torch.tensor([[0] * a.shape[1] + [1] * b.shape[1]])).logits
+    assert rel_err(plain, reference) <= 1e-5
+    n = a.shape[1]
+    assert rel_err(plain[:, n:], packed[:, n:]) > 1e-3  # the second sample sees the first
+    assert rel_err(plain[:, :n], packed[:, :n]) <= 1e-5  # (the first sees nothing new either way)
 
 
 @pytest.mark.parametrize("case", ["llama", "gemma2", "qwen2", "phi3"])

@@ -12,13 +12,13 @@ from velotune.errors import UnsupportedError
 from velotune.kernels import varlen
 from velotune.kernels.varlen import document_bounds, packed_backend
 from velotune.lora import add_lora
-from velotune.models.attention import AttentionMask, doc_ids_from_positions
+from velotune.models.attention import AttentionMask, document_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 # two packed rows: samples of 10 + 13 tokens, and 5 + 11 + 7
-POSITIONS = torch.tensor([list(range(10)) + list(range(13)), list(range(5)) + list(range(11)) + list(range(7))])
-IDS = torch.randint(0, 101, POSITIONS.shape, generator=torch.Generator().manual_seed(5))
+DOCS = torch.tensor([[0] * 10 + [1] * 13, [0] * 5 + [1] * 11 + [2] * 7])
+IDS = torch.randint(0, 101, DOCS.shape, generator=torch.Generator().manual_seed(5))
 
 
 def loss_and_grads(model, checkpointing, seed=9):
@@ -26,7 +26,7 @@ def loss_and_grads(model, checkpointing, seed=9):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # the LoRA dropout masks
     with kernels("auto"):
-        loss = model(IDS, labels=IDS, position_ids=POSITIONS, return_logits=False).loss
+        loss = model(IDS, labels=IDS, document_ids=DOCS, return_logits=False).loss
         loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -51,11 +51,11 @@ def test_offload_applies_only_when_training_with_autograd():
     model = tiny_model(layers=1)
     model.set_gradient_checkpointing("offload")
     model.train()
-    out = model(IDS, position_ids=POSITIONS)
+    out = model(IDS, document_ids=DOCS)
     nodes = {type(n).__name__ for n in _graph_nodes(out.logits.grad_fn)}
     assert "OffloadedCheckpointBackward" in nodes
     model.eval()
-    out = model(IDS, position_ids=POSITIONS)
+    out = model(IDS, document_ids=DOCS)
     assert "OffloadedCheckpointBackward" not in {type(n).__name__ for n in _graph_nodes(out.logits.grad_fn)}
     with pytest.raises(ValueError, match="'offload'"):
         model.set_gradient_checkpointing("cpu")
@@ -73,18 +73,18 @@ def _graph_nodes(fn, seen=None):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned host copy on a side stream needs CUDA")
 def test_offload_on_cuda_copies_to_pinned_host_memory():
     model = tiny_model(layers=2).cuda().train()
-    ids, pos = IDS.cuda(), POSITIONS.cuda()
+    ids, docs = IDS.cuda(), DOCS.cuda()
     model.set_gradient_checkpointing("offload")
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = model(ids, labels=ids, position_ids=pos, return_logits=False).loss
+        loss = model(ids, labels=ids, document_ids=docs, return_logits=False).loss
     hosts = [t for t in saved if t.device.type == "cpu" and t.shape == (2, 23, 64)]
     assert len(hosts) == 2 and all(t.is_pinned() for t in hosts)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.set_gradient_checkpointing(False)
     model.zero_grad()
-    model(ids, labels=ids, position_ids=pos, return_logits=False).loss.backward()
+    model(ids, labels=ids, document_ids=docs, return_logits=False).loss.backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert rel_err(grads[n], p.grad) < 1e-5, n
@@ -92,13 +92,14 @@ def test_offload_on_cuda_copies_to_pinned_host_memory():
 
 # ---------------------------------------------------------------- packed rows without a dense mask
 
-def test_document_bounds():
-    doc_ids = doc_ids_from_positions(POSITIONS)
-    cu, longest = document_bounds(doc_ids)
+def test_document_bounds_and_positions():
+    cu, longest = document_bounds(DOCS)
     assert cu.tolist() == [0, 10, 23, 28, 39, 46] and cu.dtype == torch.int32 and longest == 13
-    # a row that starts mid-sample (positions not from 0) is still its own sample
-    cu, longest = document_bounds(doc_ids_from_positions(torch.tensor([[3, 4, 0, 1], [0, 1, 2, 0]])))
+    # ids are compared with their neighbours only: each row starts a document whatever its first id
+    cu, longest = document_bounds(torch.tensor([[5, 5, 6, 6], [6, 6, 6, 7]]))
     assert cu.tolist() == [0, 2, 4, 7, 8] and longest == 3
+    assert document_positions(DOCS).tolist() == [list(range(10)) + list(range(13)),
+                                                 list(range(5)) + list(range(11)) + list(range(7))]
 
 
 def _gemma2():
@@ -119,11 +120,11 @@ def test_flex_document_mask_matches_the_dense_mask(monkeypatch, family):
     model = (tiny_model(layers=2, sliding_window=6) if family == "llama_window" else _gemma2()).eval()
     with torch.no_grad():
         monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
-        dense = model(IDS, position_ids=POSITIONS).logits
+        dense = model(IDS, document_ids=DOCS).logits
         monkeypatch.setenv("VELOTUNE_ATTENTION", "flex")
         with monkeypatch.context() as patch:
             patch.setattr(AttentionMask, "_build", lambda *a: pytest.fail("a dense mask was built"))
-            flex = model(IDS, position_ids=POSITIONS).logits
+            flex = model(IDS, document_ids=DOCS).logits
     assert rel_err(flex, dense) < 1e-6
     # and the packing matters: without the document mask the logits differ
     with torch.no_grad():
@@ -163,17 +164,17 @@ def test_training_with_flex_forced_on_the_cpu_takes_the_dense_path(monkeypatch):
     assert loss_flex == loss and all(torch.equal(grads[n], grads_flex[n]) for n in grads)
 
 
-# a row of three samples (7 + 6 + 5) and tail padding (its own segment, positions from 0, no labels), and a row
-# holding one sample
-SEG_POSITIONS = torch.tensor([list(range(7)) + list(range(6)) + list(range(5)) + list(range(6)), list(range(24))])
-SEG_IDS = torch.randint(0, 101, SEG_POSITIONS.shape, generator=torch.Generator().manual_seed(6))
+# a row of three samples (7 + 6 + 5) and tail padding (a document of its own, no labels), and a row holding one
+# sample
+SEG_DOCS = torch.tensor([[0] * 7 + [1] * 6 + [2] * 5 + [3] * 6, [0] * 24])
+SEG_IDS = torch.randint(0, 101, SEG_DOCS.shape, generator=torch.Generator().manual_seed(6))
 SEG_LABELS = SEG_IDS.clone()
 SEG_LABELS[0, 18:] = -100
 
 
-def _logits_and_grads(model, positions):
+def _logits_and_grads(model, documents):
     model.zero_grad(set_to_none=True)
-    out = model(SEG_IDS, labels=SEG_LABELS, position_ids=positions, return_logits=True)
+    out = model(SEG_IDS, labels=SEG_LABELS, document_ids=documents, return_logits=True)
     (out.loss + out.logits.square().mean()).backward()  # every logit gets a gradient, padding included
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -184,9 +185,9 @@ def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single):
     """The CPU default for packed rows: SDPA per sample slice (no [T, T] mask built), the dense path's logits
     and gradients. A window no shorter than any sample changes nothing, so it too runs per sample."""
     model = tiny_model(layers=2, sliding_window=window).train()
-    positions = torch.arange(24).expand(2, 24) if single else SEG_POSITIONS
+    documents = torch.zeros(2, 24, dtype=torch.long) if single else SEG_DOCS
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
-    logits, grads = _logits_and_grads(model, positions)
+    logits, grads = _logits_and_grads(model, documents)
     monkeypatch.delenv("VELOTUNE_ATTENTION")
     calls = []
     real_sdpa = varlen.F.scaled_dot_product_attention
@@ -194,7 +195,7 @@ def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single):
                         lambda *a, **kw: calls.append(a[0].shape[2]) or real_sdpa(*a, **kw))
     with monkeypatch.context() as patch:
         patch.setattr(AttentionMask, "_build", lambda *a: pytest.fail("a dense mask was built"))
-        seg_logits, seg_grads = _logits_and_grads(model, positions)
+        seg_logits, seg_grads = _logits_and_grads(model, documents)
     # per layer: one call on the whole batch, or one per sample slice
     assert calls == ([24] * 2 if single else [7, 6, 5, 6, 24] * 2)
     assert rel_err(seg_logits, logits) < 1e-6 and grads.keys() == seg_grads.keys() and len(grads) == 28
@@ -210,5 +211,5 @@ def test_cpu_segments_path_falls_back_to_the_dense_mask_for_a_short_window():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AttentionMask, "_build", lambda self, w: built.append(w) or real_build(self, w))
         with torch.no_grad():
-            model(SEG_IDS, position_ids=SEG_POSITIONS)
+            model(SEG_IDS, document_ids=SEG_DOCS)
     assert built == [4]

@@ -10,7 +10,7 @@ from hf_reference import make_checkpoint
 from test_lora import ckpt, load, randomize_adapters, rel_err, token_ids  # noqa: F401 (ckpt is a fixture)
 from velotune.errors import UnsupportedError
 from velotune.lora import merged_state_dict, trainable_parameters
-from velotune.models.quantize import dequantize_weight, is_quantized_linear, quantize_model
+from velotune.models.quantize import decoder_linears, dequantize_weight, is_quantized_linear, quantize_model
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
@@ -53,7 +53,7 @@ def test_quantized_base_names_and_accuracy(aligned, method):
     assert len(layers) == 14 and set(layers.values()) == {LAYER_CLASS[method]}
     assert type(model.model.embed_tokens) is nn.Embedding
     assert set(dict(model.named_parameters())) == set(dict(fp32.named_parameters()))  # `...q_proj.weight` stays
-    assert model.quantization["method"] == method
+    assert model.quantization == method
     ids = token_ids()
     logits = model(ids).logits
     assert rel_err(logits, dequantized_twin(aligned, model)(ids).logits) <= 1e-6  # measured 0 (nf4), 2.0e-7 (int8)
@@ -153,7 +153,8 @@ def test_dequantize_plain_linear_is_a_copy():
 def test_nf4_keeps_layers_the_cpu_kernel_gets_wrong(ckpt, caplog):
     model = quantized(ckpt, "nf4")  # o_proj (in 96) and down_proj (in 112) are not multiples of 64
     kept = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
-    assert model.quantization["kept"] == kept
+    assert model.quantization == "nf4"
+    assert [n for n, m in decoder_linears(model) if not is_quantized_linear(m)] == kept
     assert "kept in float32 because bitsandbytes' CPU 4-bit kernel" in caplog.text
     assert all(type(model.get_submodule(n)) is nn.Linear for n in kept)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"

@@ -40,7 +40,7 @@ def _rendered_ids(tok, template):
 
 
 def _generate_prompt_ids(monkeypatch, args) -> list[int]:
-    gen = importlib.import_module("velotune.infer.generate")  # the package exports a function of that name
+    gen = importlib.import_module("velotune.infer.generation")
     seen, real = [], gen.encode_prompt
 
     def recording(tokenizer, prompt):
@@ -74,7 +74,7 @@ def test_chat_uses_the_adapters_template(trained, monkeypatch):
     import io
 
     from velotune.infer.chat_cli import run_chat
-    gen = importlib.import_module("velotune.infer.generate")
+    gen = importlib.import_module("velotune.infer.generation")
     base, adapter, tok = trained
     seen, real = [], gen.encode_prompt
     monkeypatch.setattr(gen, "encode_prompt", lambda t, p: seen.append(real(t, p)) or seen[-1])

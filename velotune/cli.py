@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     from .exporting.export_cli import add_export_parser
     add_export_parser(sub)
-    from .bench_cli import add_bench_parser
+    from .bench.cli import add_bench_parser
     add_bench_parser(sub)
     from .models.info import add_info_parser
     add_info_parser(sub)

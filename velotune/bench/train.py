@@ -227,7 +227,7 @@ def run(ns) -> dict:
 
 
 def main(argv=None):
-    from .cli import script_main
+    from .options import script_main
     script_main(run, argv, description=__doc__.splitlines()[0])
 
 

@@ -5,7 +5,7 @@
     sample   = normalise(record, fmt)                  # a conversation or raw text
     template = resolve_chat_template(name, tokenizer)  # the tokenizer's own, or a built-in by name
     example  = encode(sample, tokenizer, template, max_len=...)   # input_ids + labels (-100 = not trained)
-    for batch in batch_iterator(examples, ...): ...   # input_ids, labels, position_ids | attention_mask
+    for batch in batch_iterator(examples, ...): ...   # input_ids, labels, position_ids + document_ids | attention_mask
 
 `build_datasets(data_cfg, tokenizer, ...)` runs all of it for the trainer.
 """

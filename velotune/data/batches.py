@@ -1,8 +1,9 @@
 """Batches of LongTensors from encoded examples.
 
-Packed: each row holds several examples; `position_ids` restart at 0 for each, which is how the model knows
-where a document begins (no attention across examples); the row's tail padding is a segment of its own with
-labels -100. Not packed: one example per row, right padding, `attention_mask` 1 for real tokens.
+Packed: each row holds several examples; `document_ids` number them within the row (0, 1, ...), which is how the
+model knows where a document begins (no attention across examples), and `position_ids` restart at 0 for each (the
+positions each has alone, for RoPE); the row's tail padding is a document of its own with labels -100. Not packed:
+one example per row, right padding, `attention_mask` 1 for real tokens.
 Rows are as long as the longest row of their batch, rounded up to one of a few bucket lengths (at most
 max_seq_length): a run then meets few distinct widths, and the CPU's per-shape kernel caches stop growing
 (kernels/shape_buckets.py).
@@ -58,16 +59,19 @@ def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width:
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
     if packing:
         position_ids = torch.zeros((B, width), dtype=torch.long)
+        document_ids = torch.zeros((B, width), dtype=torch.long)
         for b, row in enumerate(rows):
             at = 0
-            for example in row:
+            for doc, example in enumerate(row):
                 n = len(example)
                 input_ids[b, at:at + n] = example.input_ids
                 labels[b, at:at + n] = example.labels
                 position_ids[b, at:at + n] = torch.arange(n)
+                document_ids[b, at:at + n] = doc
                 at += n
-            position_ids[b, at:] = torch.arange(width - at)  # the tail padding: its own segment
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            position_ids[b, at:] = torch.arange(width - at)  # the tail padding: a document of its own
+            document_ids[b, at:] = len(row)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
     attention_mask = torch.zeros((B, width), dtype=torch.long)
     for b, row in enumerate(rows):
         if len(row) != 1:

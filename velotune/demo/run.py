@@ -13,7 +13,7 @@ from pathlib import Path
 log = logging.getLogger("velotune")
 
 def ask_all(model, tokenizer, questions) -> list[str]:
-    from ..infer.generate import generate_batch
+    from ..infer.generation import generate_batch
     prompts = [[{"role": "user", "content": q}] for q, _ in questions]
     return [a.strip() for a in generate_batch(model, tokenizer, prompts, max_new_tokens=32, temperature=0.0)]
 

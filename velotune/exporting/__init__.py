@@ -27,6 +27,10 @@ def export(model, tokenizer, out, format: str = "merged", dtype=None, quant=None
     else `out`/model.gguf) in `quant` (f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1; default from
     `dtype`, else f16) plus an Ollama Modelfile beside it (`NAME.Modelfile` for `NAME.gguf`, else `Modelfile`).
     """
+    if format not in FORMATS:
+        raise UnsupportedError(f"export format {format!r} is not supported; supported: {', '.join(FORMATS)}")
+    from ..models.interface import require_model
+    model = require_model(model, "vt.export")
     if format == "merged":
         if quant is not None:
             raise UnsupportedError("quant applies to format='gguf'; a merged export takes dtype= instead")
@@ -36,10 +40,8 @@ def export(model, tokenizer, out, format: str = "merged", dtype=None, quant=None
     if format == "adapter":
         from .merged import export_adapter
         return export_adapter(model, out, overwrite=overwrite, tokenizer=tokenizer)
-    if format == "gguf":
-        from .gguf_writer import export_gguf
-        return export_gguf(model, tokenizer, out, quant=quant, dtype=dtype, overwrite=overwrite)
-    raise UnsupportedError(f"export format {format!r} is not supported; supported: {', '.join(FORMATS)}")
+    from .gguf_writer import export_gguf
+    return export_gguf(model, tokenizer, out, quant=quant, dtype=dtype, overwrite=overwrite)
 
 
 __all__ = ["export", "FORMATS"]

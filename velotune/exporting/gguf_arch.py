@@ -53,8 +53,8 @@ _QKV_KINDS = ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_QKV")
 
 
 def arch_spec(model) -> ArchSpec:
-    model_type = getattr(getattr(model, "args", None), "model_type", None)
-    if getattr(model, "is_generic", False) or model_type not in SPECS:
+    model_type = model.model_type
+    if model.path != "native" or model_type not in SPECS:
         raise UnsupportedError(f"GGUF export: model_type {model_type!r} is not supported; supported: "
                                f"{', '.join(SPECS)} (export format='merged' works for any model)")
     spec = SPECS[model_type]
@@ -81,12 +81,6 @@ def llama_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of each head reordered from halves (HF) to interleaved pairs (llama.cpp's Llama rotation)."""
     head_dim = weight.shape[0] // n_heads
     return weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def llama_unpermute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `llama_permute` (for reading a file back)."""
-    head_dim = weight.shape[0] // n_heads
-    return weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def gguf_tensors(model, state: dict, spec: ArchSpec) -> list[tuple[str, torch.Tensor]]:

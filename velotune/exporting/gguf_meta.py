@@ -2,8 +2,6 @@
 settings (`general.sampling.*`) taken from the checkpoint's generation_config.json."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..infer.defaults import from_generation_config, read_generation_config
 
 # our sampling field -> GGUFWriter method that writes the matching general.sampling.* key
@@ -30,5 +28,4 @@ def sampling_settings(model) -> dict:
 
 
 def model_name(model) -> str | None:
-    source = getattr(model, "source_dir", None)
-    return Path(source).name if source is not None else None
+    return model.source_dir.name if model.source_dir is not None else None

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..models import checkpoint as ckpt
-from ..models.loader import parse_dtype
+from ..models.dtypes import parse_dtype
 from .output import check_output
 
 GENERATION_CONFIG = "generation_config.json"
@@ -45,8 +45,7 @@ def export_dtype(model, dtype) -> torch.dtype:
     if dtype is not None:
         target = parse_dtype(dtype)
     else:
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        target = embeddings.weight.dtype if embeddings is not None else model.model.embed_tokens.weight.dtype
+        target = model.get_input_embeddings().weight.dtype
     if target not in (torch.float32, torch.bfloat16, torch.float16):
         raise UnsupportedError(f"merged export dtype {target}: expected float32, bfloat16 or float16")
     return target
@@ -85,9 +84,9 @@ def write_config(model, out_dir: Path, dtype: torch.dtype):
 def write_generation_config(model, tokenizer, out_dir: Path):
     """The source's generation_config.json when it has one; else one naming BOS, PAD and every id that ends a
     reply (EOS and the chat template's end-of-turn token), so that generation stops where the model does."""
-    source = getattr(model, "source_dir", None)
-    if source is not None and (Path(source) / GENERATION_CONFIG).is_file():
-        shutil.copy2(Path(source) / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
+    source = model.source_dir
+    if source is not None and (source / GENERATION_CONFIG).is_file():
+        shutil.copy2(source / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
         return
     config = default_generation_config(model, tokenizer)
     (out_dir / GENERATION_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -101,10 +100,10 @@ def default_generation_config(model, tokenizer) -> dict:
         eos = list(dict.fromkeys(eos + [end_of_turn_id(tokenizer)]))
     args = model.args
     config = {"bos_token_id": getattr(tokenizer, "bos_token_id", None) if tokenizer is not None
-              else getattr(args, "bos_token_id", None),
+              else args.bos_token_id,
               "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
               "pad_token_id": getattr(tokenizer, "pad_token_id", None) if tokenizer is not None
-              else getattr(args, "pad_token_id", None)}
+              else args.pad_token_id}
     return {k: v for k, v in config.items() if v is not None}
 
 
@@ -113,10 +112,10 @@ def write_tokenizer(model, tokenizer, out_dir: Path):
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
         return
-    source = getattr(model, "source_dir", None)
+    source = model.source_dir
     for name in TOKENIZER_FILES if source is not None else ():
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, out_dir / name)
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
 
 
 def export_adapter(model, out, overwrite: bool = False, tokenizer=None) -> Path:

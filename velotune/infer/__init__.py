@@ -1,15 +1,14 @@
 """Inference: KV cache, sampling, generation defaults, and `generate` / `stream` / `generate_batch`.
 
 Names are imported on first use, so that building the `velotune` command's parser (which imports the serve
-command's options from this package) does not load torch."""
-import sys
-import types
+command's options from this package) does not load torch. (The functions `generate` and `stream` live in
+generation.py: no submodule shares a name with a function.)"""
 from importlib import import_module
 
 _API = {
     "KVCache": "cache", "SamplingParams": "sampling",
     "resolve_sampling": "defaults", "eos_token_ids": "defaults", "read_generation_config": "defaults",
-    **{name: "generate" for name in ("generate", "stream", "generate_batch", "stream_batch", "generate_ids",
+    **{name: "generation" for name in ("generate", "stream", "generate_batch", "stream_batch", "generate_ids",
                                      "Decoder", "TextGeneration", "GenerationOutput", "Completion", "TextEvent")},
 }
 
@@ -27,14 +26,3 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing the submodule `generate` binds it on the package; the public name is the function.
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -35,8 +35,8 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
-        layers = getattr(getattr(model, "model", None), "layers", None)
-        return cls(capacity, block_size, num_layers=len(layers) if layers is not None else None)
+        """A cache with one entry per decoder block of `model` (a models.interface.LanguageModel)."""
+        return cls(capacity, block_size, num_layers=len(model.blocks()))
 
     # ---- what the model uses -----------------------------------------------------------------------------
     @property
@@ -76,13 +76,6 @@ class KVCache:
             store[layer_idx] = new
         self.capacity = max(self.capacity, capacity)
         self.reallocations += 1
-
-    def crop(self, length: int):
-        """Forgets every position from `length` on (e.g. to reuse a shared prompt prefix)."""
-        if length < 0 or length > self.past_length:
-            raise ValueError(f"crop({length}): the cache holds {self.past_length} positions")
-        for layer_idx in self._lengths:
-            self._lengths[layer_idx] = length
 
     def select_rows(self, rows: torch.Tensor):
         """Keeps only the batch rows `rows` (indices), e.g. to drop finished sequences."""

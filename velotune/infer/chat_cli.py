@@ -76,7 +76,7 @@ def sampling_from_args(ns) -> dict:
 
 
 def run_generate(ns):
-    from .generate import generate
+    from .generation import generate
     model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device,
                                           ns.chat_template)
     if ns.messages:
@@ -139,7 +139,7 @@ def run_command(line: str, session: dict, sampling, out) -> str | None:
 
 def reply_to(model, tokenizer, message: str, session: dict, sampling: dict, out):
     """Streams the model's reply to `message` and adds both to the history."""
-    from .generate import stream
+    from .generation import stream
     session["history"].append({"role": "user", "content": message})
     system = session["system"]
     messages = ([{"role": "system", "content": system}] if system else []) + session["history"]

@@ -5,7 +5,6 @@ batch are left-padded and carry an `attention_mask` (1 = real token); each row s
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -13,12 +12,13 @@ from typing import Iterator
 import torch
 
 from ..errors import VelotuneError
+from ..models.interface import require_model
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .defaults import eos_token_ids as find_eos_token_ids
 from .sampling import Penalties, SamplingParams, make_generator, sample
 
 # Prefill runs in chunks of about this many tokens (all rows together), so that the logits of a long prompt
-# ([tokens, vocab]) never take much memory; models whose forward takes `logits_to_keep` prefill in one go.
+# ([tokens, vocab]) never take much memory; models that support `logits_to_keep` prefill in one go.
 PREFILL_TOKEN_BUDGET = 2048
 MIN_PREFILL_CHUNK = 64
 
@@ -57,7 +57,7 @@ class Decoder:
                  eos_token_ids=(), pad_token_id: int | None = None, generator: torch.Generator | None = None,
                  prefill_chunk_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  return_logits: bool = False, compact: bool = True):
-        self.model = model
+        self.model = require_model(model, "generation")
         self.params = params or SamplingParams()
         device = model_device(model)
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -73,8 +73,8 @@ class Decoder:
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: plain causal attention (faster kernels)
         self.batch_size, self.prompt_length = B, P
-        limit = getattr(model, "max_seq_length", None)
-        if isinstance(limit, int) and P + self.params.max_new_tokens > limit:
+        limit = model.max_seq_length
+        if limit is not None and P + self.params.max_new_tokens > limit:
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed the model's max_seq_length (%d): "
                         "quality may drop past it", P, self.params.max_new_tokens, limit)
         self.prompt_lengths = ([P] * B if attention_mask is None else attention_mask.sum(-1).tolist())
@@ -176,16 +176,14 @@ class Decoder:
         return None if self.mask is None else self.mask[:, :width]
 
     def _forward(self, ids, mask):
-        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(self.model) else {}
-        out = self.model(ids, attention_mask=mask, cache=self.cache, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        return logits[:, -1]
+        keep = 1 if self.model.supports_logits_to_keep else 0
+        return self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep).logits[:, -1]
 
     def _prefill(self):
         B, P = self.input_ids.shape
         chunk = self.prefill_chunk_size
         if chunk is None:
-            chunk = P if _takes_logits_to_keep(self.model) else max(MIN_PREFILL_CHUNK, PREFILL_TOKEN_BUDGET // B)
+            chunk = P if self.model.supports_logits_to_keep else max(MIN_PREFILL_CHUNK, PREFILL_TOKEN_BUDGET // B)
         logits = None
         for start in range(0, P, chunk):
             end = min(P, start + chunk)
@@ -202,19 +200,6 @@ class Decoder:
             penalties.counts = penalties.counts.index_select(0, keep)
             penalties.prompt_seen = penalties.prompt_seen.index_select(0, keep)
         return next_ids.index_select(0, keep), penalties
-
-
-_LOGITS_TO_KEEP: dict = {}
-
-
-def _takes_logits_to_keep(model) -> bool:
-    key = type(model)
-    if key not in _LOGITS_TO_KEEP:
-        try:
-            _LOGITS_TO_KEEP[key] = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            _LOGITS_TO_KEEP[key] = False
-    return _LOGITS_TO_KEEP[key]
 
 
 def model_device(model) -> torch.device:
@@ -248,6 +233,7 @@ def generate_ids(model, input_ids, attention_mask=None, params: SamplingParams |
     replace its fields. `eos_token_ids` default to the model's (generation_config.json and config.json).
     Returns the generated tokens, their log-probs and why each row ended.
     """
+    require_model(model, "generation")
     params = (params or SamplingParams()).replace(**sampling) if sampling else (params or SamplingParams())
     if eos_token_ids is None:
         eos_token_ids = find_eos_token_ids(model)

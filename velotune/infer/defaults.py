@@ -136,31 +136,22 @@ def from_generation_config(generation_config: dict | None) -> dict:
 # ---- what the model carries ------------------------------------------------------------------------------
 
 def read_generation_config(model) -> dict:
-    """generation_config.json from `model.source_dir`; else a transformers model's non-default settings; else {}."""
-    if model is None:
+    """generation_config.json from `model.source_dir` (a velotune model, or None); else {}."""
+    if model is None or model.source_dir is None:
         return {}
-    source = getattr(model, "source_dir", None)
-    if source is not None:
-        path = Path(source) / GENERATION_CONFIG
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                log.warning("%s: cannot read (%s); ignoring it", path, exc)
-                return {}
-            return data if isinstance(data, dict) else {}
-    hf = getattr(model, "generation_config", None)
-    if hf is not None and hasattr(hf, "to_diff_dict"):
-        return dict(hf.to_diff_dict())
-    return {}
+    path = Path(model.source_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read (%s); ignoring it", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def model_type_of(model) -> str | None:
-    for holder in (getattr(model, "args", None), getattr(model, "config", None), model):
-        value = getattr(holder, "model_type", None) if holder is not None else None
-        if isinstance(value, str):
-            return value
-    return None
+    return model.args.model_type if model is not None else None
 
 
 def _ids(value) -> list[int]:
@@ -182,8 +173,7 @@ def eos_token_ids(model=None, tokenizer=None, generation_config: dict | None = N
     if tokenizer is not None:
         found += _ids(getattr(tokenizer, "eos_token_id", None))
     found += _ids(generation_config.get("eos_token_id"))
-    args = getattr(model, "args", None) or getattr(model, "config", None)
-    found += _ids(getattr(args, "eos_token_id", None))
+    found += _ids(model.args.eos_token_id if model is not None else None)
     found += _ids(list(extra))
     return list(dict.fromkeys(found))
 

@@ -260,7 +260,9 @@ def build_server(model, tokenizer, base_name: str, adapters: dict | None = None,
     `chat_template` (a name, a file or Jinja text) renders the chat requests of every served model; without
     it each adapter uses the template saved with it, else the base's (see server_jobs.chat_templates_for)."""
     from ..errors import ConfigError
+    from ..models.interface import require_model
     from .server_adapters import AdapterSet
+    model = require_model(model, "serving")
     adapter_set = AdapterSet(model)
     for name, path in (adapters or {}).items():
         if name == base_name:

@@ -11,7 +11,7 @@ import logging
 
 from ..errors import ConfigError, VelotuneError
 from .defaults import DEFAULT_CONTEXT_LENGTH, SOURCE_REQUEST, resolve_sampling
-from .generate import chat_text, end_of_turn_ids
+from .generation import chat_text, end_of_turn_ids
 from .sampling import SamplingParams
 from .server_queue import Job
 from .server_schema import APIError, ChatRequest, bad_request, chat_messages, sampling_fields
@@ -55,15 +55,14 @@ class JobBuilder:
         self.chat = {name: (template, end_of_turn_ids(tokenizer, template)) for name, template in templates.items()}
         self.sampling_config = sampling_config or None
         self.max_tokens_limit = max_tokens_limit
-        limit = getattr(model, "max_seq_length", None)
-        if isinstance(limit, int) and limit > 0:
+        limit = model.max_seq_length
+        if limit is not None and limit > 0:
             self.context_length = limit
         else:
             self.context_length = DEFAULT_CONTEXT_LENGTH
             log.warning("the model states no context length: each request is held to %d tokens (prompt + "
                         "max_tokens); set --max-seq-length to change it", DEFAULT_CONTEXT_LENGTH)
-        args = getattr(model, "args", None) or getattr(model, "config", None)
-        self.vocab_size = getattr(args, "vocab_size", None) or len(tokenizer)
+        self.vocab_size = model.args.vocab_size or len(tokenizer)
 
     def model_ids(self) -> list[str]:
         return [self.base_name] + self.adapter_names

@@ -147,7 +147,7 @@ class Scheduler:
             return batch
 
     def _run(self, jobs):
-        from .generate import FINISH_NONFINITE, NonFiniteLogitsError, TextGeneration
+        from .generation import FINISH_NONFINITE, NonFiniteLogitsError, TextGeneration
         self.adapters.activate(jobs[0].adapter)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))

@@ -9,7 +9,9 @@ block keeps x, gate and up; act(gate) and act(gate) * up are recomputed in backw
 `lora_projections` (q/k/v, or one linear) and `lora_mlp` (gate/up -> act -> down) return None when the modules
 cannot take the fused path (LoRA dropout in training, DoRA, an int8 or trainable base, dtype mismatch,
 VELOTUNE_KERNELS=reference, no autograd): the caller then runs its plain modules, which give the same numbers.
-Modules are recognised by their attributes (`base_layer`, `lora_A`, ...) so kernels/ does not import lora/.
+An adapted linear describes itself to the kernels through `AdaptedLinear.adapter_view()` (lora/ implements it;
+kernels/ does not import lora/); a module carrying adapter parameters without that description is refused
+loudly, never run on the plain path unnoticed.
 """
 from __future__ import annotations
 
@@ -20,17 +22,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedError
 from .activations import geglu_reference, swiglu_reference
 from .dispatch import kernel_mode, use_triton
 from .nf4 import dequantize_4bit, is_4bit_linear
 
 
 @dataclass(frozen=True, eq=False)
+class AdapterView:
+    """What the fused kernels need of an adapted linear: y = base(x) + scaling * (x A^T) B^T. `a`/`b` are None
+    when the adapter is merged into the base (the base alone is then the whole linear)."""
+    base: nn.Module
+    scaling: float
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+
+
+class AdaptedLinear(nn.Module):
+    """Base class of linears carrying an adapter (LoRA and its variants): the one interface the kernels read."""
+
+    def adapter_view(self) -> AdapterView | None:
+        """The layer as the fused kernels compute it, or None when only its own forward is right (e.g. dropout
+        on the adapter's input while training, DoRA's weight normalisation)."""
+        raise NotImplementedError(f"{type(self).__name__}.adapter_view")
+
+
+@dataclass(frozen=True, eq=False)
 class Projection:
-    """One linear of a fused group: a frozen base (plain or 4-bit) and, when `lora`, its adapter's scaling."""
+    """One linear of a fused group: a frozen base (plain or 4-bit) and, when `lora`, its adapter (scaling, A, B)."""
     base: nn.Module
     lora: bool
     scaling: float = 0.0
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight [out, in] in `dtype`: the parameter itself, or a fresh dequantized copy."""
@@ -45,29 +69,42 @@ class Projection:
 
 
 def projection_of(module: nn.Module, dtype: torch.dtype, autocast: bool) -> Projection | None:
-    """The fused view of a LoRA layer or a plain / 4-bit linear, or None when it needs the plain path."""
-    lora = hasattr(module, "lora_A") and hasattr(module, "base_layer")
-    base = module.base_layer if lora else module
-    if lora and not module.merged:
-        dropout = module.lora_dropout
-        if module.use_dora or not (isinstance(dropout, nn.Identity) or not dropout.training):
+    """The fused view of an adapted linear or a plain / 4-bit linear, or None when it needs the plain path."""
+    view = None
+    if isinstance(module, AdaptedLinear):
+        view = module.adapter_view()
+        if view is None:
             return None
+        base = view.base
+    else:
+        base = module
     quantized = is_4bit_linear(base)
-    if not (quantized or type(base) is nn.Linear) or base.weight.requires_grad:
+    if not (quantized or type(base) is nn.Linear):  # an int8 base, or a module of another kind
+        if view is None:
+            _refuse_undescribed_adapter(module)
         return None
-    if base.bias is not None and base.bias.requires_grad:
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
     if not autocast:  # the plain path computes in the base's dtype: the fused one must see the same
         base_dtype = getattr(base, "compute_dtype", None) if quantized else base.weight.dtype
         if base_dtype != dtype:
             return None
-    if lora and not module.merged:
-        return Projection(base, True, module.scaling)
+    if view is not None and view.a is not None:
+        return Projection(base, True, view.scaling, view.a, view.b)
     return Projection(base, False)
 
 
-def _adapters(modules, projections):
-    return [t for m, p in zip(modules, projections) if p.lora for t in (m.lora_A.weight, m.lora_B.weight)]
+def _refuse_undescribed_adapter(module: nn.Module):
+    """A linear-like module with adapter parameters that the kernels know nothing about: a new adapter kind must
+    describe itself (AdaptedLinear.adapter_view), or its adapter would silently be treated as absent."""
+    adapter = next((name for name, _ in module.named_parameters() if "lora_" in name), None)
+    if adapter is not None:
+        raise UnsupportedError(f"{type(module).__name__} carries adapter parameters ({adapter}) but is not an "
+                               f"AdaptedLinear: the fused kernels cannot tell how to compute it")
+
+
+def _adapters(projections):
+    return [t for p in projections if p.lora for t in (p.a, p.b)]
 
 
 def _fused_group(modules, x):
@@ -79,7 +116,7 @@ def _fused_group(modules, x):
     projections = [projection_of(m, dtype, autocast) for m in modules]
     if any(p is None for p in projections):
         return None
-    return projections, dtype, _adapters(modules, projections)
+    return projections, dtype, _adapters(projections)
 
 
 @contextlib.contextmanager
@@ -193,8 +230,8 @@ def _gated_grads(spec, gate, up, dh):
     """d gate, d up of act(gate) * up: the Triton backward kernel where it runs, else autograd on the reference."""
     kind, approx = spec.kind
     if use_triton(gate) and (kind == "swiglu" or approx in ("none", "tanh")):
-        from .triton_lora import gated_grads_triton
-        return gated_grads_triton(gate, up, dh, kind, approx)
+        from .triton_activations import gated_grads
+        return gated_grads(gate, up, dh, kind, approx)
     with torch.enable_grad():
         g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
         h = swiglu_reference(g, u) if kind == "swiglu" else geglu_reference(g, u, approx)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import as_rows, compute_dtype, next_power_of_2, num_warps_for, tile_rows
+from .triton_common import as_rows, compute_dtype, next_power_of_2, num_warps_for, tanh, tile_rows
 
 SWIGLU, GELU_ERF, GELU_TANH = 0, 1, 2
 _GELU_KIND = {"none": GELU_ERF, "tanh": GELU_TANH}
@@ -21,14 +21,6 @@ def _sigmoid(x):
     # exp of a non-positive number only: no overflow for large |x|.
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no portable tanh (libdevice is CUDA-only): 2 * sigmoid(2x) - 1, written without overflow.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
@@ -44,7 +36,7 @@ def _act_and_grad(g, KIND: tl.constexpr):
         grad = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     else:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        th = _tanh(inner)
+        th = tanh(inner)
         act = 0.5 * g * (1.0 + th)
         grad = 0.5 * (1.0 + th) + 0.5 * g * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
     return act, grad
@@ -103,17 +95,30 @@ class TritonGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        M, N = g2.shape
-        dy2 = as_rows(dy)
-        dg = torch.empty((M, N), dtype=g2.dtype, device=g2.device)
-        du = torch.empty((M, N), dtype=u2.dtype, device=u2.device)
-        block_m, block_n, warps = _launch(N)
-        if dg.numel():
-            grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-            _gated_bwd[grid](dy2, g2, u2, dg, du, M, N, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0),
-                             du.stride(0), KIND=ctx.kind, CDT=compute_dtype(torch.result_type(g2, u2)), BLOCK_M=block_m,
-                             BLOCK_N=block_n, num_warps=warps)
+        dg, du = _gated_bwd_rows(g2, u2, as_rows(dy), ctx.kind)
         return dg.view(ctx.shape), du.view(ctx.shape), None
+
+
+def _gated_bwd_rows(g2, u2, dy2, kind: int):
+    """d gate, d up of act(gate) * up for [rows, N] operands, act recomputed from gate."""
+    M, N = g2.shape
+    dg = torch.empty((M, N), dtype=g2.dtype, device=g2.device)
+    du = torch.empty((M, N), dtype=u2.dtype, device=u2.device)
+    block_m, block_n, warps = _launch(N)
+    if dg.numel():
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _gated_bwd[grid](dy2, g2, u2, dg, du, M, N, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0),
+                         du.stride(0), KIND=kind, CDT=compute_dtype(torch.result_type(g2, u2)), BLOCK_M=block_m,
+                         BLOCK_N=block_n, num_warps=warps)
+    return dg, du
+
+
+def gated_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, kind: str, approx=None):
+    """d gate and d up of act(gate) * up given dh, any leading shape: the backward kernel on the caller's own
+    buffers (the fused LoRA MLP keeps gate and up itself). kind "swiglu", or "geglu" with approx "none" | "tanh"."""
+    code = SWIGLU if kind == "swiglu" else _GELU_KIND[approx]
+    dg, du = _gated_bwd_rows(as_rows(gate), as_rows(up), as_rows(dh), code)
+    return dg.view(gate.shape), du.view(up.shape)
 
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,11 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 next_power_of_2 = triton.next_power_of_2
+
+
+@triton.jit
+def tanh(x):
+    # tl has no portable tanh (libdevice is CUDA-only): 2 * sigmoid(2x) - 1, written without overflow.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)

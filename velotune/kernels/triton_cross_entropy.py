@@ -11,14 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import compute_dtype, next_power_of_2
-from .triton_activations import _tanh
+from .triton_common import compute_dtype, next_power_of_2, tanh
 
 
 @triton.jit
 def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
-        t = _tanh(x / softcap)
+        t = tanh(x / softcap)
         return softcap * t, t
     return x, x
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
-from .nf4 import code_table, packed_bytes
+from .nf4_layout import code_table, packed_bytes
 
 
 @triton.jit

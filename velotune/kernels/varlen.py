@@ -1,6 +1,6 @@
 """Attention over packed rows (several samples in one row) without building a dense [T, T] mask.
 
-A packed row restarts its position ids at 0 for each sample; `doc_ids` [B, T] numbers the samples. A token
+A packed row holds several samples; `doc_ids` [B, T] (the forward's `document_ids`) numbers them. A token
 attends causally within its own sample only (and within the sliding window when the layer has one). Backends,
 in the order `auto` tries them:
 

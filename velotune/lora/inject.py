@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.interface import LanguageModel
 from ..models.quantize import output_head_names
 from .layers import LoraLinear
 
@@ -17,8 +18,8 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class LoraSettings:
-    """What `add_lora` was asked for, with the targets resolved to module names; kept on the model as
-    `model.lora_settings` and written to adapter_config.json."""
+    """What `add_lora` was asked for, with the targets resolved to module names; kept on a velotune model as
+    `model.lora_settings` (models/interface.py) and written to adapter_config.json."""
     r: int
     alpha: float
     dropout: float = 0.0
@@ -57,7 +58,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         set_submodule(model, name, layer)
     for name in keep:
         model.get_submodule(name).requires_grad_(True)
-    model.lora_settings = LoraSettings(r, alpha, dropout, rslora, dora, names, keep, dtype)
+    if isinstance(model, LanguageModel):  # a plain transformers model or a bare layer gets the layers alone
+        model.lora_settings = LoraSettings(r, alpha, dropout, rslora, dora, names, keep, dtype)
     return model
 
 
@@ -138,8 +140,8 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
         else:
             layer.unmerge()
         set_submodule(model, name, layer.base_layer)
-    if hasattr(model, "lora_settings"):
-        del model.lora_settings
+    if isinstance(model, LanguageModel):
+        model.lora_settings = None
     return model
 
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.lora_ops import fused_lora_linear
+from ..kernels.lora_ops import AdaptedLinear, AdapterView, fused_lora_linear
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdaptedLinear):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -48,6 +48,16 @@ class LoraLinear(nn.Module):
         self.lora_B.weight.zero_()
         if self.use_dora:
             self.lora_magnitude_vector.copy_(self._row_norm(dequantize_weight(self.base_layer), self.delta_weight()))
+
+    def adapter_view(self) -> AdapterView | None:
+        """What the fused kernels compute for this layer; None (plain forward) with DoRA, or with dropout on the
+        adapter's input while training."""
+        if self.merged:
+            return AdapterView(self.base_layer, self.scaling, None, None)
+        dropping = not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training
+        if self.use_dora or dropping:
+            return None
+        return AdapterView(self.base_layer, self.scaling, self.lora_A.weight, self.lora_B.weight)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x):

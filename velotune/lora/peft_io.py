@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
+from ..models.interface import require_model
 from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
                      resolve_targets)
 
@@ -75,6 +76,7 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     """Loads a PEFT-format LoRA adapter. A model without LoRA gets the layers the config describes first;
     a model with LoRA must match the config (rank, alpha, targets). Names or shapes that do not fit raise
     CheckpointError naming them, and leave the model as it was."""
+    require_model(model, "vt.load_adapter")
     adapter_dir = Path(adapter_dir)
     kwargs = settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME)
     weights = adapter_dir / WEIGHTS_NAME
@@ -214,16 +216,14 @@ def _few(items, n=4) -> str:
 
 
 def _settings(model):
-    settings = getattr(model, "lora_settings", None)
+    settings = require_model(model, "LoRA adapter files").lora_settings
     if settings is None:
         raise UnsupportedError("this model has no LoRA adapters: call add_lora(model, ...) or load_adapter() first")
     return settings
 
 
 def _base_name(model) -> str | None:
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    source = getattr(model, "source_dir", None)
-    return str(name or source) if (name or source) else None
+    return str(model.source_dir) if model.source_dir is not None else None
 
 
 def _peft_targets(model, settings) -> list[str]:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedError
 
 
 @dataclass
@@ -43,7 +43,12 @@ class BaseArgs:
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json"):
-        missing = [k for k in cls.REQUIRED if k not in config and not _has_text_config(config, k)]
+        if isinstance(config.get("text_config"), dict):
+            # A multimodal checkpoint's config: its text model's fields (and weights, under another prefix) are
+            # nested. Reading the top level only would build the model from defaults: refuse instead.
+            raise UnsupportedError(f"{source}: holds a text_config (a multimodal checkpoint); velotune's "
+                                   f"{config.get('model_type')} file reads text-only checkpoints")
+        missing = [k for k in cls.REQUIRED if k not in config]
         if missing:
             raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
         flat = _flatten_rope(dict(config))
@@ -107,10 +112,6 @@ class BaseArgs:
             kind = self.layer_types[layer_idx]
             return self.sliding_window if kind == "sliding_attention" else None
         return self.sliding_window
-
-
-def _has_text_config(config: dict, key: str) -> bool:
-    return isinstance(config.get("text_config"), dict) and key in config["text_config"]
 
 
 def _flatten_rope(config: dict) -> dict:

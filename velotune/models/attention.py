@@ -1,8 +1,9 @@
 """Attention: masks for causal / padded / packed / sliding-window batches, and the attention module.
 
 One `AttentionMask` is built per forward and shared by all layers; each layer asks it for the mask of
-its window. Rows are split into documents by position-id resets (packing), so no token attends across
-samples. Every query may always attend to itself, so a padded row never softmaxes over nothing (NaN).
+its window. Packed rows are split into documents by their `document_ids` (one id per document), so no token
+attends across samples. Every query may always attend to itself, so a padded row never softmaxes over nothing
+(NaN).
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import apply_rope, rms_norm
+from ..errors import UnsupportedError
+from ..kernels import apply_rope
 from ..kernels.lora_ops import lora_projections
 from ..kernels.varlen import packed_attention
+from .norms import RMSNorm
 
 
 class AttentionMask:
@@ -62,9 +65,30 @@ class AttentionMask:
         return allowed | (k_idx == q_idx)[None, None]
 
 
-def doc_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Packed rows restart positions at 0 for each sample: a running count of restarts numbers the documents."""
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+def check_document_ids(document_ids: torch.Tensor, shape, cache) -> None:
+    """`document_ids` as a forward takes them: integers shaped like the input ids, and no KV cache (a cached step
+    would need the documents of every past position)."""
+    if cache is not None:
+        raise UnsupportedError("document_ids (packed documents) with a KV cache: packing is for training and "
+                               "scoring whole rows; generate one document per row instead")
+    if document_ids.is_floating_point() or tuple(document_ids.shape) != tuple(shape):
+        raise ValueError(f"document_ids must be integers shaped like input_ids {list(shape)}, got "
+                         f"{list(document_ids.shape)} {str(document_ids.dtype).replace('torch.', '')}")
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a document begins (each row's first token, and every change of id)."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 at each document: those a document has alone."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    start = torch.where(document_starts(document_ids), index, 0).cummax(dim=-1).values
+    return index - start
 
 
 def attend(q, k, v, mask: AttentionMask, *, window=None, scale=None, softcap=None):
@@ -147,18 +171,3 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attend(q, k, v, mask, window=self.window, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with the family's weight convention: `offset=1` stores weight-1 (Gemma), else the weight itself."""
-
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
-        super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps, self.offset)
-
-    def extra_repr(self):
-        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}"

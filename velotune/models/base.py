@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.encode import IGNORE_INDEX
 from ..kernels import linear_cross_entropy
 from ..kernels.offload import offloaded_checkpoint
-from .attention import Attention, AttentionMask, RMSNorm, doc_ids_from_positions
+from .attention import Attention, AttentionMask, check_document_ids, document_positions
+from .interface import LanguageModel, check_checkpointing_mode
 from .mlp import GatedMLP
+from .norms import RMSNorm
 from .rope import RotaryEmbedding
-
-IGNORE_INDEX = -100
-
 
 @dataclass
 class CausalLMOutput:
@@ -68,8 +68,8 @@ class Backbone(nn.Module):
         return self.norm(h)
 
 
-class CausalLM(nn.Module):
-    """Decoder-only language model with a Hugging Face compatible state dict.
+class CausalLM(LanguageModel):
+    """Decoder-only language model with a Hugging Face compatible state dict (the interface's native path).
 
     Subclasses set `Args`, `make_block`, and the family constants below.
     """
@@ -77,11 +77,10 @@ class CausalLM(nn.Module):
     Args = None
     norm_offset = 0.0            # 1.0 for Gemma's (1 + weight) norms
     scale_embeddings = False     # Gemma multiplies embeddings by sqrt(hidden_size)
-    final_logit_softcap = None   # Gemma 2
+    supports_logits_to_keep = True
 
     def __init__(self, args):
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.model = Backbone(args, self.make_block, self.norm_offset)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
@@ -91,48 +90,35 @@ class CausalLM(nn.Module):
     def make_block(args, layer_idx):
         return PreNormBlock(args, layer_idx)
 
-    @property
-    def model_type(self) -> str:
-        return self.args.model_type
-
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool | str = True):
-        """True: recompute each block in backward; "offload": also keep each block's input on the CPU."""
-        if enabled not in (True, False, "offload"):
-            raise ValueError(f"gradient checkpointing must be True, False or 'offload', got {enabled!r}")
-        self.model.gradient_checkpointing = enabled
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.layers)
 
-    # ---- the names transformers users call --------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """As transformers: recompute each block in backward. (`{"offload": True}` also keeps block inputs on
-        the CPU.)"""
-        offload = bool((gradient_checkpointing_kwargs or {}).get("offload"))
-        self.set_gradient_checkpointing("offload" if offload else True)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
 
-    def gradient_checkpointing_disable(self):
-        self.set_gradient_checkpointing(False)
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def head_weight(self):
+        return self.lm_head.weight if type(self.lm_head) is nn.Linear else None
+
+    def set_gradient_checkpointing(self, mode: bool | str = True):
+        check_checkpointing_mode(mode)
+        self.model.gradient_checkpointing = mode
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         return bool(self.model.gradient_checkpointing)
 
-    def enable_input_require_grads(self):
-        """A no-op kept for loops written for transformers: our checkpointing (non-reentrant) does not need the
-        embeddings' output to require gradients."""
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Parameters counted once (a tied head is the embedding), as transformers counts them: excluding
-        embeddings leaves out the input embedding table only."""
-        skip = {id(self.model.embed_tokens.weight)} if exclude_embeddings else set()
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+    def state_for_saving(self) -> dict:
+        """A tied lm_head is left out, as Hugging Face does."""
+        state = dict(self.state_dict())
+        if self.args.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
 
     # ---- forward -------------------------------------------------------------------------------
     def embed(self, input_ids):
@@ -141,31 +127,43 @@ class CausalLM(nn.Module):
             h = h * torch.tensor(self.args.hidden_size ** 0.5, dtype=h.dtype)
         return h
 
-    def forward(self, input_ids=None, *, labels=None, position_ids=None, attention_mask=None, cache=None,
-                inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
-                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
-        """`model(input_ids=ids, labels=ids)` as in transformers. With labels and gradients on, the loss is the
-        fused chunked one and `out.logits` is None (the [batch, seq, vocab] logits are never built) unless
-        `return_logits=True` asks for them; without labels, or under no_grad, logits are returned."""
-        if return_logits is None:
-            return_logits = labels is None or not torch.is_grad_enabled()
+    def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
+                      cache=None, inputs_embeds=None):
+        """Packed rows need `document_ids`; their positions then default to restarting at each document."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.past_length if cache is not None else 0
-        packed = position_ids is not None and cache is None and attention_mask is None
+        if document_ids is not None:
+            check_document_ids(document_ids, (B, T), cache)
+        elif position_ids is not None and cache is None and attention_mask is None:
+            self.note_positions_without_documents(position_ids)
         if position_ids is None:
-            position_ids = _default_positions(attention_mask, past, T, h.device, B)
-        mask = AttentionMask(T, past + T, h.device,
-                             doc_ids=doc_ids_from_positions(position_ids) if packed else None,
+            position_ids = (document_positions(document_ids) if document_ids is not None
+                            else default_positions(attention_mask, past, T, h.device, B))
+        mask = AttentionMask(T, past + T, h.device, doc_ids=document_ids,
                              key_padding=attention_mask.bool() if attention_mask is not None else None)
         rope = self.model.rotary_emb(position_ids, h.dtype)
-        hidden = self.model(h, rope, mask, cache)
+        return self.model(h, rope, mask, cache)
+
+    def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
+                cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
+                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
+        """`model(input_ids=ids, labels=ids)` as in transformers. With labels and gradients on, the loss is the
+        fused chunked one and `out.logits` is None (the [batch, seq, vocab] logits are never built) unless
+        `return_logits=True` asks for them; without labels, or under no_grad, logits are returned. Packed rows:
+        `document_ids` (position_ids alone are plain positions, one document per row)."""
+        if return_logits is None:
+            return_logits = labels is None or not torch.is_grad_enabled()
+        hidden = self.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids,
+                                    attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds)
         out = CausalLMOutput(hidden_states=hidden if output_hidden_states else None)
         if return_logits or labels is None:
             # Generation needs only the last position's logits: skip the [T, vocab] product for the prompt.
             out.logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep and labels is None else hidden)
         if labels is not None:
-            out.loss, out.num_tokens = self._loss(hidden, labels, out.logits, reduction)
+            out.loss, out.num_tokens = next_token_loss(labels, reduction, logits=out.logits, hidden=hidden,
+                                                       weight=self.head_weight(), softcap=self.final_logit_softcap,
+                                                       logits_fn=self.logits)
         return out
 
     def logits(self, hidden):
@@ -173,12 +171,6 @@ class CausalLM(nn.Module):
         if self.final_logit_softcap:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
-
-    def _loss(self, hidden, labels, logits, reduction):
-        plain_head = type(self.lm_head) is nn.Linear
-        return next_token_loss(labels, reduction, logits=logits, hidden=hidden,
-                               weight=self.lm_head.weight if plain_head else None,
-                               softcap=self.final_logit_softcap, logits_fn=self.logits)
 
 
 def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weight=None, softcap=None,
@@ -224,11 +216,13 @@ def next_token_logprobs(hidden, labels, weight, *, softcap=None):
 
 def padding_idx(args):
     """config.json's pad_token_id when it is a valid row of the embedding, else None."""
-    pad = getattr(args, "pad_token_id", None)
+    pad = args.pad_token_id
     return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < args.vocab_size else None
 
 
-def _default_positions(attention_mask, past, T, device, batch):
+def default_positions(attention_mask, past, T, device, batch):
+    """Positions of a forward without position_ids: counting on from the cache, or from each row's first real
+    token when an attention_mask marks left padding."""
     if attention_mask is not None:
         # Left-padded rows: real tokens count from 0, whatever padding precedes them.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

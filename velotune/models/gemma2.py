@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .args import BaseArgs
-from .attention import Attention, RMSNorm
+from .attention import Attention
+from .norms import RMSNorm
 from .base import CausalLM
 from .gemma import refuse_bidirectional
 from .mlp import GatedMLP

@@ -1,8 +1,15 @@
 """The generic (slower) path: a `model_type` with no file of ours runs as the `transformers` model itself,
-wrapped to look like our `CausalLM`: same forward signature (our KVCache included), same `CausalLMOutput`,
-same loss code. Parameter names are the transformers model's own (`gpt_neox.layers.0...`, `lm_head.weight`):
-its children are registered directly on the wrapper, never under a prefix, and `vt.save` writes them back
-under the checkpoint's names. No fused kernels here; a warning says so, once per process.
+behind the same interface as our own models (interface.LanguageModel): same forward signature (our KVCache
+included), same `CausalLMOutput`, same loss code. Parameter names are the transformers model's own
+(`gpt_neox.layers.0...`, `lm_head.weight`): its children are registered directly on the wrapper, never under a
+prefix, and `vt.save` writes them back under the checkpoint's names. No fused kernels here; a warning says so,
+once per process.
+
+Packed documents go through transformers' own packing: with no attention_mask and no cache, transformers splits a
+row where its position ids stop counting up by one (its masks, sliding windows and flash-attention varlen all
+follow). So `document_ids` become positions restarting per document, and explicit `position_ids` without
+`document_ids` get an all-ones attention_mask, which turns that inference off: one document per row, as on our
+own models.
 """
 from __future__ import annotations
 
@@ -11,16 +18,23 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
-from .base import CausalLMOutput, _default_positions, next_token_loss
+from .attention import check_document_ids, document_positions, document_starts
+from .base import CausalLMOutput, default_positions, next_token_loss
 from .header_check import check_generic, check_positive_sizes, header_shapes, warn_if_not_finite
+from .interface import LanguageModel, check_checkpointing_mode
 from .registry import supported_model_types
 
 log = logging.getLogger("velotune")
 _warned = False
+_warned_offload = False
+# The logits of forward and of logits(hidden_states) agree to this relative error when the head is plain.
+_HEAD_MATCH = 1e-3
+_BLOCK_LIST_NAMES = ("layers", "h", "blocks")
 
 
 @dataclass
@@ -31,35 +45,44 @@ class GenericArgs:
     vocab_size: int | None = None
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
+    bos_token_id: object = None
+    eos_token_id: object = None
+    pad_token_id: object = None
+    final_logit_softcapping: float | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_hf_config(cls, hf_config, raw: dict):
+        # transformers configs: a multimodal one nests its text model's fields; an older one lacks some keys.
         text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        return cls(model_type=raw["model_type"],
-                   tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
-                   vocab_size=getattr(text, "vocab_size", None), hidden_size=getattr(text, "hidden_size", None),
-                   num_hidden_layers=getattr(text, "num_hidden_layers", None), raw=dict(raw))
+        known = {name: getattr(text, name, None) for name in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                             "bos_token_id", "eos_token_id", "pad_token_id",
+                                                             "final_logit_softcapping")}
+        return cls(model_type=raw["model_type"], tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+                   raw=dict(raw), **known)
 
     def to_dict(self) -> dict:
         return dict(self.raw)
 
 
-class GenericCausalLM(nn.Module):
-    """A transformers causal LM behind our `CausalLM` interface."""
+class GenericCausalLM(LanguageModel):
+    """A transformers causal LM behind our interface."""
 
-    is_generic = True
+    path = "generic"
+    supports_logits_to_keep = False  # transformers builds every position's logits here: prefill runs in chunks
 
     def __init__(self, hf_model: nn.Module, args: GenericArgs):
-        super().__init__()
+        super().__init__(args)
         # Held outside `_modules` so its parameters are not listed twice, nor under an `hf.` prefix.
         object.__setattr__(self, "hf_model", hf_model)
         for name, child in hf_model.named_children():
             self.add_module(name, child)
         for name, param in hf_model.named_parameters(recurse=False):
             self.register_parameter(name, param)
-        self.args = args
+        # transformers' own forward signature (a third-party API, not our interface): some models take no positions.
         self._takes_positions = "position_ids" in inspect.signature(hf_model.forward).parameters
+        self._checkpointing: bool | str = False
+        self._head_is_plain: bool | None = None  # measured on first use (see _check_head)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -68,74 +91,92 @@ class GenericCausalLM(nn.Module):
         if hf is not None and isinstance(value, nn.Module) and name in hf._modules:
             setattr(hf, name, value)
 
-    @property
-    def model_type(self) -> str:
-        return self.args.model_type
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.hf_model.training = mode  # the children follow through super(); the top level does not
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True):
-        if enabled:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.hf_model.gradient_checkpointing_disable()
+    # ---- the interface -------------------------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        """The transformers model's list of decoder layers: a ModuleList named layers / h / blocks, else the one
+        with num_hidden_layers entries."""
+        lists = [(name.rsplit(".", 1)[-1], m) for name, m in self.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m)]
+        for leaf, module in lists:
+            if leaf in _BLOCK_LIST_NAMES:
+                return list(module)
+        for _, module in lists:
+            if len(module) == self.args.num_hidden_layers:
+                return list(module)
+        raise UnsupportedError(f"{self.model_type} (generic path): cannot find its decoder blocks (no ModuleList "
+                               f"named {' / '.join(_BLOCK_LIST_NAMES)} or of num_hidden_layers entries)")
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
 
     def tie_weights(self):
         self.hf_model.tie_weights()
 
-    def embed(self, input_ids):
-        return self.hf_model.get_input_embeddings()(input_ids)
+    def set_gradient_checkpointing(self, mode: bool | str = True):
+        """"offload" is not available on this path: blocks are recomputed, their inputs stay on the device."""
+        global _warned_offload
+        check_checkpointing_mode(mode)
+        if mode == "offload" and not _warned_offload:
+            _warned_offload = True
+            log.warning("gradient checkpointing 'offload': not available on the generic path (%s); blocks are "
+                        "recomputed and their inputs stay on the device", self.model_type)
+        if mode:
+            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.hf_model.gradient_checkpointing_disable()
+        self._checkpointing = mode
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self._checkpointing)
+
+    def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
+                      cache=None, inputs_embeds=None):
+        """The transformers base model's last hidden state (its final norm's output)."""
+        kwargs = self._transformers_inputs(input_ids, inputs_embeds, position_ids, document_ids, attention_mask,
+                                           cache)
+        return _run(self.hf_model.base_model, kwargs, cache).last_hidden_state
 
     def logits(self, hidden):
-        return self.hf_model.get_output_embeddings()(hidden)
+        if not self._check_head():
+            raise UnsupportedError(f"{self.model_type} (generic path): transformers computes its logits otherwise "
+                                   "than the output head on the final hidden states (a logit scale, a norm inside "
+                                   "the head, ...); only forward() gives its logits")
+        logits = self.get_output_embeddings()(hidden)
+        cap = self.final_logit_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
 
-    def get_input_embeddings(self):
-        return self.hf_model.get_input_embeddings()
+    def head_weight(self):
+        head = self.get_output_embeddings()
+        return head.weight if type(head) is nn.Linear and self._check_head() else None
 
-    def get_output_embeddings(self):
-        return self.hf_model.get_output_embeddings()
+    @property
+    def final_logit_softcap(self):
+        return self.args.final_logit_softcapping
 
-    def forward(self, input_ids=None, *, labels=None, position_ids=None, attention_mask=None, cache=None,
-                inputs_embeds=None, return_logits: bool = True, reduction: str = "mean",
-                output_hidden_states: bool = False) -> CausalLMOutput:
-        kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      output_hidden_states=output_hidden_states, return_dict=True)
-        if position_ids is None and attention_mask is not None and self._takes_positions:
-            # As our own models: left-padded rows count positions from their first real token.
-            ref = input_ids if input_ids is not None else inputs_embeds
-            position_ids = _default_positions(attention_mask, _past_length(cache), ref.shape[1], ref.device,
-                                              ref.shape[0])
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        out = self._run(kwargs, cache)
+    def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
+                cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
+                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
+        if return_logits is None:
+            return_logits = labels is None or not torch.is_grad_enabled()
+        kwargs = self._transformers_inputs(input_ids, inputs_embeds, position_ids, document_ids, attention_mask,
+                                           cache)
+        out = _run(self.hf_model, dict(kwargs, output_hidden_states=output_hidden_states), cache)
         result = CausalLMOutput(hidden_states=out.hidden_states[-1] if output_hidden_states else None)
         if labels is not None:
             result.loss, result.num_tokens = next_token_loss(labels, reduction, logits=out.logits)
         if return_logits or labels is None:
-            result.logits = out.logits
+            keep = logits_to_keep and labels is None
+            result.logits = out.logits[:, -logits_to_keep:] if keep else out.logits
         return result
-
-    def _run(self, kwargs, cache):
-        from transformers import Cache, DynamicCache
-        if cache is None:
-            return self.hf_model(**kwargs, use_cache=False)
-        if isinstance(cache, Cache):
-            return self.hf_model(**kwargs, past_key_values=cache, use_cache=True)
-        # Our KVCache (velotune.infer.cache): transformers attends through its own cache object, so it gets
-        # one holding what ours holds, and the new keys and values go back into ours. transformers' own
-        # DynamicCache copies the same way (torch.cat) on every step.
-        past = cache.past_length
-        layers = sorted(cache.keys)
-        hf_cache = DynamicCache(ddp_cache_data=[(cache.keys[i][:, :, :past], cache.values[i][:, :, :past])
-                                                for i in layers]) if past else DynamicCache()
-        out = self.hf_model(**kwargs, past_key_values=hf_cache, use_cache=True)
-        for i, layer in enumerate(hf_cache.layers):
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                cache.update(i, layer.keys[:, :, past:], layer.values[:, :, past:])
-        return out
 
     def state_for_saving(self) -> dict:
         """The state dict under checkpoint names, each tied tensor once (under its first name, as transformers)."""
@@ -152,10 +193,92 @@ class GenericCausalLM(nn.Module):
             return state
         return dict(revert_weight_conversion(self.hf_model, state))
 
+    # ---- pieces --------------------------------------------------------------------------------------------
+    def _transformers_inputs(self, input_ids, inputs_embeds, position_ids, document_ids, attention_mask,
+                             cache) -> dict:
+        """The keyword arguments of the transformers call that means what ours mean (see the module docstring)."""
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, T = ref.shape[:2]
+        if document_ids is not None:
+            position_ids = self._packed_positions(document_ids, position_ids, attention_mask, cache, (B, T))
+        elif position_ids is not None and attention_mask is None and cache is None:
+            self.note_positions_without_documents(position_ids)
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=ref.device)
+        elif position_ids is None and attention_mask is not None and self._takes_positions:
+            # As our own models: left-padded rows count positions from their first real token.
+            position_ids = default_positions(attention_mask, _past_length(cache), T, ref.device, B)
+        kwargs = dict(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      return_dict=True)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return kwargs
+
+    def _packed_positions(self, document_ids, position_ids, attention_mask, cache, shape):
+        check_document_ids(document_ids, shape, cache)
+        where = f"{self.model_type} (generic path)"
+        if attention_mask is not None:
+            raise UnsupportedError(f"{where}: document_ids with an attention_mask: transformers packs documents "
+                                   "only without one; pass document_ids alone")
+        if not self._takes_positions:
+            raise UnsupportedError(f"{where}: the transformers model takes no position_ids, so it cannot keep "
+                                   "packed documents apart; set data.packing: false")
+        if position_ids is None:
+            return document_positions(document_ids)
+        counted = torch.ones_like(document_ids, dtype=torch.bool)
+        counted[:, 1:] = position_ids.expand(shape)[:, 1:] - position_ids.expand(shape)[:, :-1] != 1
+        if not torch.equal(counted, document_starts(document_ids)):
+            raise UnsupportedError(f"{where}: position_ids must restart at each document of document_ids and count "
+                                   "up by one within it (transformers finds documents from the positions)")
+        return position_ids
+
+    def _check_head(self) -> bool:
+        """Whether transformers' logits are the output head (soft-capped when config.json says so) on the final
+        hidden states. Families differ here (a logit scale, a norm inside the head) in ways no config key names
+        reliably, so it is measured, once, on a few tokens, with every module in eval mode."""
+        if self._head_is_plain is None:
+            device = next(self.parameters()).device
+            ids = torch.arange(min(8, self.args.vocab_size or 8), device=device)[None]
+            modes = {m: m.training for m in (self.hf_model, *self.modules())}
+            self.eval()
+            try:
+                with torch.no_grad():
+                    full = _run(self.hf_model, dict(input_ids=ids, return_dict=True), None).logits.float()
+                    logits = self.get_output_embeddings()(self.hidden_states(ids)).float()
+            finally:
+                for module, training in modes.items():
+                    module.training = training
+            cap = self.final_logit_softcap
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            self._head_is_plain = bool((logits - full).norm() <= _HEAD_MATCH * full.norm())
+        return self._head_is_plain
+
+
+def _run(module, kwargs, cache):
+    """`module` (the transformers model, or its base model) called with our cache, if any."""
+    from transformers import Cache, DynamicCache
+    if cache is None:
+        return module(**kwargs, use_cache=False)
+    if isinstance(cache, Cache):
+        return module(**kwargs, past_key_values=cache, use_cache=True)
+    # Our KVCache (velotune.infer.cache): transformers attends through its own cache object, so it gets
+    # one holding what ours holds, and the new keys and values go back into ours. transformers' own
+    # DynamicCache copies the same way (torch.cat) on every step.
+    past = cache.past_length
+    layers = sorted(cache.keys)
+    hf_cache = DynamicCache(ddp_cache_data=[(cache.keys[i][:, :, :past], cache.values[i][:, :, :past])
+                                            for i in layers]) if past else DynamicCache()
+    out = module(**kwargs, past_key_values=hf_cache, use_cache=True)
+    for i, layer in enumerate(hf_cache.layers):
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():  # a transformers cache layer
+            cache.update(i, layer.keys[:, :, past:], layer.values[:, :, past:])
+    return out
+
 
 def _past_length(cache) -> int:
     if cache is None:
         return 0
+    # Ours (velotune.infer.cache.KVCache) or a transformers Cache.
     return cache.past_length if hasattr(cache, "past_length") else cache.get_seq_length()
 
 

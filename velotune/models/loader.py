@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from torch import nn
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
+from .dtypes import default_dtype, parse_dtype
+from .interface import require_model
 from .registry import architecture, supported_model_types
 from .tokenizer import load_tokenizer
 
@@ -23,46 +24,6 @@ log = logging.getLogger("velotune")
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Files copied beside saved weights so the directory stays a complete checkpoint.
 SIDE_FILES = ("generation_config.json",)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def default_dtype(device, config: dict | None = None) -> torch.dtype:
-    """bf16 on GPUs. On the CPU: a bf16 checkpoint stays bf16 where the processor multiplies bf16 natively
-    (AVX512-BF16 or AMX: about 2x the fp32 matmul rate here, and half the memory); everything else runs in fp32,
-    since fp16 and emulated bf16 matmuls are many times slower than fp32 on CPUs."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    stored = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
-    if stored == "bfloat16" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); VELOTUNE_CPU_BF16=0/1 overrides."""
-    forced = os.environ.get("VELOTUNE_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
-    cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # private probes: absent or failing means "not known to be native"
-            continue
-    return False
-
 
 def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=None, load_tokenizer_files=True):
     """Loads a Hugging Face format checkpoint: returns (model, tokenizer or None)."""
@@ -81,8 +42,7 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
         if quantize:
             from .quantize import quantize_model
             model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
-    model.source_dir = model_dir
-    model.max_seq_length = max_seq_length or config.get("max_position_embeddings")
+    model.set_source(model_dir, max_seq_length or config.get("max_position_embeddings"))
     tokenizer = load_tokenizer(model_dir) if load_tokenizer_files else None
     return model, tokenizer
 
@@ -185,11 +145,12 @@ def _rebuild_buffers(model: nn.Module, device):
 def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES,
          overwrite: bool = False):
     """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer), atomically."""
+    model = require_model(model, "vt.save")
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise UnsupportedError("this model carries LoRA adapters: use vt.save_adapter(model, dir) for the "
                                "adapter, or vt.export(model, tokenizer, dir, format='merged') for merged weights")
     target = parse_dtype(dtype) if dtype is not None else None
-    state = model_state_for_saving(model)
+    state = model.state_for_saving()
     if target is not None:
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     out_dir = Path(out_dir)
@@ -200,23 +161,13 @@ def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFA
             config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         ckpt.save_safetensors(state, tmp, max_shard_bytes)
-        source = getattr(model, "source_dir", None)
+        source = model.source_dir
         for name in SIDE_FILES:
-            if source is not None and (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, tmp / name)
+            if source is not None and (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
-
-
-def model_state_for_saving(model) -> dict:
-    """The state dict under checkpoint names; a tied lm_head is left out, as Hugging Face does."""
-    if hasattr(model, "state_for_saving"):  # the generic path knows its own tied names
-        return model.state_for_saving()
-    state = dict(model.state_dict())
-    if getattr(model.args, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
 
 
 __all__ = ["load", "save", "supported_model_types"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
+from .interface import LanguageModel
 
 log = logging.getLogger("velotune")
 
@@ -35,15 +36,14 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def output_head_names(model: nn.Module) -> set[str]:
     """Module names of the output head (`lm_head`), which neither quantization nor "all-linear" LoRA touches."""
-    head = None
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
+    if isinstance(model, LanguageModel):
+        head = model.get_output_embeddings()
+    else:  # a plain transformers model (its own method, which may refuse), or a bare layer stack (no head)
+        getter = getattr(model, "get_output_embeddings", None)
         try:
-            head = getter()
+            head = getter() if callable(getter) else None
         except (AttributeError, NotImplementedError):
             head = None
-    if head is None:
-        head = getattr(model, "lm_head", None)
     return {name for name, m in model.named_modules() if head is not None and m is head}
 
 
@@ -79,7 +79,7 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
     if compute_dtype is None:
         compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     elif not isinstance(compute_dtype, torch.dtype):
-        from .loader import parse_dtype
+        from .dtypes import parse_dtype
         compute_dtype = parse_dtype(compute_dtype)
     kept = []
     for name, linear in decoder_linears(model):
@@ -99,8 +99,8 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
         log.warning("nf4: %d linear layer(s) kept in %s because bitsandbytes' CPU 4-bit kernel mis-reads "
                     "blocks that straddle rows (in_features not a multiple of %d): %s", len(kept),
                     str(compute_dtype).replace("torch.", ""), blocksize, ", ".join(kept))
-    model.quantization = {"method": method, "compute_dtype": str(compute_dtype).replace("torch.", ""),
-                          "double_quant": double_quant if method == "nf4" else None, "kept": kept}
+    if isinstance(model, LanguageModel):  # a bare layer stack (kernel tests) has no such record
+        model.quantization = method
     return model
 
 

@@ -1,32 +1,35 @@
-"""model_type (from config.json) -> our architecture module. Types not listed take the generic path."""
+"""(model_type from config.json, task) -> our architecture module. A model_type with no module for the task takes
+the generic path. The task is "causal-lm" today; encoders and encoder-decoders register under their own."""
 from __future__ import annotations
 
 from importlib import import_module
 
+CAUSAL_LM = "causal-lm"
+
 ARCHITECTURES = {
-    "llama": "velotune.models.llama",
-    "mistral": "velotune.models.mistral",
-    "qwen2": "velotune.models.qwen2",
-    "qwen3": "velotune.models.qwen3",
-    "gemma": "velotune.models.gemma",
-    "gemma2": "velotune.models.gemma2",
-    "phi3": "velotune.models.phi3",
+    ("llama", CAUSAL_LM): "velotune.models.llama",
+    ("mistral", CAUSAL_LM): "velotune.models.mistral",
+    ("qwen2", CAUSAL_LM): "velotune.models.qwen2",
+    ("qwen3", CAUSAL_LM): "velotune.models.qwen3",
+    ("gemma", CAUSAL_LM): "velotune.models.gemma",
+    ("gemma2", CAUSAL_LM): "velotune.models.gemma2",
+    ("phi3", CAUSAL_LM): "velotune.models.phi3",
 }
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for t in ARCHITECTURES if _importable(t))
+def supported_model_types(task: str = CAUSAL_LM) -> list[str]:
+    return sorted(model_type for model_type, kind in ARCHITECTURES if kind == task and _importable(model_type, task))
 
 
-def architecture(model_type: str):
-    """The module for `model_type` (with `Args` and `Model`), or None if we have no file for it."""
-    if not _importable(model_type):
+def architecture(model_type: str, task: str = CAUSAL_LM):
+    """The module for (`model_type`, `task`) (with `Args` and `Model`), or None if we have no file for it."""
+    if not _importable(model_type, task):
         return None
-    return import_module(ARCHITECTURES[model_type])
+    return import_module(ARCHITECTURES[model_type, task])
 
 
-def _importable(model_type: str) -> bool:
-    name = ARCHITECTURES.get(model_type)
+def _importable(model_type: str, task: str) -> bool:
+    name = ARCHITECTURES.get((model_type, task))
     if name is None:
         return False
     try:

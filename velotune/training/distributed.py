@@ -30,11 +30,6 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
-def current_rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 @dataclass
 class Distributed:
     """This process's place in the job, and the rank-dependent steps of training (no-ops in one process)."""
@@ -197,11 +192,12 @@ class Distributed:
         failure = None
         try:
             if sharded.is_sharded_checkpoint(path):  # into a sharded, DDP or plain model: each rank reads its rows
-                state = sharded.load_sharded_checkpoint(path, unwrap(model), optimizer, scheduler, scaler)
+                state = sharded.load_sharded_checkpoint(path, unwrap(model), optimizer, scheduler, scaler,
+                                                        rank=self.rank)
             elif self.mode == "fsdp2":
-                state = sharded.load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler)
+                state = sharded.load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler, rank=self.rank)
             else:
-                state = load_checkpoint(path, unwrap(model), optimizer, scheduler, scaler)
+                state = load_checkpoint(path, unwrap(model), optimizer, scheduler, scaler, rank=self.rank)
         except Exception as exc:
             failure = exc
         if self.active and self.all_sum(1.0 if failure is not None else 0.0) > 0 and failure is None:
@@ -312,7 +308,7 @@ def _rank_device(configured: str | None, local_rank: int) -> torch.device:
 
 
 def wrap_model(model: nn.Module, mode: str, *, precision: str = "auto", device=None) -> nn.Module:
-    """DDP wraps the model; FSDP2 shards each decoder block, then the root (embeddings, final norm, lm_head),
+    """DDP wraps the model; FSDP2 shards each of `model.blocks()`, then the root (embeddings, final norm, lm_head),
     in place. The optimizer must be built after this (FSDP2 replaces the parameters by sharded ones)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -327,28 +323,15 @@ def wrap_model(model: nn.Module, mode: str, *, precision: str = "auto", device=N
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         except ImportError:  # torch < 2.6 kept FSDP2 under its first name
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-        if getattr(model, "quantization", None):
+        if model.quantization:
             raise UnsupportedError("fsdp2 cannot shard a quantized (bitsandbytes) base model; use ddp")
         policy = MixedPrecisionPolicy()
         if precision == "bf16":  # compute in bf16, keep fp32 master weights, reduce gradients in fp32
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in decoder_blocks(model):
+        for block in model.blocks():
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
     if mode == "none":
         return model
     raise ConfigError(f"train.distributed: unknown mode {mode!r} (known: {', '.join(MODES)})")
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: `model.layers` in our model files, the transformers model's own list otherwise."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        return list(layers)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in ("layers", "h",
-                                                                                             "blocks"):
-            return list(module)
-    raise UnsupportedError(f"fsdp2: cannot find the decoder blocks of {type(model).__name__} "
-                           f"(no ModuleList named layers / h / blocks); use train.distributed=ddp")

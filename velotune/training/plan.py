@@ -13,7 +13,7 @@ from ..data.encode import TRAINED_CLOSE, TRAINED_OPEN
 from ..errors import ConfigError, DataError
 from .objectives import Objective, make_objective
 from .outputs import OutputDir, check_not_input_model, inspect_output_dir, output_names, probe_writable
-from .setup import check_settings
+from .model_setup import check_settings
 
 FEW_STEPS = 10          # fewer optimizer steps than this from train.epochs: warned about
 SAMPLE_CHARS = 2000     # the dry run's sample is cut after this many characters
@@ -88,8 +88,11 @@ class RunPlan:
 def plan_run(config, overrides=None, *, model=None, tokenizer=None, dist=None, objective=None) -> RunPlan:
     """The plan of `vt.train(config, overrides, model=, tokenizer=, objective=)`, made without loading weights
     and without writing anything. Bad config, output directory, data or template raise here, in that order."""
+    from ..models.interface import require_model
     from .distributed import Distributed
     cfg = load_config(config, overrides)
+    if model is not None:
+        require_model(model, "vt.train(model=...)")
     dist = dist or Distributed()
     objective = make_objective(objective if objective is not None else cfg.objective)
     check_settings(cfg)
@@ -123,8 +126,7 @@ def _input_model_dirs(cfg, model) -> list[Path]:
             raise ConfigError("model.path: required (a Hugging Face model directory or hub id)")
         return [resolve_model_dir(cfg.model.path)]
     dirs = [Path(cfg.model.path).expanduser()] if cfg.model.path else []
-    source = getattr(model, "source_dir", None)  # set by vt.load
-    dirs += [Path(source)] if source is not None else []
+    dirs += [model.source_dir] if model.source_dir is not None else []
     return [d for d in dirs if d.is_dir()]
 
 
@@ -144,7 +146,7 @@ def _max_seq_length(cfg, model, model_dirs: list[Path]) -> int:
     if cfg.data.max_seq_length:
         return cfg.data.max_seq_length
     if model is not None:
-        return getattr(model, "max_seq_length", None) or DEFAULT_MAX_SEQ_LENGTH
+        return model.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
     if cfg.model.max_seq_length:
         return cfg.model.max_seq_length
     from ..models.checkpoint import read_config

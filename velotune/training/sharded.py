@@ -153,9 +153,10 @@ def _index(tree, layouts: list[dict]) -> dict:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
-def load_sharded_checkpoint(path, model, optimizer, scheduler, scaler=None) -> TrainState:
+def load_sharded_checkpoint(path, model, optimizer, scheduler, scaler=None, rank: int = 0) -> TrainState:
     """Loads a sharded checkpoint into a sharded or plain model (no process group needed for one); each rank
-    reads only the rows it keeps. Everything is checked against the run before anything is copied."""
+    reads only the rows it keeps (and, by `rank`, its own RNG states). Everything is checked against the run
+    before anything is copied."""
     path = Path(path)
     refuse_old_format(path)
     state = read_train_state(path)
@@ -170,15 +171,16 @@ def load_sharded_checkpoint(path, model, optimizer, scheduler, scaler=None) -> T
         restore(model, optimizer, scheduler, scaler, saved["params"],
                 {**extra, "optimizer": by_position, "optimizer_class": saved["optimizer_class"]},
                 tensors_file=index_file, optimizer_file=index_file,
-                trainer_file=str(path / f"{TRAINER_STEM}.json"), local_piece=_local_piece(files.read))
+                trainer_file=str(path / f"{TRAINER_STEM}.json"), local_piece=_local_piece(files.read),
+                rank=rank)
     return state
 
 
-def load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler=None) -> TrainState:
+def load_full_checkpoint_sharded(path, model, optimizer, scheduler, scaler=None, rank: int = 0) -> TrainState:
     """Loads a usual (one-process or DDP) checkpoint into a sharded model: each rank keeps its rows."""
     def read(value: torch.Tensor, rows):
         return value if rows is None else value[rows[0]:rows[1]]
-    return load_checkpoint(path, model, optimizer, scheduler, scaler, local_piece=_local_piece(read))
+    return load_checkpoint(path, model, optimizer, scheduler, scaler, local_piece=_local_piece(read), rank=rank)
 
 
 def _local_piece(read):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -40,8 +40,6 @@ class TrainState:
     rows_in_epoch: int = 0        # rows of that epoch consumed by all processes: resumes with another batch size
                                   # or number of processes (distributed.py)
     tokens_seen: int = 0          # real target tokens trained on
-    best_eval_loss: float | None = None
-    history: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,11 +56,11 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state: dict, rank: int = 0):
+    """Restores the RNG states; `rank`: this process's rank, which picks its own states from a multi-process
+    checkpoint."""
     per_rank = state.get("per_rank")
     if per_rank:  # a multi-process run keeps every rank's RNG; a rank it did not have keeps its own seeding
-        from .distributed import current_rank
-        rank = current_rank()
         if rank >= len(per_rank):
             return
         state = per_rank[rank]
@@ -107,13 +105,7 @@ def read_train_state(path: Path) -> TrainState:
     for key, value in data.items():
         if key not in known:
             raise CheckpointError(f"{file}: unknown field {key!r} (known: {', '.join(sorted(known))})")
-        if key == "best_eval_loss":
-            ok = value is None or type(value) in (int, float)
-        elif key == "history":
-            ok = type(value) is list
-        else:
-            ok = type(value) is int and value >= 0
-        if not ok:
+        if not (type(value) is int and value >= 0):
             raise CheckpointError(f"{file}: {key}: unexpected value {value!r}")
     return TrainState(**data)
 
@@ -151,23 +143,25 @@ def read_checkpoint_files(path: Path):
     return tensors, extra, read_train_state(path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, *, local_piece=None) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, *, local_piece=None,
+                    rank: int = 0) -> TrainState:
     """Restores trainable tensors, optimizer, scheduler and RNG states; returns the TrainState.
-    `local_piece`: see `restore`."""
+    `local_piece`, `rank`: see `restore`."""
     path = Path(path)
     tensors, extra, state = read_checkpoint_files(path)
     optimizer_file = str(path / f"{OPTIMIZER_STEM}.json")
     restore(model, optimizer, scheduler, scaler, tensors, extra, tensors_file=str(path / TRAINABLE_FILE),
-            optimizer_file=optimizer_file, trainer_file=optimizer_file, local_piece=local_piece)
+            optimizer_file=optimizer_file, trainer_file=optimizer_file, local_piece=local_piece, rank=rank)
     return state
 
 
 def restore(model, optimizer, scheduler, scaler, tensors: dict, extra: dict, *, tensors_file: str,
-            optimizer_file: str, trainer_file: str, local_piece=None):
+            optimizer_file: str, trainer_file: str, local_piece=None, rank: int = 0):
     """Checks every checkpoint tensor and state against the run, then copies them in: a checkpoint that does not
     fit changes nothing. The *_file names (of the trainable tensors, the optimizer state, the scheduler / scaler /
     RNG states) go into the errors. `local_piece(value, like)` gives the part of checkpoint tensor `value` this
-    process keeps for parameter `like` (None: the whole tensor); by default the tensor itself (no sharding)."""
+    process keeps for parameter `like` (None: the whole tensor); by default the tensor itself (no sharding).
+    `rank`: this process's rank in the job, whose RNG states it takes."""
     params = check_trainable_tensors(tensors_file, tensors, model)
     check_optimizer_state(optimizer_file, extra["optimizer"], extra["optimizer_class"], optimizer,
                           optimizer_param_names(model, optimizer))
@@ -185,7 +179,7 @@ def restore(model, optimizer, scheduler, scaler, tensors: dict, extra: dict, *, 
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
-    set_rng_state(extra["rng"])
+    set_rng_state(extra["rng"], rank)
 
 
 def _local_optimizer_state(saved: dict, optimizer, piece) -> dict:

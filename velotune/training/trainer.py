@@ -26,7 +26,7 @@ from .metrics import MetricsLog, Progress, is_finite
 from .optim import build_optimizer, build_scheduler
 from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
-from .setup import autocast_dtype, load_model, prepare_for_training
+from .model_setup import autocast_dtype, load_model, prepare_for_training
 from .state import TrainState, list_checkpoints, rng_state
 
 log = logging.getLogger("velotune")

@@ -12,7 +12,8 @@ class SFT(Objective):
 
     def loss(self, model, batch):
         out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                    attention_mask=batch.get("attention_mask"), return_logits=False, reduction="sum")
+                    document_ids=batch.get("document_ids"), attention_mask=batch.get("attention_mask"),
+                    return_logits=False, reduction="sum")
         return out.loss, out.num_tokens
 
 

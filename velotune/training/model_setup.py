@@ -54,10 +54,7 @@ def prepare_for_training(model, cfg) -> dict:
                      "copy); for fp32 master weights set model.dtype: float32 and train.precision: bf16",
                      str(half.pop()).replace("torch.", ""))
     if cfg.train.gradient_checkpointing:
-        if hasattr(model, "set_gradient_checkpointing"):
-            model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
-        else:
-            log.warning("train.gradient_checkpointing: not available for this model; ignored")
+        model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
@@ -92,16 +89,15 @@ def _setup_full(model, ft):
     for p in model.parameters():
         p.requires_grad_(True)
     if ft.freeze_embeddings:
-        model.model.embed_tokens.weight.requires_grad_(False)
-        model.lm_head.weight.requires_grad_(False)
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
     if ft.train_last_n_layers is not None:
-        layers = model.model.layers
+        blocks = model.blocks()
         n = ft.train_last_n_layers
-        if not 0 <= n <= len(layers):
-            raise ConfigError(f"finetune.train_last_n_layers: {n} is outside 0..{len(layers)}")
-        for layer in list(layers)[: len(layers) - n]:
-            for p in layer.parameters():
-                p.requires_grad_(False)
+        if not 0 <= n <= len(blocks):
+            raise ConfigError(f"finetune.train_last_n_layers: {n} is outside 0..{len(blocks)}")
+        for block in blocks[: len(blocks) - n]:
+            block.requires_grad_(False)
 
 
 def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtype):

@@ -8,8 +8,9 @@ Layers, from the bottom:
 - `generate`, `stream`, `generate_batch`: the public functions (`vt.generate`, `vt.stream`).
 
 Everything runs under `torch.inference_mode()` with the model in eval mode (its previous mode is restored).
-Only the model's forward is used (`model(ids, attention_mask=..., cache=...)`), so LoRA-wrapped and quantized
-models work as they are.
+The model is a velotune model (models/interface.py; anything else is refused with one error naming what it lacks).
+Only its forward is used (`model(ids, attention_mask=..., cache=...)`), so LoRA-wrapped and quantized models work
+as they are.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Iterator
 import torch
 
 from ..errors import VelotuneError
+from ..models.interface import require_model
 from .defaults import eos_token_ids as find_eos_token_ids
 from .defaults import read_generation_config, resolve_sampling
 
@@ -207,7 +209,7 @@ class TextGeneration:
 
     def __init__(self, model, tokenizer, prompts, max_new_tokens=128, temperature=0.0, *, config=None,
                  **sampling):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = require_model(model, "generation"), tokenizer
         request, options = _split_options(dict(sampling, max_new_tokens=max_new_tokens, temperature=temperature))
         self.resolved = resolve_sampling(request, config, model)
         self.params = self.resolved.params()
