@@ -1,7 +1,6 @@
 """Fused LoRA (kernels/lora_ops.py): one linear, q/k/v sharing x, the gated MLP block, over fp and NF4 bases,
 against the plain path (VELOTUNE_KERNELS=reference runs the LoRA modules as they are): fp32 to ~1e-6, float64
 gradcheck, half precision within plain PyTorch's own error against a float64 oracle; and the fallbacks."""
-import contextlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel module is imported (triton.jit reads it then)
@@ -13,6 +12,7 @@ from torch import nn  # noqa: E402
 
 from kernel_checks import assert_within_torch_error, errors_vs_fp64, rel_err  # noqa: E402
 from velotune.kernels import lora_ops  # noqa: E402
+from velotune.kernels.dispatch import forced_kernels as kernels  # noqa: E402
 from velotune.kernels.lora_ops import LoraMLP, MLPSpec, SharedInputLora, projection_of  # noqa: E402
 from velotune.lora import LoraLinear, add_lora  # noqa: E402
 from velotune.models.attention import Attention  # noqa: E402
@@ -20,20 +20,6 @@ from velotune.models.llama import Args  # noqa: E402
 from velotune.models.mlp import GatedMLP  # noqa: E402
 
 ACTS = ["silu", "gelu", "gelu_pytorch_tanh"]  # SwiGLU, GeGLU exact, GeGLU tanh
-
-
-@contextlib.contextmanager
-def kernels(mode):
-    """VELOTUNE_KERNELS=mode inside the block: 'reference' is the plain LoRA path, 'auto' the fused one."""
-    old = os.environ.get("VELOTUNE_KERNELS")
-    os.environ["VELOTUNE_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["VELOTUNE_KERNELS"]
-        else:
-            os.environ["VELOTUNE_KERNELS"] = old
 
 
 def randomize_b(module, seed=3, scale=0.2):

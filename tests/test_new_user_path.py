@@ -4,14 +4,12 @@ GGUF, each rendering prompts with the template the run trained with, not the bas
 import importlib
 import io
 import json
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 from export_fixtures import make_tokenized_checkpoint
+from server_process import free_port, serving
 from train_fixtures import FACTS
 from velotune.cli import main
 from velotune.data.templates import ALPACA, CHATML, saved_chat_template
@@ -65,28 +63,14 @@ def test_serve_answers_with_the_trained_template(run):
     """A real server process: the prompt token count it reports is the alpaca rendering's, not ChatML's."""
     import httpx
     base, adapter, tok = run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "velotune", "serve", str(base), "--adapter", f"mine={adapter}",
-                             "--port", str(port), "--dtype", "float32", "--device", "cpu", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    port = free_port()
+    args = [sys.executable, "-m", "velotune", "serve", str(base), "--adapter", f"mine={adapter}", "--port", str(port),
+            "--dtype", "float32", "--device", "cpu", "--threads", "1"]
+    with serving(args, port) as url:
         body = {"model": "mine", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
         reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
-        assert reply.status_code == 200, reply.text
-        assert reply.json()["usage"]["prompt_tokens"] == len(rendered(tok, ALPACA)) != len(rendered(tok, CHATML))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] == len(rendered(tok, ALPACA)) != len(rendered(tok, CHATML))
 
 
 def test_exports_carry_the_trained_template(run, tmp_path):

@@ -5,15 +5,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from hf_reference import make_checkpoint
+from server_process import free_port, serving
 from tiny_tokenizer import make_tokenizer
 from train_fixtures import FACTS
 
@@ -105,32 +104,17 @@ def run_line(line: str, cwd: Path, stand_ins: dict):
 def run_server(line: str, cwd: Path):
     """Starts the server line on a free port, asks it one chat question with the README's key, stops it."""
     import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = shlex.split(line) + ["--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+    with serving(args, port, cwd=cwd, env=env()) as url:
         key = args[args.index("--api-key") + 1]
         model = args[args.index("--adapter") + 1].partition("=")[0]
         answer = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                             json={"model": model, "messages": [{"role": "user", "content": "Who rules Vell?"}],
                                   "max_tokens": 4})
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["choices"][0]["message"]["role"] == "assistant"
-        return answer.text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    return answer.text
 
 
 def test_skip_list_names_lines_that_exist():

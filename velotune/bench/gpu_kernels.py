@@ -12,7 +12,6 @@ peak memory. Results: <out>/kernels-<device>.json and .md; exit status 1 when a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -25,19 +24,6 @@ FACTOR, TINY = 2.0, 1e-6
 REALISTIC = dict(tokens=8192, hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, seq=4096,
                  vocab=128256, ce_tokens=4096)
 QUICK = dict(tokens=37, hidden=96, inter=160, heads=4, kv_heads=2, head_dim=32, seq=17, vocab=1000, ce_tokens=45)
-
-
-@contextlib.contextmanager
-def kernels(mode: str):
-    old = os.environ.get("VELOTUNE_KERNELS")
-    os.environ["VELOTUNE_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["VELOTUNE_KERNELS"]
-        else:
-            os.environ["VELOTUNE_KERNELS"] = old
 
 
 def rel_err(torch, a, ref) -> float:
@@ -128,6 +114,7 @@ def _timed(torch, fn, inputs, grads, dtype, dys, cuda: bool) -> dict:
 
 
 def check(torch, name, make_inputs, op, oracle, dtype, cuda: bool) -> dict:
+    from velotune.kernels.dispatch import forced_kernels as kernels
     pairs = make_inputs()
     inputs, grads = [p[0] for p in pairs], [p[1] for p in pairs]
     rounded = [x.to(dtype) if x.is_floating_point() else x for x in inputs]  # every run sees the same values
@@ -154,6 +141,7 @@ def check_nf4(torch, s: dict, device, cuda: bool) -> dict:
         import bitsandbytes.functional as bnbf
     except ImportError:
         return dict(op="nf4 dequantize", ok=True, skipped="bitsandbytes is not installed")
+    from velotune.kernels.dispatch import forced_kernels as kernels
     from velotune.kernels.nf4 import dequantize_4bit
     rows, cols = (s["inter"], s["hidden"]) if cuda else (128, 64)  # bitsandbytes' CPU kernel: rows of 64 only
     w = torch.randn(rows, cols, device=device, generator=torch.Generator(device=device).manual_seed(0))

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import assets, report
 from .loop_worker import SYSTEMS, training_loop
-from .machine import default_out_dir, load_average, machine_markdown, result_name, write_results
+from .machine import load_average, machine_markdown, print_and_save
 from .processes import alternating, run_module
 from .train import check_counts, is_cuda, pick
 
@@ -138,12 +138,7 @@ def run(ns) -> dict:
     runs, peaks = run_reps(plan, model_dir)
     info = report.run_info({"loop": runs}, {"loop": peaks}, load_before, time.time() - started)
     result = build(plan, runs, peaks, info)
-    text = markdown(result)
-    print("\n" + text)
-    if ns.save:
-        where = write_results(Path(ns.out) if ns.out else default_out_dir(),
-                              result_name("loop", plan["device"], plan["shape"], plan["dtype"]), result, text)
-        print(f"wrote {where}.json and .md")
+    print_and_save(ns, "loop", plan, plan["shape"], result, markdown(result))
     return result
 
 

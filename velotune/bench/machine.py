@@ -117,3 +117,12 @@ def write_results(out: Path, name: str, report: dict, text: str) -> Path:
         tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     return out / name
+
+
+def print_and_save(ns, kind: str, plan: dict, shape: str, result: dict, text: str):
+    """Prints the report; with --save (the default) writes it under --out (default: default_out_dir())."""
+    print("\n" + text)
+    if ns.save:
+        where = write_results(Path(ns.out) if ns.out else default_out_dir(),
+                              result_name(kind, plan["device"], shape, plan["dtype"]), result, text)
+        print(f"wrote {where}.json and .md")

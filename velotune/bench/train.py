@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import assets, report
-from .machine import default_out_dir, load_average, result_name, write_results
+from .machine import load_average, print_and_save
 from .memory import peak_memory_mb
 from .processes import alternating, run_module
 from .worker import METHODS, SYSTEMS
@@ -216,13 +216,8 @@ def run(ns) -> dict:
                 searches.append(seq_search(plan["cases"][0], system, plan, cache))
     info = report.run_info(runs, peaks, load_before, time.time() - started)
     result = report.build(info, plan, [asdict(c) | {"name": c.name} for c in plan["cases"]], runs, peaks, searches)
-    text = report.markdown(result)
-    print("\n" + text)
-    if ns.save:
-        shape = plan["cases"][0].shape if plan["cases"] else "none"
-        where = write_results(Path(ns.out) if ns.out else default_out_dir(),
-                              result_name("train", plan["device"], shape, plan["dtype"]), result, text)
-        print(f"wrote {where}.json and .md")
+    shape = plan["cases"][0].shape if plan["cases"] else "none"
+    print_and_save(ns, "train", plan, shape, result, report.markdown(result))
     return result
 
 

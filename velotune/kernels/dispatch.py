@@ -8,6 +8,7 @@ when it decorates, and importing triton costs seconds that `import velotune` sho
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -51,3 +52,18 @@ def linear_ce_impl(x: torch.Tensor) -> str:
     if use_triton(x):
         return "triton"
     return "reference" if kernel_mode() == "reference" else "chunked"
+
+
+@contextlib.contextmanager
+def forced_kernels(mode: str):
+    """VELOTUNE_KERNELS=mode inside the block (tests and benchmarks compare the paths): 'reference' is the plain
+    PyTorch path everywhere, 'auto' the default choice, 'triton' the kernels."""
+    old = os.environ.get("VELOTUNE_KERNELS")
+    os.environ["VELOTUNE_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VELOTUNE_KERNELS"]
+        else:
+            os.environ["VELOTUNE_KERNELS"] = old
