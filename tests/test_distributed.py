@@ -343,3 +343,13 @@ def test_ctrl_c_stops_all_ranks_at_a_step_boundary_with_a_checkpoint(tiny, monke
 def test_decoder_blocks_are_found_for_sharding(tiny):
     model, _ = vt.load(tiny[0], dtype="float32", device="cpu")
     assert model.blocks() == list(model.model.layers) and len(model.blocks()) == 2
+
+
+def test_a_torchrun_worker_exits_with_its_status_and_flushed_output(tmp_path):
+    """`python -m velotune` under torchrun leaves without interpreter teardown (gloo can abort it there); its exit
+    status and everything it printed or logged still come out."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "velotune", "train", str(tmp_path / "missing.yaml")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "missing.yaml" in done.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__
@@ -58,5 +59,15 @@ def main(argv=None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def entry():
+    """The `velotune` command and `python -m velotune` (what `torchrun -m velotune` starts)."""
+    code = main()
+    if "WORLD_SIZE" in os.environ:  # started by torchrun (cheap test first: the import below loads torch)
+        from .training.distributed import exit_worker, torchrun_env
+        if torchrun_env() is not None:  # a torchrun worker ends here: see exit_worker for why not by returning
+            exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -221,10 +222,31 @@ class Distributed:
             log.setLevel(self._log_level)
             self._log_level = None
         if self.owns_group:
+            import gc
+
             import torch.distributed as dist
             if dist.is_initialized():
+                # The DDP wrapper of the finished run sits in reference cycles; its reducer holds the group's
+                # pending work. Freed now, not during interpreter teardown, where gloo can abort the process.
+                gc.collect()
                 dist.destroy_process_group()
             self.owns_group = False
+
+
+def exit_worker(code: int):
+    """Ends a torchrun worker whose work is done and written, skipping the interpreter's teardown.
+
+    gloo's C++ threads can abort a process at teardown ("terminate called without an active exception", a rare
+    race in torch.distributed seen on CPU jobs), and torchrun then reports a finished job as failed with signal 6.
+    Logs and standard streams are flushed first; nothing else is left to run at that point.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

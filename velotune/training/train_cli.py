@@ -5,6 +5,7 @@ continues it is printed), so that `velotune train ... && velotune export ...` ne
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -36,10 +37,13 @@ def run_train(ns) -> int:
     from .trainer import train
     result = train(ns.config, overrides=ns.overrides)
     if result.interrupted:
+        if os.environ.get("RANK", "0") != "0":
+            return INTERRUPTED
         print(f"velotune: interrupted after step {result.steps}; checkpoint: {result.checkpoint}\n"
               f"continue with: {resume_command(ns.config, ns.overrides)}", file=sys.stderr)
         return INTERRUPTED
-    print(f"done: {result.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per torchrun process
+        print(f"done: {result.output_dir}")
     return 0
 
 
