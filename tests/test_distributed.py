@@ -16,7 +16,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import base_config, chat_records, interrupt_at_step, make_model_dir, write_jsonl
+from train_fixtures import (base_config, chat_records, interrupt_at_step, make_model_dir, pair_records,
+                            write_jsonl)
 from velotune.errors import CheckpointError, ConfigError, DataError
 
 # Importing the package velotune.training binds `velotune.training` to it, hiding the lazy `vt.train` function from
@@ -82,7 +83,9 @@ def launch(tmp_path_factory):
     def job(name, dist_mode, sections=None, **extra):
         sections = json.loads(json.dumps(sections or {}))
         train = {**SHARED, "distributed": dist_mode, **sections.pop("train", {})}
+        objective = sections.pop("objective", "sft")
         configs[name] = base_config(model_dir, data, tmp / name, train=train, **sections)
+        configs[name]["objective"] = objective
         jobs.append({"name": name, "config": configs[name], **extra})
 
     job("ddp_lora", "ddp", {"train": {"batch_size": 1, "grad_accum": 2, "save_every": 2}})
@@ -97,10 +100,17 @@ def launch(tmp_path_factory):
     job("drop_resumed", "fsdp2", {**DROPOUT, "train": {"save_every": 10}},
         overrides=[f"train.output_dir={tmp / 'drop_split'}", "train.resume=true"])
     job("nan", "ddp", {"train": {"save_every": 1}}, poison_after=2)
+    # Preference pairs: DPO on 2 ranks (LoRA, the reference with the adapters off; full fine-tuning under FSDP2, the
+    # reference computed before step 1 by every rank) against the same global batch in one process.
+    pairs = write_jsonl(tmp / "pairs.jsonl", pair_records(16))
+    job("ddp_dpo", "ddp", {"objective": "dpo", "data": {"path": str(pairs)},
+                           "train": {"batch_size": 1, "grad_accum": 2}})
+    job("fsdp2_dpo_full", "fsdp2", {"objective": "dpo", "data": {"path": str(pairs)},
+                                    "finetune": {"method": "full"}, "train": {"lr": 1e-3}})
     jobs_by_name = {j["name"]: j for j in jobs}
 
     refs = {name: single_run(configs[name], quantize=jobs_by_name[name].get("quantize"))
-            for name in ("ddp_lora", "fsdp2_full", "ddp_qlora")}
+            for name in ("ddp_lora", "fsdp2_full", "ddp_qlora", "ddp_dpo", "fsdp2_dpo_full")}
     refs["fsdp2_lora"] = refs["ddp_lora"]  # the same LoRA job: one reference serves both
     # A one-process run stopped after 2 steps, for a 2-rank FSDP2 run to resume (1 -> 2 processes).
     handle = interrupt_at_step(3)
@@ -145,7 +155,7 @@ def assert_ranks_identical(recs):
     assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
 
 
-@pytest.mark.parametrize("name", ["ddp_lora", "fsdp2_lora", "fsdp2_full"])
+@pytest.mark.parametrize("name", ["ddp_lora", "fsdp2_lora", "fsdp2_full", "ddp_dpo", "fsdp2_dpo_full"])
 def test_two_ranks_reproduce_the_single_process_run(launch, name):
     """Same global batch: the same gradient at step 1 (so the token normalisation is global and the ranks'
     mean is undone), the same loss curve, and parameters equal on both ranks."""

@@ -67,6 +67,10 @@ def workdir(tmp_path_factory):
     (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats * 6), encoding="utf-8")
     alpaca = [{"instruction": q, "input": "", "output": a} for q, a in FACTS] * 6
     (root / "alpaca.json").write_text(json.dumps(alpaca), encoding="utf-8")
+    wrong = [a for _, a in FACTS][1:] + [FACTS[0][1]]
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": w}
+             for (q, a), w in zip(FACTS, wrong)] * 3
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(texts[i:i + 4])}) + "\n"
                                                for i in range(0, 16, 2)) * 4, encoding="utf-8")
     (root / "examples").symlink_to(REPO / "examples")
@@ -148,3 +152,5 @@ def test_every_readme_block_runs(workdir):
     assert (root / "merged" / "config.json").is_file() and (root / "mine.gguf").is_file()
     assert (root / "mine.Modelfile").is_file()
     assert (root / "runs" / "ddp" / "adapter" / "adapter_config.json").is_file()
+    for method in ("dpo", "orpo", "simpo"):
+        assert (root / "runs" / method / "adapter" / "adapter_model.safetensors").is_file()

@@ -21,6 +21,15 @@ def chat_records(n: int = 16):
             for q, a in (FACTS * (n // len(FACTS) + 1))[:n]]
 
 
+def pair_records(n: int = 16, shift: int = 1):
+    """Preference pairs in chat form: the right fact is chosen, another question's answer is rejected."""
+    answers = [a for _, a in FACTS]
+    wrong = answers[shift:] + answers[:shift]
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": w}]} for (q, a), w in zip(FACTS, wrong)]
+    return (rows * (n // len(rows) + 1))[:n]
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

@@ -175,6 +175,21 @@ class TrainConfig:
     distributed: Literal["none", "ddp", "fsdp2"] = setting("none", "none; ddp or fsdp2 when started by torchrun")
 
 
+@dataclass
+class PreferenceConfig:
+    beta: float | None = setting(
+        None, "strength: dpo 0.1 (how far from the reference), orpo 0.1 (the odds-ratio term's weight), simpo 2.0 "
+              "(reward scale); null: those", POSITIVE)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = setting(
+        "sigmoid", "dpo's loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)")
+    label_smoothing: float = setting(0.0, "robust dpo and simpo: the assumed share of pairs labelled the wrong way",
+                                     Bound(0, 0.5, high_open=True))
+    gamma: float = setting(0.5, "simpo: the target reward margin", NON_NEGATIVE)
+    reference: Literal["auto", "adapter_off", "precomputed"] = setting(
+        "auto", "dpo's reference model: adapter_off (the base with the adapters switched off, every step), "
+                "precomputed (once before step 1, kept in output_dir); auto: adapter_off for LoRA, else precomputed")
+
+
 def _section(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
@@ -182,13 +197,14 @@ def _section(cls, help: str):
 @dataclass
 class Config:
     objective: str = setting("sft", "what is trained for: sft (supervised fine-tuning, next-token loss on the "
-                                    "assistant turns or all tokens), pretrain (raw text, every token), or a "
-                                    "name given to velotune.register_objective")
+                                    "assistant turns or all tokens), pretrain (raw text, every token), dpo, orpo, "
+                                    "simpo (preference pairs), or a name given to velotune.register_objective")
     model: ModelConfig = _section(ModelConfig, "the base model and how it is loaded")
     finetune: FinetuneConfig = _section(FinetuneConfig, "what is trained")
     lora: LoraConfig = _section(LoraConfig, "LoRA adapters (finetune.method: lora)")
     data: DataConfig = _section(DataConfig, "the data set and how it becomes token rows")
     train: TrainConfig = _section(TrainConfig, "the training loop: steps, optimizer, schedule, checkpoints")
+    preference: PreferenceConfig = _section(PreferenceConfig, "preference objectives (dpo, orpo, simpo)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,8 +15,13 @@ def add_bench_parser(subparsers):
 
 
 def run_bench_command(ns):
+    if ns.loop and ns.preference:
+        from ..errors import ConfigError
+        raise ConfigError("velotune bench: choose --loop or --preference, not both")
     if ns.loop:
         from .loop import run
+    elif ns.preference:
+        from .preference import run
     else:
         from .train import run
     run(ns)

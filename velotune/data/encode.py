@@ -44,6 +44,7 @@ class DataStats:
     dropped_fully_masked: int = 0    # no trained token (after truncation)
     target_tokens: int = 0           # trained tokens of the kept examples
     total_tokens: int = 0            # all tokens of the kept examples
+    dropped_bad: dict = field(default_factory=dict)  # rows that made no sample, by reason (preference data)
     eval: "DataStats | None" = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
@@ -83,8 +84,11 @@ def _info(tokenizer) -> _TokenizerInfo:
 
 
 def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "assistant", max_len: int,
-           overflow: str = "truncate", stats: DataStats | None = None) -> Encoded | None:
-    """Token ids and labels for one sample, or None when it is dropped (counted in `stats`)."""
+           overflow: str = "truncate", stats: DataStats | None = None, train_from: int = 0) -> Encoded | None:
+    """Token ids and labels for one sample, or None when it is dropped (counted in `stats`).
+
+    `train_from=k`: of a conversation, only the assistant turns from message k on are trained (a preference
+    pair's completion after a prompt that may hold earlier assistant turns)."""
     if train_on not in ("assistant", "all"):
         raise ValueError(f"train_on={train_on!r}: expected 'assistant' or 'all'")
     if overflow not in ("truncate", "drop"):
@@ -94,7 +98,7 @@ def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "
     if sample.is_chat:
         if template is None:
             raise ValueError("chat samples need a chat template")
-        text, spans = _chat_spans(sample, tokenizer, template, train_on)
+        text, spans = _chat_spans(sample, tokenizer, template, train_on, train_from)
         ids, owner = _tokenize(text, spans, tokenizer, info)
         if train_on == "assistant":
             ids, trained = _close_turns(ids, owner, info)
@@ -132,7 +136,7 @@ def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "
     return example
 
 
-def _chat_spans(sample: Sample, tokenizer, template: str, train_on: str):
+def _chat_spans(sample: Sample, tokenizer, template: str, train_on: str, train_from: int = 0):
     """The rendered conversation and the character spans of its assistant turns (or all of it)."""
     messages, where = sample.messages, sample.origin or "<sample>"
     full = render(tokenizer, template, messages, add_generation_prompt=False, where=where)
@@ -140,7 +144,7 @@ def _chat_spans(sample: Sample, tokenizer, template: str, train_on: str):
         return full, [(0, len(full))]
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or i == 0:  # a leading assistant message has no prompt: context only
+        if message["role"] != "assistant" or i == 0 or i < train_from:  # a leading assistant message: context
             continue
         head = render(tokenizer, template, messages[:i], add_generation_prompt=True, where=where)
         upto = full if i == len(messages) - 1 else render(tokenizer, template, messages[:i + 1],

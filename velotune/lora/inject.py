@@ -3,6 +3,7 @@ the targets, freezing the rest, and counting parameters."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -172,3 +173,20 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def parameter_summary(model: nn.Module) -> str:
     trainable, total = trainable_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes as its base alone (every LoRA layer skips its adapter): the frozen
+    reference of preference and RL training, with no second copy of the model in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("the adapters are merged into the base weights: unmerge them to compute the base alone")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was

@@ -36,6 +36,7 @@ class LoraLinear(AdaptedLinear):
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self.merged = False
+        self.disabled = False     # True: the layer is its base alone (lora.adapters_disabled), e.g. a reference
         self._merge_state = None  # (DoRA factor or None, the quantized base or None): what unmerge needs
 
     @torch.no_grad()
@@ -52,7 +53,7 @@ class LoraLinear(AdaptedLinear):
     def adapter_view(self) -> AdapterView | None:
         """What the fused kernels compute for this layer; None (plain forward) with DoRA, or with dropout on the
         adapter's input while training."""
-        if self.merged:
+        if self.merged or self.disabled:
             return AdapterView(self.base_layer, self.scaling, None, None)
         dropping = not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training
         if self.use_dora or dropping:
@@ -61,6 +62,10 @@ class LoraLinear(AdaptedLinear):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x):
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
+            return self.base_layer(x)
         if not self.merged:
             fused = fused_lora_linear(self, x)  # saves x, A, B only; None where it does not apply (dropout, DoRA)
             if fused is not None:

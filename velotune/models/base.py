@@ -21,7 +21,8 @@ from .rope import RotaryEmbedding
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None = None      # [batch, seq, vocab]
-    loss: torch.Tensor | None = None        # as asked by `reduction`: mean or sum over target tokens
+    loss: torch.Tensor | None = None        # as asked by `reduction`: mean or sum over target tokens, or
+                                            # per position [B, T] ("none")
     num_tokens: torch.Tensor | None = None  # number of target (non-ignored) tokens
     hidden_states: torch.Tensor | None = None
 
@@ -141,7 +142,7 @@ class CausalLM(LanguageModel):
             position_ids = (document_positions(document_ids) if document_ids is not None
                             else default_positions(attention_mask, past, T, h.device, B))
         mask = AttentionMask(T, past + T, h.device, doc_ids=document_ids,
-                             key_padding=attention_mask.bool() if attention_mask is not None else None)
+                             key_padding=_padding_that_matters(attention_mask, cache, T))
         rope = self.model.rotary_emb(position_ids, h.dtype)
         return self.model(h, rope, mask, cache)
 
@@ -179,25 +180,36 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
 
     From `logits` [B, T, V] when given; else from `hidden` [B, T, H] with the head `weight` (fused, never
     building the full logits), or with `logits_fn` for a head that is not a plain Linear (LoRA, quantized).
+    reduction "mean" / "sum" over the target tokens, or "none": the loss of each position [B, T] (0 where there
+    is no target), for objectives that weigh sequences (preference and RL training sum it per row).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     keep = targets != IGNORE_INDEX
     num_tokens = keep.sum()
+    per_row = "none" if reduction == "none" else "sum"
     if logits is not None:  # ignore_index, not a boolean index: indexing would copy the whole logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    elif weight is not None:
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[keep], weight,
-                                    targets[keep], softcap=softcap, reduction="sum")
+                               reduction=per_row)
+        if reduction == "none":
+            return loss.view(labels.shape), num_tokens
+        return _reduced(loss, num_tokens, reduction), num_tokens
+    # Only the rows with a target go through the head (hidden rows, not logits, are what gets gathered).
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    if weight is not None:
+        loss = linear_cross_entropy(rows, weight, targets[keep], softcap=softcap, reduction=per_row)
     else:
-        loss = F.cross_entropy(logits_fn(hidden.reshape(-1, hidden.shape[-1])[keep]).float(),
-                               targets[keep], reduction="sum")
-    if reduction == "mean":
-        loss = loss / num_tokens.clamp(min=1)
-    return loss, num_tokens
+        loss = F.cross_entropy(logits_fn(rows).float(), targets[keep], reduction=per_row)
+    if reduction == "none":
+        full = loss.new_zeros(targets.shape[0]).index_put((keep.nonzero().squeeze(1),), loss)
+        return full.view(labels.shape), num_tokens
+    return _reduced(loss, num_tokens, reduction), num_tokens
+
+
+def _reduced(loss_sum, num_tokens, reduction):
+    return loss_sum / num_tokens.clamp(min=1) if reduction == "mean" else loss_sum
 
 
 def next_token_logprobs(hidden, labels, weight, *, softcap=None):
@@ -218,6 +230,18 @@ def padding_idx(args):
     """config.json's pad_token_id when it is a valid row of the embedding, else None."""
     pad = args.pad_token_id
     return pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < args.vocab_size else None
+
+
+def _padding_that_matters(attention_mask, cache, T):
+    """The key-padding mask attention must apply, or None. Right padding without a cache (training batches, scoring)
+    needs none: causality already keeps every real token from the padding after it, and the padded positions'
+    outputs carry no target. Dropping it lets attention take its plain causal kernel (~13% of a 56M model's
+    training step on the CPU; flash kernels on GPUs take no mask at all)."""
+    if attention_mask is None:
+        return None
+    if cache is None and T > 1 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None
+    return attention_mask.bool()
 
 
 def default_positions(attention_mask, past, T, device, batch):

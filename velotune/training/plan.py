@@ -43,19 +43,20 @@ class RunPlan:
     def summary_lines(self) -> list[str]:
         """What the run reads and does, one fact a line: the log's and the dry run's."""
         stats, data, train = self.data.stats, self.data, self.config.train
+        sample = self.objective.sample_name
         lines = [f"objective: {self.objective.name}",
-                 f"data: {_source(self.config.data.path)}: {_counts(stats, self.max_seq_length)}"]
+                 f"data: {_source(self.config.data.path)}: {_counts(stats, self.max_seq_length, sample)}"]
         if stats.eval is not None:
-            lines.append(f"eval data: {_counts(stats.eval, self.max_seq_length)}")
+            lines.append(f"eval data: {_counts(stats.eval, self.max_seq_length, sample)}")
         lines.append(f"data format: {data.format} ({'detected' if data.format_detected else 'data.format'})")
         lines.append(f"chat template: {data.template.describe()}" if data.template is not None
                      else "chat template: none (the data is not chat and the tokenizer has none)")
         source = "train.max_steps" if train.max_steps else f"train.epochs={train.epochs:g}"
         lines.append(f"steps: {_count(self.total_steps, 'optimizer step')} ({source}); an epoch: "
                      f"{_count(_span(self.steps_per_epoch), 'step')} of up to "
-                     f"{_count(train.grad_accum, 'batch', 'batches')} of up to {_count(train.batch_size, 'row')} "
+                     f"{_count(train.grad_accum, 'batch', 'batches')} of up to {_count(train.batch_size, self.objective.row_name)} "
                      f"({_count(_span(self.batches_per_epoch), 'batch', 'batches')})")
-        lines.append(f"per epoch: {stats.samples} samples, {stats.total_tokens:,} tokens (padding excluded), "
+        lines.append(f"per epoch: {_count(stats.samples, sample)}, {stats.total_tokens:,} tokens (padding excluded), "
                      f"{stats.target_tokens:,} trained tokens")
         return lines
 
@@ -192,10 +193,11 @@ def _few_steps_warning(plan: RunPlan) -> str:
             f"step{packed}): too few to learn much. For more steps {more}")
 
 
-def _counts(stats, max_len: int) -> str:
-    return (f"{stats.records} records -> {stats.samples} samples ({stats.truncated} truncated to {max_len} tokens, "
-            f"{stats.dropped_too_long} dropped as too long, {stats.dropped_fully_masked} dropped with no trained "
-            f"tokens)")
+def _counts(stats, max_len: int, sample: str = "sample") -> str:
+    bad = "".join(f", {n} dropped: {reason}" for reason, n in stats.dropped_bad.items())
+    return (f"{stats.records} records -> {_count(stats.samples, sample)} ({stats.truncated} truncated to {max_len} "
+            f"tokens, {stats.dropped_too_long} dropped as too long, {stats.dropped_fully_masked} dropped with no "
+            f"trained tokens{bad})")
 
 
 def _count(n, word: str, plural: str | None = None) -> str:

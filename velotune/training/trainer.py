@@ -27,6 +27,7 @@ from .optim import build_optimizer, build_scheduler
 from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
 from .model_setup import autocast_dtype, load_model, prepare_for_training
+from .objectives import RunContext, loss_terms, unit_counts
 from .state import TrainState, list_checkpoints, rng_state
 
 log = logging.getLogger("velotune")
@@ -48,6 +49,7 @@ class TrainResult:
     tokens_per_second: float = 0.0       # trained (target) tokens per second
     input_tokens_per_second: float = 0.0  # all tokens through the model (padding excluded) per second
     losses: list = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's eval_loss and objective metrics
 
 
 def train(config, overrides=None, *, model=None, tokenizer=None, objective=None, callbacks=(),
@@ -141,31 +143,47 @@ class _Loop:
 
     # ---- steps -----------------------------------------------------------------------------------------
     def _loss(self, batch):
-        """The objective's (loss sum, units) of a micro-batch, on the model's device, under the run's autocast."""
+        """The objective's ({count: summed term}, {metric: summed value}) of a micro-batch, on the model's device,
+        under the run's autocast."""
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with ctx:
-            return self.objective.loss(self.model, batch)
+        with self._autocast():
+            return loss_terms(self.objective, self.objective.loss(self.model, batch))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     def _step(self, micro):
-        """One optimizer step: (loss, units, all real tokens, grad norm), summed over all ranks. Loss and grad norm
-        are tensors on the device (read later, once per logging step); the counts are known before the forward."""
-        units = [self.objective.units(b) for _, _, b, _ in micro]
-        # The step's units (and all real tokens) over all ranks, in one collective.
-        total, inputs = (int(n) for n in self.dist.all_sum(float(sum(units)), float(sum(m[3] for m in micro))))
-        if total == 0:
+        """One optimizer step: (loss, metric sums, counts, all real tokens, grad norm), summed over all ranks. Loss,
+        metrics and grad norm are tensors on the device (read later, once per logging step); the counts are known
+        before the forward."""
+        counts = [unit_counts(self.objective, b) for _, _, b, _ in micro]
+        names = list(counts[0])
+        # The step's counts (and all real tokens) over all ranks, in one collective.
+        summed = self.dist.all_sum(*(float(sum(c[k] for c in counts)) for k in names),
+                                   float(sum(m[3] for m in micro)))
+        totals, inputs = {k: int(v) for k, v in zip(names, summed)}, int(summed[-1])
+        if totals[names[0]] == 0:
             raise TrainingError(f"step {self.state.step + 1} has nothing to train on (no {self.objective.unit_name} "
                                 f"with a target in its batches): check the data's loss mask (data.train_on)")
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for i, ((_, _, batch, _), n) in enumerate(zip(micro, units)):
-            if n == 0 and not self.dist.active:  # ranks must run the same backward passes (collectives)
+        metric_sums = {}
+        for i, ((_, _, batch, _), n) in enumerate(zip(micro, counts)):
+            if n[names[0]] == 0 and not self.dist.active:  # ranks must run the same backward passes (collectives)
                 continue
             with self.dist.gradient_sync(self.model, last=i == len(micro) - 1):
-                loss = self._loss(batch)[0] / total
+                terms, metrics = self._loss(batch)
+                loss = sum(term / max(1, totals[unit]) for unit, term in terms.items())
                 scaled = loss * self.dist.grad_scale if self.dist.active else loss
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
-        self.dist.all_sum_(loss_sum)  # the global loss, the same on every rank
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0) + value.detach().float()
+        # The global loss and metrics, the same on every rank, in one collective.
+        summed = torch.stack([loss_sum, *(torch.as_tensor(v, device=self.device).float().reshape(())
+                                          for v in metric_sums.values())])
+        self.dist.all_sum_(summed)
+        loss_sum = summed[0]
+        metrics = {name: summed[j + 1] / max(1, totals[names[0]]) for j, name in enumerate(metric_sums)}
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -179,26 +197,35 @@ class _Loop:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, total, inputs, grad_norm
+        return loss_sum, metrics, totals, inputs, grad_norm
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> tuple[float | None, dict]:
+        """The eval split's loss (each term over its own count) and the objective's metrics (per main unit)."""
         if not self.eval_data:
-            return None
+            return None, {}
         self.model.eval()
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        units = 0
+        term_sums, metric_sums, count_sums = {}, {}, {}
         kwargs = {**self.plan.batch_kwargs(), "seed": 0, "shuffle": False, "rank": 0, "world_size": 1}
         for rows in self.objective.epoch_rows(self.eval_data, epoch=0, **kwargs):
             batch = self.objective.collate([[self.eval_data[i] for i in row] for row in rows], pad_id=self.pad_id,
                                            packing=self.cfg.data.packing, max_width=self.plan.max_seq_length)
-            if self.objective.units(batch):
-                total, n = self._loss(batch)
-                loss += total.double()
-                units += int(n)
+            counts = unit_counts(self.objective, batch)
+            if not counts[next(iter(counts))]:
+                continue
+            terms, metrics = self._loss(batch)
+            for table, values in ((term_sums, terms), (metric_sums, metrics)):
+                for name, value in values.items():
+                    table[name] = table.get(name, 0.0) + float(value)
+            for name, n in counts.items():
+                count_sums[name] = count_sums.get(name, 0) + n
         self.model.train()
         self._evaluated_at = self.state.step
-        return float(loss) / max(1, units)
+        if not count_sums:
+            return None, {}
+        main = max(1, next(iter(count_sums.values())))
+        loss = sum(total / max(1, count_sums.get(unit, 0)) for unit, total in term_sums.items())
+        return loss, {name: total / main for name, total in metric_sums.items()}
 
     # ---- the run ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -207,6 +234,10 @@ class _Loop:
             self.state = self.dist.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler,
                                                    self.scaler)
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
+        self.objective.start(self.model, RunContext(
+            config=self.cfg, device=self.device, autocast=self._autocast, out_dir=self.out_dir,
+            resumed=resume_from is not None, dist=self.dist, train=self.train_data, eval=self.eval_data,
+            pad_id=self.pad_id))
         metrics = MetricsLog(self.out_dir, self.tcfg.report_to, self.cfg.to_dict(), enabled=self.dist.is_main,
                              resume_step=self.state.step if resume_from is not None else None)
         progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress and self.dist.is_main)
@@ -249,16 +280,18 @@ class _Loop:
                 raise KeyboardInterrupt
             micro = next(stream)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses: the scheduler moves after it
-            loss, units, inputs, grad_norm = self._step(micro)
+            loss, step_metrics, counts, inputs, grad_norm = self._step(micro)
             self.state.step += 1
             self.state.epoch, self.state.batch_in_epoch = micro[-1][0], micro[-1][1]
             self.state.rows_in_epoch = self.state.batch_in_epoch * self.tcfg.batch_size
-            self.state.tokens_seen += units
-            progress.update(inputs, units, lr)
+            trained = counts.get("token", next(iter(counts.values())))  # trained tokens where counted
+            self.state.tokens_seen += trained
+            progress.update(inputs, trained, lr)
             log_step = self.state.step % self.tcfg.log_every == 0 or self.state.step == self.total_steps
-            self._unread.append((loss, grad_norm, {
-                "step": self.state.step, "lr": lr, "tokens": units, "input_tokens": inputs,
-                "tokens_seen": self.state.tokens_seen, "epoch": self.state.epoch}, log_step))
+            record = {"step": self.state.step, "lr": lr, "tokens": trained, "input_tokens": inputs,
+                      "tokens_seen": self.state.tokens_seen, "epoch": self.state.epoch}
+            record.update({name: n for name, n in counts.items() if name != "token"})
+            self._unread.append((loss, grad_norm, step_metrics, record, log_step))
             if log_step:
                 self._read(metrics, progress, result)
             if self.tcfg.eval_every and self.state.step % self.tcfg.eval_every == 0:
@@ -277,17 +310,18 @@ class _Loop:
         if not self._unread:
             return
         nan = torch.tensor(float("nan"), device=self.device)
-        values = torch.stack([torch.stack([loss.float(), (norm if norm is not None else nan).float()])
-                              for loss, norm, _, _ in self._unread]).tolist()
+        values = [torch.stack([loss.float(), (norm if norm is not None else nan).float(), *named.values()]).tolist()
+                  for loss, norm, named, _, _ in self._unread]
         entries, self._unread = self._unread, []
         input_rate, target_rate = progress.rates()
-        for (loss, norm), (_, norm_tensor, record, log_step) in zip(values, entries):
+        for (loss, norm, *named_values), (_, norm_tensor, named, record, log_step) in zip(values, entries):
             if not is_finite(loss):
                 self._stop_on_nonfinite(loss, record["step"])
             result.final_loss = loss
             result.losses.append(loss)
             if log_step:
-                record = {**record, "loss": loss, "grad_norm": norm if norm_tensor is not None else None,
+                record = {**record, "loss": loss, **dict(zip(named, named_values)),
+                          "grad_norm": norm if norm_tensor is not None else None,
                           "target_tokens_per_s": target_rate, "input_tokens_per_s": input_rate,
                           "elapsed_s": round(time.perf_counter() - self._start, 3)}
                 metrics.write(record)
@@ -302,12 +336,15 @@ class _Loop:
                             f"Try a lower train.lr, train.precision=fp32 or bf16, or check the data.")
 
     def _eval_and_log(self, metrics, result):
-        eval_loss = self.evaluate()
+        eval_loss, eval_metrics = self.evaluate()
         if eval_loss is not None:
             result.eval_loss = eval_loss
-            metrics.write({"step": self.state.step, "eval_loss": eval_loss})
-            self.events.emit("eval", self.state.step, self.total_steps, {"eval_loss": eval_loss})
-            log.info("step %d: eval loss %.4f", self.state.step, eval_loss)
+            values = {"eval_loss": eval_loss, **{f"eval_{name}": v for name, v in eval_metrics.items()}}
+            result.eval_metrics = values
+            metrics.write({"step": self.state.step, **values})
+            self.events.emit("eval", self.state.step, self.total_steps, values)
+            shown = "".join(f", {name} {v:.4f}" for name, v in eval_metrics.items())
+            log.info("step %d: eval loss %.4f%s", self.state.step, eval_loss, shown)
 
     def _save(self) -> Path:
         return self.dist.save_checkpoint(self.out_dir, self.state, self.model, self.optimizer, self.scheduler,

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from ...errors import ConfigError
-from .base import Objective
+from .base import Objective, RunContext, loss_terms, unit_counts
+from .preference import DPO, ORPO, Preference, SimPO
 from .sft import SFT, Pretrain
 
-_REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain}
+_REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO}
 
 
 def register_objective(name: str, factory) -> None:
@@ -39,4 +40,5 @@ def make_objective(spec) -> Objective:
     return objective
 
 
-__all__ = ["Objective", "Pretrain", "SFT", "make_objective", "objective_names", "register_objective"]
+__all__ = ["DPO", "ORPO", "Objective", "Preference", "Pretrain", "SimPO", "RunContext", "SFT", "loss_terms", "make_objective", "objective_names",
+           "register_objective", "unit_counts"]

@@ -5,21 +5,47 @@ The loop calls, in this order:
     prepare(config, tokenizer, max_seq_length=, seed=)  once, before any weights load: the examples and their counts
     epoch_rows(examples, epoch=, **batch_kwargs)         per epoch: the batches, as rows of example indices
     collate(rows_of_examples, pad_id=, max_width=)       per batch: the tensors
+    start(model, run)                                     once, after the weights load (and a resume), before step 1
     units(batch)                                          per batch, before the forward: what the loss is normalised by
-    loss(model, batch) -> (sum, units)                    per batch: the summed loss (on the batch's device)
+    loss(model, batch) -> (sum, units[, metrics])         per batch: the summed loss (on the batch's device)
 The loss of an optimizer step is sum over micro-batches and ranks of `sum`, divided by the units of the whole
 global batch (all its micro-batches on all ranks), so 1 x 8 and 8 x 1 give the same update.
+
+A loss made of terms normalised by different counts (ORPO: a per-token NLL plus a per-pair odds-ratio term) gives
+`units` as a dict of counts ({"pair": 4, "token": 310}, the first one the main count) and `sum` as a dict of summed
+terms keyed by the count each is divided by; the loop divides each by its global count. `metrics`, when returned,
+are sums over the batch of per-unit quantities (per pair, say), logged as their global mean per main unit.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
 import torch
+
+
+@dataclass
+class RunContext:
+    """What `Objective.start` may use of the run."""
+    config: object             # the run's Config
+    device: torch.device
+    autocast: Callable         # autocast() -> the run's autocast context (a no-op context in fp32)
+    out_dir: Path
+    resumed: bool              # the run continues from a checkpoint
+    dist: object               # training.distributed.Distributed: rank, world size, all_sum, on_main
+    train: list                # the examples
+    eval: list
+    pad_id: int
 
 
 class Objective:
     """Base class of objectives; a subclass overrides what differs (SFT overrides nothing but its name)."""
 
     name = "objective"
-    unit_name = "token"    # what `units` counts, for the log
+    unit_name = "token"    # what `units` counts (its first unit when it counts several), for the log
+    sample_name = "sample"  # what one training example is called in the log ("pair" for preference data)
+    row_name = "row"        # what train.batch_size counts
 
     # ---- records -> examples -----------------------------------------------------------------------------------
     def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
@@ -49,8 +75,14 @@ class Objective:
         """Real tokens the batch puts through the model (padding excluded): the throughput the bar shows."""
         return sum(len(example) for row in rows for example in row)
 
+    # ---- the run ------------------------------------------------------------------------------------------------
+    def start(self, model, run) -> None:
+        """Called once the model is loaded (and resumed), before the first step: `run` is a RunContext (device,
+        autocast, output directory, the examples, this process's place in the job). Nothing to do by default;
+        a preference objective computes its reference log-probabilities here."""
+
     # ---- batches -> loss ----------------------------------------------------------------------------------------
-    def units(self, batch: dict) -> int:
+    def units(self, batch: dict) -> int | dict:
         """What the batch's loss is normalised by, known before the forward (here: tokens with a target)."""
         from ...data import count_target_tokens
         return count_target_tokens(batch)
@@ -58,3 +90,16 @@ class Objective:
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         """(summed loss, units) of a batch already on the model's device, under the run's autocast."""
         raise NotImplementedError(f"{type(self).__name__}.loss")
+
+
+def unit_counts(objective: Objective, batch: dict) -> dict:
+    """The batch's counts as a dict, the main count first."""
+    units = objective.units(batch)
+    return dict(units) if isinstance(units, dict) else {objective.unit_name: int(units)}
+
+
+def loss_terms(objective: Objective, out) -> tuple[dict, dict]:
+    """An objective's `loss` result as ({count name: summed term}, {metric name: summed value})."""
+    total, metrics = out[0], (out[2] if len(out) > 2 else {}) or {}
+    terms = dict(total) if isinstance(total, dict) else {objective.unit_name: total}
+    return terms, metrics

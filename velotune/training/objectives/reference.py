@@ -1,0 +1,124 @@
+"""Sequence log-probabilities of completions, for the policy and for DPO's frozen reference, never from full logits.
+
+The policy's come from the model's own forward with `reduction="none"` (the fused, chunked cross-entropy per token:
+no [batch, seq, vocab] tensor, and the forward runs through any DDP / FSDP2 wrapper, so gradients sync as in SFT).
+
+The reference is the model before training, in one of two ways:
+  adapter_off   LoRA / QLoRA: the same model with its adapters switched off, under no_grad, every step (no second
+                copy of the weights in memory).
+  precomputed   any method: one pass over the data before step 1, kept in output_dir/checkpoints/ with a fingerprint
+                of the data, so that a resumed full fine-tune (whose weights have moved) reads the same values.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ...data.encode import IGNORE_INDEX
+from ...errors import CheckpointError
+from ...lora import adapters_disabled, lora_layers
+from ..distributed import unwrap
+
+log = logging.getLogger("velotune")
+
+CACHE_DIR = "checkpoints"
+CACHE_FILE = "reference_logps.safetensors"
+
+
+def sequence_logprobs(model, batch: dict):
+    """(sum of the label tokens' log-probs per row [N], fp32; target tokens per row [N]) of a padded batch."""
+    labels = batch["labels"]
+    out = model(batch["input_ids"], labels=labels, attention_mask=batch.get("attention_mask"), reduction="none",
+                return_logits=False)
+    logps = -out.loss.float().sum(dim=1)
+    return logps, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def reference_mode(setting: str, model) -> str:
+    """preference.reference resolved: `auto` is adapter_off for a LoRA model whose only trained weights are its
+    adapters, precomputed otherwise (full fine-tuning, or modules_to_save trained in full)."""
+    if setting != "auto":
+        return setting
+    plain = unwrap(model)
+    if not lora_layers(plain):
+        return "precomputed"
+    trained_outside = [n for n, p in plain.named_parameters() if p.requires_grad and "lora_" not in n]
+    return "precomputed" if trained_outside else "adapter_off"
+
+
+@torch.no_grad()
+def adapter_off_logps(model, batch: dict) -> torch.Tensor:
+    """The base model's sequence log-probs: the adapters switched off for this forward."""
+    plain = unwrap(model)
+    if not lora_layers(plain):
+        raise CheckpointError("preference.reference: adapter_off needs a LoRA model (finetune.method: lora); "
+                              "use reference: precomputed for full fine-tuning")
+    with adapters_disabled(plain):
+        return sequence_logprobs(model, batch)[0]
+
+
+@torch.no_grad()
+def precompute(model, run, examples: list, batches, name: str) -> torch.Tensor:
+    """[len(examples), 2] reference log-probs (chosen, rejected) of `examples`, in eval mode. `batches` yields
+    (indices, batch). Every rank computes all of them: with FSDP2 the ranks must run the same forwards."""
+    out = torch.zeros(len(examples), 2, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for indices, batch in batches:
+            batch = {k: v.to(run.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with run.autocast():
+                logps = sequence_logprobs(model, batch)[0].float().cpu()
+            n = len(indices)
+            out[indices, 0], out[indices, 1] = logps[:n], logps[n:]
+    finally:
+        model.train(was_training)
+    log.info("reference log-probs of %d %s pairs computed", len(examples), name)
+    return out
+
+
+def fingerprint(examples: list) -> str:
+    """What the cached values belong to: every pair's token ids and labels, in order."""
+    digest = hashlib.sha256()
+    for pair in examples:
+        for side in (pair.chosen, pair.rejected):
+            digest.update(side.input_ids.numpy().tobytes())
+            digest.update(side.labels.numpy().tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def cache_path(out_dir) -> Path:
+    return Path(out_dir) / CACHE_DIR / CACHE_FILE
+
+
+def save_cache(out_dir, values: dict, prints: dict):
+    """Writes the reference log-probs (atomically: a partial file is never read as whole)."""
+    from safetensors.torch import save_file
+    path = cache_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in values.items()}, str(tmp),
+              metadata={f"fingerprint_{k}": v for k, v in prints.items()})
+    os.replace(tmp, path)
+
+
+def load_cache(out_dir, prints: dict) -> dict | None:
+    """The cached reference log-probs when they were computed for the same data; None when there are none."""
+    from safetensors import safe_open
+    path = cache_path(out_dir)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for split, value in prints.items():
+            if meta.get(f"fingerprint_{split}") != value:
+                raise CheckpointError(f"{path}: the reference log-probs were computed for other {split} data (the "
+                                      "data, its chat template or max_seq_length changed since): the reference of "
+                                      "a resumed run must be the one it started with. Start a new run "
+                                      "(train.overwrite=true) or restore the data")
+        return {k: f.get_tensor(k) for k in f.keys()}
