@@ -4,11 +4,10 @@ holds on held-out prompts."""
 import json
 
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import FACTS, base_config, interrupt_at_step, make_model_dir, pair_records, write_jsonl
+from train_fixtures import FACTS, base_config, make_model_dir, pair_records, stopped_and_resumed, write_jsonl
 
 _ = vt.train
 from velotune.errors import CheckpointError  # noqa: E402
@@ -95,14 +94,8 @@ def test_a_resumed_full_fine_tune_keeps_its_reference(tiny):
         c["objective"] = "dpo"
         return c
     whole = train(cfg("full-whole")).losses
-    handle = interrupt_at_step(3)
-    try:
-        stopped = train(cfg("full-split"))
-    finally:
-        handle.remove()
-    assert stopped.interrupted and stopped.steps == 2
+    stopped, resumed = stopped_and_resumed(train, cfg("full-split"), 3)
     assert (tmp / "full-split" / "checkpoints" / "reference_logps.safetensors").is_file()
-    resumed = train(cfg("full-split"), ["train.resume=true"])
     assert stopped.losses + resumed.losses == whole
 
     # The reference belongs to its data: other data on resume is refused, not silently recomputed.

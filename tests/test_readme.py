@@ -71,6 +71,11 @@ def workdir(tmp_path_factory):
     pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": w}
              for (q, a), w in zip(FACTS, wrong)] * 3
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs), encoding="utf-8")
+    rows = [{"prompt": q, "completion": " " + c, "label": good} for (q, a), w in zip(FACTS, wrong)
+            for c, good in ((a, True), (w, False))] * 2
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    prompts = [{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in FACTS]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts), encoding="utf-8")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(texts[i:i + 4])}) + "\n"
                                                for i in range(0, 16, 2)) * 4, encoding="utf-8")
     (root / "examples").symlink_to(REPO / "examples")
@@ -152,5 +157,5 @@ def test_every_readme_block_runs(workdir):
     assert (root / "merged" / "config.json").is_file() and (root / "mine.gguf").is_file()
     assert (root / "mine.Modelfile").is_file()
     assert (root / "runs" / "ddp" / "adapter" / "adapter_config.json").is_file()
-    for method in ("dpo", "orpo", "simpo"):
+    for method in ("dpo", "orpo", "simpo", "kto", "grpo"):
         assert (root / "runs" / method / "adapter" / "adapter_model.safetensors").is_file()

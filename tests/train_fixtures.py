@@ -66,6 +66,18 @@ def interrupt_at_step(n):
     return register_optimizer_step_pre_hook(hook)
 
 
+def stopped_and_resumed(train, cfg, step: int):
+    """Runs `cfg` with a Ctrl-C in optimizer step `step`, then resumes it: (the stopped run's result, the resumed
+    run's result)."""
+    handle = interrupt_at_step(step)
+    try:
+        stopped = train(cfg)
+    finally:
+        handle.remove()
+    assert stopped.interrupted and stopped.steps == step - 1
+    return stopped, train(cfg, ["train.resume=true"])
+
+
 def forbid_weight_loading(monkeypatch):
     """Makes loading model weights fail the test: the error under test must come before it."""
     def load(*args, **kwargs):

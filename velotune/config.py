@@ -178,16 +178,48 @@ class TrainConfig:
 @dataclass
 class PreferenceConfig:
     beta: float | None = setting(
-        None, "strength: dpo 0.1 (how far from the reference), orpo 0.1 (the odds-ratio term's weight), simpo 2.0 "
-              "(reward scale); null: those", POSITIVE)
+        None, "strength: dpo and kto 0.1 (how far from the reference), orpo 0.1 (the odds-ratio term's weight), "
+              "simpo 2.0 (reward scale); null: those", POSITIVE)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = setting(
         "sigmoid", "dpo's loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)")
     label_smoothing: float = setting(0.0, "robust dpo and simpo: the assumed share of pairs labelled the wrong way",
                                      Bound(0, 0.5, high_open=True))
     gamma: float = setting(0.5, "simpo: the target reward margin", NON_NEGATIVE)
+    desirable_weight: float = setting(1.0, "kto: the weight of desirable rows' losses", POSITIVE)
+    undesirable_weight: float = setting(1.0, "kto: the weight of undesirable rows' losses", POSITIVE)
     reference: Literal["auto", "adapter_off", "precomputed"] = setting(
-        "auto", "dpo's reference model: adapter_off (the base with the adapters switched off, every step), "
+        "auto", "dpo's and kto's reference model: adapter_off (the base with the adapters switched off, every step), "
                 "precomputed (once before step 1, kept in output_dir); auto: adapter_off for LoRA, else precomputed")
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = setting(8, "completions sampled per prompt (a group)", Bound(2))
+    max_completion_length: int = setting(256, "tokens per completion at most", AT_LEAST_ONE)
+    max_prompt_length: int | None = setting(None, "prompts longer than this many tokens: see prompt_overflow; "
+                                                  "null: data.max_seq_length - max_completion_length", AT_LEAST_ONE)
+    prompt_overflow: Literal["truncate_left", "drop"] = setting(
+        "truncate_left", "a prompt over max_prompt_length keeps its last tokens, or is left out (counted)")
+    temperature: float = setting(1.0, "sampling temperature of the completions", POSITIVE)
+    top_p: float = setting(1.0, "nucleus sampling", Bound(0, 1, low_open=True))
+    top_k: int = setting(0, "sample among the k likeliest tokens; 0: all", NON_NEGATIVE)
+    reward_funcs: list = setting(
+        ["exact_match"], "rewards, summed: built-ins exact_match (the completion's final answer equals the row's "
+                         "answer column), format (grpo.format_regex matches), length (shorter is better), or "
+                         "module:function called with prompts, completions and the data's other columns",
+        comma_list=True)
+    reward_weights: list | None = setting(None, "a weight per reward function; null: 1 each")
+    answer_column: str = setting("answer", "exact_match: the column holding the reference answer")
+    format_regex: str = setting(r"\S", "format: the pattern a completion must match (re.search)")
+    scale_rewards: Literal["group", "batch", "none"] = setting(
+        "group", "advantages: (reward - its group's mean) divided by the group's std, the batch's std, or nothing")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = setting(
+        "dapo", "normalisation: dapo (over the global batch's completion tokens), grpo (per completion, then over "
+                "completions), dr_grpo (over completions x max_completion_length)")
+    epsilon: float = setting(0.2, "the ratio's clip below 1", Bound(0, 1, low_open=True))
+    epsilon_high: float | None = setting(None, "the ratio's clip above 1 (DAPO: 0.28); null: epsilon", POSITIVE)
+    beta: float = setting(0.0, "weight of the KL to the reference (k3 estimator); 0: no reference pass",
+                          NON_NEGATIVE)
 
 
 def _section(cls, help: str):
@@ -198,13 +230,16 @@ def _section(cls, help: str):
 class Config:
     objective: str = setting("sft", "what is trained for: sft (supervised fine-tuning, next-token loss on the "
                                     "assistant turns or all tokens), pretrain (raw text, every token), dpo, orpo, "
-                                    "simpo (preference pairs), or a name given to velotune.register_objective")
+                                    "simpo (preference pairs), kto (rows labelled desirable or not), "
+                                    "grpo (sampled completions scored by reward functions), or a name given to "
+                                    "velotune.register_objective")
     model: ModelConfig = _section(ModelConfig, "the base model and how it is loaded")
     finetune: FinetuneConfig = _section(FinetuneConfig, "what is trained")
     lora: LoraConfig = _section(LoraConfig, "LoRA adapters (finetune.method: lora)")
     data: DataConfig = _section(DataConfig, "the data set and how it becomes token rows")
     train: TrainConfig = _section(TrainConfig, "the training loop: steps, optimizer, schedule, checkpoints")
-    preference: PreferenceConfig = _section(PreferenceConfig, "preference objectives (dpo, orpo, simpo)")
+    preference: PreferenceConfig = _section(PreferenceConfig, "preference objectives (dpo, orpo, simpo, kto)")
+    grpo: GRPOConfig = _section(GRPOConfig, "reinforcement learning with group-relative advantages (objective grpo)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from . import assets, report
 from .loop_worker import SYSTEMS, training_loop
 from .machine import load_average, machine_markdown, print_and_save
-from .processes import alternating, run_module
+from .processes import alternating, plan_from_options, run_module
 from .train import check_counts, is_cuda, pick
 
 PLANS = {
@@ -40,13 +40,8 @@ def make_plan(ns) -> dict:
         raise ConfigError(f"the loop benchmark takes no --{given[0].replace('_', '-')} (LoRA only, no sequence "
                           f"search)")
     device = "cuda" if is_cuda(ns.device) else "cpu"
-    plan = dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick, lr=2e-4)
-    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
-    for key in ("reps", "steps", "warmup", "seq", "batch"):
-        if getattr(ns, key) is not None:
-            plan[key] = getattr(ns, key)
-    if ns.systems:
-        plan["systems"] = pick(ns.systems, SYSTEMS, "--systems")
+    plan = plan_from_options(dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick,
+                                  lr=2e-4), ns, SYSTEMS, pick)
     check_counts(plan)
     plan.update(threads=ns.threads, peak_tflops=ns.peak_tflops, timeout=ns.timeout)
     return plan

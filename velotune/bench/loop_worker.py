@@ -10,15 +10,13 @@ transformers users call (`gradient_checkpointing_enable()`, `enable_input_requir
 from __future__ import annotations
 
 import json
-import sys
 import time
-import traceback
 from pathlib import Path
 
 from .baselines import LORA_RANK, load_hf_model, with_peft_lora
 from .flops import step_work, training_flops
 from .memory import MemoryMeter
-from .processes import emit, short_error
+from .processes import worker_main
 
 SYSTEMS = ("velotune", "velotune-gc", "hf", "hf-gc")
 FIRST_ID = 4  # random token ids start after the special tokens (pad, bos, eos, unk)
@@ -98,18 +96,7 @@ def run_system(spec) -> dict:
 
 
 def main(argv=None):
-    spec = json.loads((argv or sys.argv[1:])[0])
-    import torch
-    torch.set_num_threads(spec.get("threads", 1))
-    started = time.perf_counter()
-    try:
-        result = run_system(spec)
-        result.update(ok=True, device_name=torch.cuda.get_device_name() if spec["device"].startswith("cuda")
-                      else "cpu")
-    except Exception as exc:  # reported, not raised: one failing system must not stop the others
-        result = {"ok": False, "error": short_error(exc), "traceback": traceback.format_exc(limit=6)}
-    result.update(system=spec["system"], wall_s=round(time.perf_counter() - started, 2))
-    emit(result)
+    worker_main(run_system, argv)
 
 
 if __name__ == "__main__":

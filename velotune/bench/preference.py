@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from . import assets, report
 from .machine import load_average, machine_markdown, print_and_save
 from .preference_worker import SYSTEMS
-from .processes import alternating, run_module
+from .processes import alternating, plan_from_options, run_module
 from .train import check_counts, is_cuda, pick
 
 PLANS = {
@@ -41,13 +41,8 @@ def make_plan(ns) -> dict:
     if given:
         raise ConfigError(f"the DPO benchmark takes no --{given[0].replace('_', '-')}")
     device = "cuda" if is_cuda(ns.device) else "cpu"
-    plan = dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick, lr=5e-5)
-    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
-    for key in ("reps", "steps", "warmup", "seq", "batch"):
-        if getattr(ns, key) is not None:
-            plan[key] = getattr(ns, key)
-    if ns.systems:
-        plan["systems"] = pick(ns.systems, SYSTEMS, "--systems")
+    plan = plan_from_options(dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick,
+                                  lr=5e-5), ns, SYSTEMS, pick)
     check_counts(plan)
     if plan["seq"] < 8 or plan["seq"] % 2:
         raise ConfigError(f"--seq {plan['seq']}: the DPO benchmark needs an even length of at least 8")

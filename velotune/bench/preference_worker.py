@@ -11,14 +11,12 @@ every step puts the same number of real tokens through the model, whatever the o
 from __future__ import annotations
 
 import json
-import sys
 import time
-import traceback
 from pathlib import Path
 
 from .baselines import LORA_RANK, load_hf_model
 from .memory import MemoryMeter
-from .processes import emit, short_error
+from .processes import worker_main
 
 SYSTEMS = ("velotune", "trl", "trl-nogc")
 BETA = 0.1
@@ -104,17 +102,7 @@ def run_system(spec: dict) -> dict:
 
 
 def main(argv=None):
-    spec = json.loads((argv or sys.argv[1:])[0])
-    import torch
-    torch.set_num_threads(spec.get("threads", 1))
-    started = time.perf_counter()
-    try:
-        result = run_system(spec)
-        result["ok"] = True
-    except Exception as exc:  # reported, not raised: one failing system must not stop the others
-        result = {"ok": False, "error": short_error(exc), "traceback": traceback.format_exc(limit=6)}
-    result.update(system=spec["system"], wall_s=round(time.perf_counter() - started, 2))
-    emit(result)
+    worker_main(run_system, argv)
 
 
 if __name__ == "__main__":

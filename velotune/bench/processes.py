@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 MARKER = "BENCH_RESULT "
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent  # the folder that holds velotune/
@@ -50,3 +51,34 @@ def short_error(exc: BaseException) -> str:
 def alternating(items: list, rep: int) -> list:
     """A B C at even repetitions, C B A at odd ones: no system always runs first (or after the same one)."""
     return list(items) if rep % 2 == 0 else list(items)[::-1]
+
+
+def worker_main(run: Callable[[dict], dict], argv=None) -> None:
+    """A measuring process: reads its spec, sets the torch threads, runs `run(spec)` and prints one result line; an
+    error is reported in the result, not raised (one failing system must not stop the others)."""
+    import time
+    import traceback
+    spec = json.loads((argv or sys.argv[1:])[0])
+    import torch
+    torch.set_num_threads(spec.get("threads", 1))
+    started = time.perf_counter()
+    try:
+        result = run(spec)
+        result.update(ok=True, device_name=torch.cuda.get_device_name() if spec["device"].startswith("cuda")
+                      else "cpu")
+    except Exception as exc:
+        result = {"ok": False, "error": short_error(exc), "traceback": traceback.format_exc(limit=6)}
+    result.update(system=spec["system"], wall_s=round(time.perf_counter() - started, 2))
+    emit(result)
+
+
+def plan_from_options(plan: dict, ns, systems: tuple, pick) -> dict:
+    """A benchmark plan with the command line's dtype, counts and systems laid over the device's defaults."""
+    device = "cuda" if str(ns.device).startswith("cuda") else "cpu"
+    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
+    for key in ("reps", "steps", "warmup", "seq", "batch"):
+        if getattr(ns, key) is not None:
+            plan[key] = getattr(ns, key)
+    if ns.systems:
+        plan["systems"] = pick(ns.systems, systems, "--systems")
+    return plan

@@ -11,24 +11,15 @@ named in the log; a row of the wrong shape (a number where text belongs) is an e
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DataError
-from .dataset import PreparedData, _source_name, _split, choose_chat_template
+from ..errors import DataError
+from .dataset import PreparedData, choose_chat_template
 from .encode import DataStats, Encoded, encode
 from .formats import Sample, _messages
-from .readers import read_records
-
-log = logging.getLogger("velotune")
-
-NAMED_IN_LOG = 5  # bad rows named per reason (all are counted)
-
-
-class BadRow(Exception):
-    """A record that cannot make a pair; its reason is what the log counts it under."""
+from .row_sets import BadRow, bad_reasons, check_source, note_rows, read_and_split
 
 
 @dataclass
@@ -48,6 +39,10 @@ class PairExample:
 
     def __len__(self) -> int:  # tokens the pair puts through the model (what batching balances)
         return len(self.chosen) + len(self.rejected)
+
+    def sides(self) -> tuple[Encoded, Encoded]:
+        """The two sequences a batch holds for this example, in the order of `reference`."""
+        return self.chosen, self.rejected
 
 
 def pair_sample(record, where: str) -> PairSample:
@@ -125,57 +120,26 @@ def _shared_start(a: list[dict], b: list[dict]) -> int:
 
 def prepare_pairs(data_cfg, tokenizer, *, max_seq_length: int, seed: int = 42) -> PreparedData:
     """Reads `data.path` (and the eval split) as preference pairs and encodes both sides of each."""
-    if not data_cfg.path:
-        raise ConfigError("data.path is not set: give a jsonl, json, csv or parquet file of prompt / chosen / "
-                          "rejected records")
-    if data_cfg.format != "auto":
-        raise ConfigError(f"data.format: {data_cfg.format!r} is an SFT format; preference objectives read "
-                          "prompt / chosen / rejected records (leave data.format auto)")
-    if tokenizer is None:
-        raise ConfigError("the model has no tokenizer files: velotune needs a tokenizer to encode data.path")
-    name = _source_name(data_cfg.path)
-    samples, read, bad = _read_pairs(data_cfg.path, name, data_cfg.max_samples)
-    if data_cfg.eval_path:
-        eval_samples, eval_read, eval_bad = _read_pairs(data_cfg.eval_path, _source_name(data_cfg.eval_path), None)
-    else:
-        samples, eval_samples = _split(samples, data_cfg.eval_fraction, seed)
-        eval_read, eval_bad = len(eval_samples), {}
-        read -= eval_read
-    is_chat = any(s.chosen.is_chat for s in samples + eval_samples)
+    check_source(data_cfg, tokenizer, "prompt / chosen / rejected records", "preference objectives")
+    train, held = read_and_split(data_cfg, pair_sample, seed=seed, check_first=_looks_like_pairs)
+    is_chat = any(s.chosen.is_chat for s in train.rows + (held.rows if held else []))
     template = choose_chat_template(data_cfg.chat_template, tokenizer, required=is_chat)
     text = template.text if template is not None and is_chat else None
-    train, stats = _encode_pairs(samples, tokenizer, text, data_cfg, max_seq_length)
-    stats.records, stats.dropped_bad = read, _counts(bad)
-    _log_bad(name, bad)
-    if not train:
-        raise DataError(f"no pairs left in {name}: {_why_none(stats, bad)}")
-    if eval_samples or eval_bad:
-        eval_examples, eval_stats = _encode_pairs(eval_samples, tokenizer, text, data_cfg, max_seq_length)
-        eval_stats.records, eval_stats.dropped_bad = eval_read, _counts(eval_bad)
-        _log_bad(_source_name(data_cfg.eval_path) if data_cfg.eval_path else "the eval split", eval_bad)
-        stats.eval = eval_stats
-    else:
-        eval_examples = []
-    return PreparedData(train, eval_examples, stats, "preference", True, template)
+    examples, stats = _encode_pairs(train.rows, tokenizer, text, data_cfg, max_seq_length)
+    note_rows(stats, train)
+    if not examples:
+        raise DataError(f"no pairs left in {train.name}: {_why_none(stats, train)}")
+    eval_examples = []
+    if held is not None:
+        eval_examples, stats.eval = _encode_pairs(held.rows, tokenizer, text, data_cfg, max_seq_length)
+        note_rows(stats.eval, held)
+    return PreparedData(examples, eval_examples, stats, "preference", True, template)
 
 
-def _read_pairs(path, name: str, max_samples):
-    records = read_records(path)
-    if max_samples:
-        records = records.head(max_samples)
-    if not records:
-        raise DataError(f"no records in {name}")
-    first = records[0]
-    if isinstance(first, dict) and not ({"chosen", "rejected"} & set(first)):
-        raise DataError(f"{records.origins[0]}: a preference objective reads 'prompt', 'chosen' and 'rejected' "
-                        f"fields; this record has {sorted(first)}")
-    samples, bad = [], {}
-    for record, where in zip(records, records.origins):
-        try:
-            samples.append(pair_sample(record, where))
-        except BadRow as exc:
-            bad.setdefault(str(exc), []).append(where)
-    return samples, len(records), bad
+def _looks_like_pairs(record, where):
+    if isinstance(record, dict) and not ({"chosen", "rejected"} & set(record)):
+        raise DataError(f"{where}: a preference objective reads 'prompt', 'chosen' and 'rejected' fields; this "
+                        f"record has {sorted(record)}")
 
 
 def _encode_pairs(samples: list[PairSample], tokenizer, template, data_cfg, max_len: int):
@@ -198,19 +162,8 @@ def _encode_pairs(samples: list[PairSample], tokenizer, template, data_cfg, max_
     return examples, stats
 
 
-def _counts(bad: dict) -> dict:
-    return {reason: len(rows) for reason, rows in bad.items()}
-
-
-def _log_bad(name: str, bad: dict):
-    for reason, rows in bad.items():
-        named = ", ".join(rows[:NAMED_IN_LOG]) + (f" and {len(rows) - NAMED_IN_LOG} more"
-                                                  if len(rows) > NAMED_IN_LOG else "")
-        log.warning("%s: dropped %d row%s (%s): %s", name, len(rows), "" if len(rows) == 1 else "s", reason, named)
-
-
-def _why_none(stats: DataStats, bad: dict) -> str:
-    parts = [f"{len(rows)} bad ({reason})" for reason, rows in bad.items()]
+def _why_none(stats: DataStats, parsed) -> str:
+    parts = bad_reasons(parsed)
     if stats.dropped_too_long:
         parts.append(f"{stats.dropped_too_long} longer than max_seq_length (data.overflow is 'drop')")
     if stats.dropped_fully_masked:

@@ -156,6 +156,9 @@ class _Loop:
         """One optimizer step: (loss, metric sums, counts, all real tokens, grad norm), summed over all ranks. Loss,
         metrics and grad norm are tensors on the device (read later, once per logging step); the counts are known
         before the forward."""
+        # First what the objective computes over the whole step (GRPO samples its completions, KTO its reference
+        # point): the counts may depend on it.
+        self.objective.begin_step(self.model, [b for _, _, b, _ in micro])
         counts = [unit_counts(self.objective, b) for _, _, b, _ in micro]
         names = list(counts[0])
         # The step's counts (and all real tokens) over all ranks, in one collective.
@@ -166,7 +169,7 @@ class _Loop:
             raise TrainingError(f"step {self.state.step + 1} has nothing to train on (no {self.objective.unit_name} "
                                 f"with a target in its batches): check the data's loss mask (data.train_on)")
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        metric_sums = {}
+        metric_sums, metric_units = {}, {}
         for i, ((_, _, batch, _), n) in enumerate(zip(micro, counts)):
             if n[names[0]] == 0 and not self.dist.active:  # ranks must run the same backward passes (collectives)
                 continue
@@ -177,13 +180,14 @@ class _Loop:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().float()
             for name, value in metrics.items():
+                value, metric_units[name] = value if isinstance(value, tuple) else (value, names[0])
                 metric_sums[name] = metric_sums.get(name, 0) + value.detach().float()
         # The global loss and metrics, the same on every rank, in one collective.
         summed = torch.stack([loss_sum, *(torch.as_tensor(v, device=self.device).float().reshape(())
                                           for v in metric_sums.values())])
         self.dist.all_sum_(summed)
         loss_sum = summed[0]
-        metrics = {name: summed[j + 1] / max(1, totals[names[0]]) for j, name in enumerate(metric_sums)}
+        metrics = {name: summed[j + 1] / max(1, totals[metric_units[name]]) for j, name in enumerate(metric_sums)}
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -205,27 +209,30 @@ class _Loop:
         if not self.eval_data:
             return None, {}
         self.model.eval()
-        term_sums, metric_sums, count_sums = {}, {}, {}
+        term_sums, metric_sums, metric_units, count_sums = {}, {}, {}, {}
         kwargs = {**self.plan.batch_kwargs(), "seed": 0, "shuffle": False, "rank": 0, "world_size": 1}
         for rows in self.objective.epoch_rows(self.eval_data, epoch=0, **kwargs):
             batch = self.objective.collate([[self.eval_data[i] for i in row] for row in rows], pad_id=self.pad_id,
                                            packing=self.cfg.data.packing, max_width=self.plan.max_seq_length)
+            self.objective.begin_step(self.model, [batch])
             counts = unit_counts(self.objective, batch)
             if not counts[next(iter(counts))]:
                 continue
             terms, metrics = self._loss(batch)
-            for table, values in ((term_sums, terms), (metric_sums, metrics)):
-                for name, value in values.items():
-                    table[name] = table.get(name, 0.0) + float(value)
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(value)
+            for name, value in metrics.items():
+                value, metric_units[name] = value if isinstance(value, tuple) else (value, next(iter(counts)))
+                metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
             for name, n in counts.items():
                 count_sums[name] = count_sums.get(name, 0) + n
         self.model.train()
         self._evaluated_at = self.state.step
         if not count_sums:
             return None, {}
-        main = max(1, next(iter(count_sums.values())))
         loss = sum(total / max(1, count_sums.get(unit, 0)) for unit, total in term_sums.items())
-        return loss, {name: total / main for name, total in metric_sums.items()}
+        return loss, {name: total / max(1, count_sums.get(metric_units[name], 0))
+                      for name, total in metric_sums.items()}
 
     # ---- the run ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:

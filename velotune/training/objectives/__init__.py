@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .base import Objective, RunContext, loss_terms, unit_counts
+from .grpo import GRPO
+from .kto import KTO
 from .preference import DPO, ORPO, Preference, SimPO
 from .sft import SFT, Pretrain
 
-_REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO}
+_REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO,
+                               "grpo": GRPO}
 
 
 def register_objective(name: str, factory) -> None:
@@ -40,5 +43,5 @@ def make_objective(spec) -> Objective:
     return objective
 
 
-__all__ = ["DPO", "ORPO", "Objective", "Preference", "Pretrain", "SimPO", "RunContext", "SFT", "loss_terms", "make_objective", "objective_names",
+__all__ = ["DPO", "GRPO", "KTO", "ORPO", "Objective", "Preference", "Pretrain", "SimPO", "RunContext", "SFT", "loss_terms", "make_objective", "objective_names",
            "register_objective", "unit_counts"]

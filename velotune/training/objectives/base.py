@@ -14,7 +14,8 @@ global batch (all its micro-batches on all ranks), so 1 x 8 and 8 x 1 give the s
 A loss made of terms normalised by different counts (ORPO: a per-token NLL plus a per-pair odds-ratio term) gives
 `units` as a dict of counts ({"pair": 4, "token": 310}, the first one the main count) and `sum` as a dict of summed
 terms keyed by the count each is divided by; the loop divides each by its global count. `metrics`, when returned,
-are sums over the batch of per-unit quantities (per pair, say), logged as their global mean per main unit.
+are sums over the batch of per-unit quantities (per pair, say), logged as their global mean per main unit; a metric
+given as (sum, count name) is a mean over that count instead (KTO's rewards of desirable rows only).
 """
 from __future__ import annotations
 
@@ -80,6 +81,11 @@ class Objective:
         """Called once the model is loaded (and resumed), before the first step: `run` is a RunContext (device,
         autocast, output directory, the examples, this process's place in the job). Nothing to do by default;
         a preference objective computes its reference log-probabilities here."""
+
+    def begin_step(self, model, batches: list) -> None:
+        """Called before the forwards of each optimizer step (and each evaluation batch) with the step's micro-batches
+        on this process (on the CPU): an objective that needs a statistic of the whole global batch first (KTO's
+        reference point) computes it here. Nothing by default."""
 
     # ---- batches -> loss ----------------------------------------------------------------------------------------
     def units(self, batch: dict) -> int | dict:

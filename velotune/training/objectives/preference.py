@@ -11,8 +11,7 @@ import torch
 
 from .base import Objective
 from .preference_losses import dpo_loss, orpo_odds_ratio, simpo_loss
-from .reference import (adapter_off_logps, fingerprint, load_cache, precompute, reference_mode, save_cache,
-                        sequence_logprobs)
+from .reference import adapter_off_logps, attach_precomputed, reference_mode, sequence_logprobs
 
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 
@@ -88,31 +87,7 @@ class DPO(Preference):
     def start(self, model, run):
         self.mode = reference_mode(self.settings.reference, model)
         if self.mode == "precomputed":
-            self._attach_precomputed(model, run)
-
-    def _attach_precomputed(self, model, run):
-        splits = {"train": run.train, "eval": run.eval}
-        prints = {name: fingerprint(examples) for name, examples in splits.items()}
-        values = load_cache(run.out_dir, prints) if run.resumed else None
-        if values is None:
-            if run.resumed:
-                from ...errors import CheckpointError
-                raise CheckpointError(f"{run.out_dir}: the run is resumed with preference.reference: precomputed "
-                                      "but its reference log-probs are missing (checkpoints/reference_logps."
-                                      "safetensors); they cannot be computed again from trained weights")
-            values = {name: precompute(model, run, examples, self._indexed_batches(examples, run), name)
-                      for name, examples in splits.items() if examples}
-            run.dist.on_main(save_cache, run.out_dir, values, prints)
-        for name, examples in splits.items():
-            for pair, ref in zip(examples, values.get(name, ())):
-                pair.reference = ref
-
-    def _indexed_batches(self, examples, run):
-        size = run.config.train.batch_size
-        for start in range(0, len(examples), size):
-            indices = list(range(start, min(start + size, len(examples))))
-            yield indices, self.collate([[examples[i]] for i in indices], pad_id=run.pad_id, packing=False,
-                                        max_width=None)
+            attach_precomputed(model, run, self.collate)
 
     def loss(self, model, batch):
         (chosen, rejected), (chosen_n, rejected_n) = self.policy(model, batch)

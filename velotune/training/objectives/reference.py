@@ -62,9 +62,22 @@ def adapter_off_logps(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
+def adapter_off_logps_per_token(model, batch: dict) -> torch.Tensor:
+    """The base model's per-token log-probs [N, T] (position t: the log-prob of token t + 1; 0 where no target)."""
+    plain = unwrap(model)
+    if not lora_layers(plain):
+        raise CheckpointError("the reference with the adapters off needs a LoRA model (finetune.method: lora)")
+    with adapters_disabled(plain):
+        out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                    reduction="none", return_logits=False)
+    return -out.loss.float()
+
+
+@torch.no_grad()
 def precompute(model, run, examples: list, batches, name: str) -> torch.Tensor:
-    """[len(examples), 2] reference log-probs (chosen, rejected) of `examples`, in eval mode. `batches` yields
-    (indices, batch). Every rank computes all of them: with FSDP2 the ranks must run the same forwards."""
+    """[len(examples), 2] reference log-probs of both sequences of each example (a batch of n examples holds their
+    first sequences, then their second), in eval mode. `batches` yields (indices, batch). Every rank computes all
+    of them: with FSDP2 the ranks must run the same forwards."""
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
     was_training = model.training
     model.eval()
@@ -77,15 +90,15 @@ def precompute(model, run, examples: list, batches, name: str) -> torch.Tensor:
             out[indices, 0], out[indices, 1] = logps[:n], logps[n:]
     finally:
         model.train(was_training)
-    log.info("reference log-probs of %d %s pairs computed", len(examples), name)
+    log.info("reference log-probs of %d %s examples computed", len(examples), name)
     return out
 
 
 def fingerprint(examples: list) -> str:
-    """What the cached values belong to: every pair's token ids and labels, in order."""
+    """What the cached values belong to: every example's token ids and labels (both sequences), in order."""
     digest = hashlib.sha256()
-    for pair in examples:
-        for side in (pair.chosen, pair.rejected):
+    for example in examples:
+        for side in example.sides():
             digest.update(side.input_ids.numpy().tobytes())
             digest.update(side.labels.numpy().tobytes())
         digest.update(b"|")
@@ -122,3 +135,30 @@ def load_cache(out_dir, prints: dict) -> dict | None:
                                       "a resumed run must be the one it started with. Start a new run "
                                       "(train.overwrite=true) or restore the data")
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def attach_precomputed(model, run, collate):
+    """Sets `example.reference` on every train and eval example: read back on a resume (checked against the
+    data), else computed now, before step 1, and saved with the run's checkpoints. `collate` makes a batch of
+    examples whose first half of rows are the examples' first sequences and second half their second."""
+    splits = {"train": run.train, "eval": run.eval}
+    prints = {name: fingerprint(examples) for name, examples in splits.items()}
+    values = load_cache(run.out_dir, prints) if run.resumed else None
+    if values is None:
+        if run.resumed:
+            raise CheckpointError(f"{run.out_dir}: the run is resumed with preference.reference: precomputed but "
+                                  f"its reference log-probs are missing ({CACHE_DIR}/{CACHE_FILE}); they cannot be "
+                                  "computed again from trained weights")
+        size = run.config.train.batch_size
+
+        def batches(examples):
+            for start in range(0, len(examples), size):
+                indices = list(range(start, min(start + size, len(examples))))
+                yield indices, collate([[examples[i]] for i in indices], pad_id=run.pad_id, packing=False,
+                                       max_width=None)
+        values = {name: precompute(model, run, examples, batches(examples), name)
+                  for name, examples in splits.items() if examples}
+        run.dist.on_main(save_cache, run.out_dir, values, prints)
+    for name, examples in splits.items():
+        for example, ref in zip(examples, values.get(name, ())):
+            example.reference = ref

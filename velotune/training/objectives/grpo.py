@@ -1,0 +1,199 @@
+"""GRPO: for each prompt, `num_generations` completions sampled from the model being trained (our KV-cache
+generation, adapters live), scored by reward functions; each completion's advantage is its reward against its
+group's; the policy-gradient loss with a clipped ratio, and optionally a KL to the reference (k3 estimator).
+
+    per token:  -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,   r = pi / pi_old
+    k3 = exp(ref - logp) - (ref - logp) - 1          (an unbiased, non-negative estimate of KL(pi || ref))
+    dapo: sum over the global batch's completion tokens / those tokens; grpo: each completion's token mean,
+    then the mean over completions; dr_grpo: the sum / (completions x max_completion_length)
+
+One optimisation step per batch of samples: pi_old is the policy that sampled, so r = 1 in value and the clip never
+binds; the gradient is A * grad log pi, as TRL's GRPOTrainer computes it with num_iterations=1. The formulas are
+TRL's (trainer/grpo_trainer.py), checked in tests/test_grpo.py. Log-probs come from the fused chunked cross-entropy
+per token: no [completions, length, vocab] logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConfigError
+from ..distributed import unwrap
+from ..rewards import resolve_rewards, score
+from .base import Objective
+from .reference import adapter_off_logps_per_token, reference_mode
+
+ADVANTAGE_EPS = 1e-4  # added to a std before dividing by it (TRL's value)
+
+
+def clipped_token_loss(logps, old_logps, advantages, *, epsilon: float, epsilon_high: float, beta: float = 0.0,
+                       ref_logps=None):
+    """Per-token loss [n, T] (to be masked by the caller), the per-token k3 KL (or None) and the clipped mask."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * a
+    loss = -torch.min(unclipped, clipped)
+    kl = None
+    if beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    was_clipped = (ratio < 1 - epsilon) & (a < 0) | (ratio > 1 + epsilon_high) & (a > 0)
+    return loss, kl, was_clipped
+
+
+def group_advantages(rewards, group: int, scale: str, batch_std=None):
+    """Each reward minus its group's mean, divided by the group's std ("group"), a given std ("batch") or 1."""
+    grouped = rewards.view(-1, group)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "group":
+        return centred / (grouped.std(dim=1).repeat_interleave(group) + ADVANTAGE_EPS)
+    if scale == "batch":
+        return centred / (batch_std + ADVANTAGE_EPS)
+    return centred
+
+
+class GRPO(Objective):
+    name = "grpo"
+    unit_name = "completion"
+    sample_name = "prompt"
+    row_name = "prompt"
+    cfg = rewards = tokenizer = run = mode = None
+
+    # ---- records -> examples -----------------------------------------------------------------------------------
+    def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
+        from ...data.prompts import prepare_prompts
+        self.cfg, self.tokenizer = config.grpo, tokenizer
+        if config.train.distributed == "fsdp2":
+            raise ConfigError("objective grpo with train.distributed=fsdp2: sharded generation is not supported yet "
+                              "(every rank would have to decode in step); use ddp")
+        self.rewards = resolve_rewards(config.grpo)  # a missing function fails here, before any weights load
+        return prepare_prompts(config.data, config.grpo, tokenizer, max_seq_length=max_seq_length, seed=seed)
+
+    def sample_view(self, example, tokenizer) -> str:
+        return ("prompt (completions are sampled; each is trained, the prompt is not):\n"
+                + tokenizer.decode(example.prompt_ids, skip_special_tokens=False))
+
+    # ---- examples -> batches ------------------------------------------------------------------------------------
+    def epoch_rows(self, examples, *, packing: bool, **kwargs) -> list:
+        return super().epoch_rows(examples, packing=False, **kwargs)
+
+    def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+        return {"examples": [row[0] for row in rows], "rows": len(rows)}
+
+    def input_tokens(self, rows) -> int:  # known before sampling: the prompts, once per completion
+        return sum(len(row[0]) for row in rows) * self.cfg.num_generations
+
+    # ---- the run ------------------------------------------------------------------------------------------------
+    def start(self, model, run):
+        from ...infer.defaults import eos_token_ids
+        self.run = run
+        self.eos = eos_token_ids(unwrap(model), self.tokenizer)
+        if self.cfg.beta:
+            self.mode = reference_mode(run.config.preference.reference, model)
+            if self.mode != "adapter_off":
+                raise ConfigError("grpo.beta > 0 needs the reference model: with LoRA it is the base with the adapters "
+                                  "off; full fine-tuning (or trained modules_to_save) would need a second copy, not "
+                                  "supported yet: use LoRA, or grpo.beta: 0")
+
+    @torch.no_grad()
+    def begin_step(self, model, batches):
+        """Samples and scores the completions of every micro-batch of the step, and their advantages."""
+        for batch in batches:
+            if "input_ids" not in batch:
+                self._rollout(model, batch)
+        if self.cfg.scale_rewards == "batch":
+            sums = torch.zeros(3, dtype=torch.float64, device=self.run.device)
+            for batch in batches:
+                r = batch["reward_total"].double().to(sums.device)
+                sums += torch.stack([r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=sums.device,
+                                                                       dtype=torch.float64)])
+            self.run.dist.all_sum_(sums)
+            n = sums[2].clamp(min=2)
+            std = ((sums[1] - sums[0] ** 2 / n) / (n - 1)).clamp(min=0).sqrt().float().cpu()
+            for batch in batches:
+                batch["advantages"] = group_advantages(batch["reward_total"], self.cfg.num_generations, "batch", std)
+
+    def _rollout(self, model, batch):
+        from ...infer.decoder import generate_ids
+        from ...infer.generation import left_pad
+        from ...infer.sampling import SamplingParams
+        cfg, G = self.cfg, self.cfg.num_generations
+        examples = batch["examples"]
+        prompts = [e.prompt_ids.tolist() for e in examples for _ in range(G)]
+        ids, mask = left_pad(prompts, self.run.pad_id)
+        params = SamplingParams(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k)
+        with self.run.autocast():
+            out = generate_ids(unwrap(model), ids, mask, params, eos_token_ids=self.eos, pad_token_id=self.run.pad_id)
+        completions = [tokens + ([end] if reason == "eos" and end is not None else [])
+                       for tokens, reason, end in zip(out.tokens, out.finish_reasons, out.finish_tokens)]
+        texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.tokens]
+        chat = isinstance(examples[0].prompt, list)
+        shown = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        origins = [e.origin for e in examples for _ in range(G)]
+        keys = list(dict.fromkeys(k for e in examples for k in e.extras))
+        columns = {k: [e.extras.get(k) for e in examples for _ in range(G)] for k in keys}
+        rewards = score(self.rewards, [e.prompt for e in examples for _ in range(G)], shown, columns, origins)
+        weights = torch.tensor([r.weight for r in self.rewards])
+        total = (rewards * weights).sum(dim=1)
+        batch.update(self._sequences(prompts, completions))
+        batch["reward_total"], batch["rewards"] = total, rewards
+        batch["advantages"] = group_advantages(total, G, cfg.scale_rewards)
+        batch["group_std"] = total.view(-1, G).std(dim=1).repeat_interleave(G)
+        batch["completion_lengths"] = torch.tensor([len(c) for c in completions], dtype=torch.float32)
+        if cfg.beta:
+            with self.run.autocast():
+                moved = {k: batch[k].to(self.run.device) for k in ("input_ids", "labels", "attention_mask")}
+                batch["ref_logps"] = adapter_off_logps_per_token(model, moved).cpu()
+
+    def _sequences(self, prompts, completions) -> dict:
+        """Right-padded prompt + completion rows; labels on the completion tokens only."""
+        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        n = len(prompts)
+        input_ids = torch.full((n, width), self.run.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            row = p + c
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention[i, :len(row)] = 1
+            if c:
+                labels[i, len(p):len(row)] = torch.tensor(c)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+    # ---- batches -> loss ----------------------------------------------------------------------------------------
+    def units(self, batch: dict) -> dict:
+        n = int(batch["input_ids"].shape[0])
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        return {"completion": n, "token": tokens, "budget": n * self.cfg.max_completion_length}
+
+    def loss(self, model, batch):
+        cfg = self.cfg
+        labels = batch["labels"]
+        out = model(batch["input_ids"], labels=labels, attention_mask=batch["attention_mask"], reduction="none",
+                    return_logits=False)
+        logps = -out.loss.float()                                   # position t: the log-prob of token t + 1
+        mask = F.pad(labels[:, 1:] != -100, (0, 1)).float()
+        advantages = batch["advantages"].to(logps.device)
+        ref = batch["ref_logps"].to(logps.device) if cfg.beta else None
+        per_token, kl, clipped = clipped_token_loss(
+            logps, logps.detach(), advantages, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon, beta=cfg.beta,
+            ref_logps=ref)
+        per_token = per_token * mask
+        if cfg.loss_type == "dapo":
+            terms = {"token": per_token.sum()}
+        elif cfg.loss_type == "grpo":
+            terms = {"completion": (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()}
+        else:
+            terms = {"budget": per_token.sum()}
+        dev = logps.device
+        metrics = {"reward": batch["reward_total"].sum().to(dev), "reward_std": batch["group_std"].sum().to(dev),
+                   "completion_length": batch["completion_lengths"].sum().to(dev),
+                   "clip_ratio": ((clipped.float() * mask).sum(), "token")}
+        for j, reward in enumerate(self.rewards):
+            metrics[f"rewards/{reward.name}"] = batch["rewards"][:, j].sum().to(dev)
+        if kl is not None:
+            metrics["kl"] = ((kl.detach() * mask).sum(), "token")
+        return terms, self.units(batch), metrics
