@@ -15,13 +15,15 @@ def add_bench_parser(subparsers):
 
 
 def run_bench_command(ns):
-    if ns.loop and ns.preference:
+    if sum((ns.loop, ns.preference, ns.grpo)) > 1:
         from ..errors import ConfigError
-        raise ConfigError("velotune bench: choose --loop or --preference, not both")
+        raise ConfigError("velotune bench: choose one of --loop, --preference and --grpo")
     if ns.loop:
         from .loop import run
     elif ns.preference:
         from .preference import run
+    elif ns.grpo:
+        from .grpo import run
     else:
         from .train import run
     run(ns)

@@ -15,6 +15,9 @@ def add_bench_arguments(p):
     p.add_argument("--preference", action="store_true",
                    help="the DPO benchmark: velotune's dpo objective vs TRL's DPOTrainer + PEFT, LoRA, the 56M Llama "
                         "at vocabularies 32000 and 128256")
+    p.add_argument("--grpo", action="store_true",
+                   help="the GRPO benchmark: velotune's grpo objective vs TRL's GRPOTrainer + PEFT, LoRA, the 56M Llama "
+                        "(sampling, scoring and training timed together)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, one repetition: checks the benchmark code works (under a minute)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

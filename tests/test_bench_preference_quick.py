@@ -1,5 +1,5 @@
-"""The DPO benchmark keeps working: its quick mode runs end to end from the clone's script (no speed is asserted:
-the real figures are in benchmarks/results/dpo-cpu-llama-56m.md), and both systems start from the same loss."""
+"""The DPO and GRPO benchmarks keep working: their quick modes run end to end from the clone's scripts (no speed is
+asserted: the real figures are in benchmarks/results/dpo-cpu-llama-56m.md and grpo-cpu-llama-56m.md)."""
 from __future__ import annotations
 
 import json
@@ -24,3 +24,17 @@ def test_quick_dpo_benchmark_runs_both_systems(tmp_path):
     assert [s["first_loss"] for s in case["systems"].values()] == pytest.approx([0.693147] * 2, abs=1e-5)
     assert case["ratios"]["trl"]["speed"] > 0 and report["machine"]["versions"]["trl"]
     assert "## Peak memory as the vocabulary grows" in (tmp_path / "dpo-cpu-tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_grpo_benchmark_runs_both_systems(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grpo_bench.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "grpo-cpu-tiny.json").read_text())
+    systems = report["systems"]
+    assert set(systems) == {"velotune", "trl"} and all(s["ok"] for s in systems.values())
+    # Both sampled completions of the set length (random weights rarely sample EOS) and trained on them.
+    for runs in report["runs"].values():
+        assert all(length > 0 for length in runs[0]["completion_lengths"])
+    assert "| trl |" in (tmp_path / "grpo-cpu-tiny.md").read_text()
