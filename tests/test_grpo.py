@@ -23,7 +23,8 @@ CALLS = {"n": 0}
 def vowel_share(prompts, completions, **columns):
     """The share of vowels among a completion's characters: a reward a random model can climb. Chat prompts give
     completions as [{"role": "assistant", "content": ...}], as TRL does."""
-    texts = [c[0]["content"] for c in completions]
+    from velotune.training.rewards import completion_text
+    texts = [completion_text(c) for c in completions]
     return [sum(ch in "aeiou" for ch in t) / max(1, len(t)) for t in texts]
 
 
@@ -222,3 +223,49 @@ def test_an_interrupted_run_resumes_exactly(tiny):
     whole = train(cfg("whole")).losses
     stopped, resumed = stopped_and_resumed(train, cfg("split"), 3)
     assert stopped.losses + resumed.losses == whole
+
+
+@pytest.mark.slow
+def test_grpo_reaches_what_trls_grpo_trainer_reaches(tmp_path):
+    """The same task (vowel share), model, data, step budget and settings (full fine-tuning, 2 prompts x 8
+    completions of 8 tokens a step, lr 3e-3, dapo, beta 0, no clipping of the gradient norm), three seeds each: the
+    mean reward of the last 10 of 40 steps, averaged over the seeds, is at least TRL's (measured: velotune 0.221 /
+    0.307 / 0.269, TRL 1.16 0.226 / 0.235 / 0.202; a 0.03 margin for sampling noise)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    model_dir = make_model_dir(tmp_path)
+    rows = [{"prompt": q} for q, _ in FACTS]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    steps, lr = 40, 3e-3
+    ours, theirs = [], []
+    for seed in (1, 2, 3):
+        rewards = []
+        cfg = base_config(model_dir, data, tmp_path / f"ours-{seed}", data={"max_seq_length": 96},
+                          finetune={"method": "full"},
+                          train={"max_steps": steps, "batch_size": 2, "lr": lr, "log_every": 1, "seed": seed},
+                          grpo={"num_generations": 8, "max_completion_length": 8,
+                                "reward_funcs": ["test_grpo:vowel_share"]})
+        cfg["objective"] = "grpo"
+        train(cfg, callbacks=[lambda e: rewards.append(e.metrics["reward"]) if e.kind == "step" else None])
+        ours.append(sum(rewards[-10:]) / 10)
+
+        logged = []
+
+        class Rewards(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "reward" in logs:
+                    logged.append(float(logs["reward"]))
+        args = trl.GRPOConfig(output_dir=str(tmp_path / f"trl-{seed}"), per_device_train_batch_size=16,
+                              num_generations=8, max_completion_length=8, max_steps=steps, learning_rate=lr,
+                              logging_steps=1, report_to=[], save_strategy="no", beta=0.0, loss_type="dapo",
+                              temperature=1.0, top_k=0, max_grad_norm=0.0, use_cpu=True, bf16=False,
+                              gradient_checkpointing=False, seed=seed)
+        trainer = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                  args=args, reward_funcs=vowel_share, train_dataset=Dataset.from_list(rows * 20),
+                                  processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Rewards()])
+        trainer.train()
+        theirs.append(sum(logged[-10:]) / 10)
+    print(f"GRPO last-10 mean reward: velotune {ours}, TRL {theirs}")
+    assert sum(ours) / 3 >= sum(theirs) / 3 - 0.03
+    assert min(ours) > 0.15  # every seed learned (the first steps are at ~0.07)
