@@ -269,3 +269,37 @@ def test_grpo_reaches_what_trls_grpo_trainer_reaches(tmp_path):
     print(f"GRPO last-10 mean reward: velotune {ours}, TRL {theirs}")
     assert sum(ours) / 3 >= sum(theirs) / 3 - 0.03
     assert min(ours) > 0.15  # every seed learned (the first steps are at ~0.07)
+
+
+def test_full_fine_tuning_with_a_kl_uses_a_frozen_copy_of_the_start(tiny):
+    """beta > 0 without adapters: the reference is the starting model read again from model.path. At step 1 the
+    policy is that model (KL exactly 0); after an update it is not."""
+    cfg = grpo_config(tiny, "full-kl", reward_funcs=["test_grpo:vowel_share"], beta=0.1)
+    cfg["finetune"] = {"method": "full"}
+    cfg["train"].update(max_steps=3, lr=3e-3, log_every=1)
+    kls = []
+    train(cfg, callbacks=[lambda e: kls.append(e.metrics["kl"]) if e.kind == "step" else None])
+    assert kls[0] == 0.0 and kls[-1] > 0
+
+
+def test_a_precomputed_reference_is_refused_for_sampled_completions(tiny, monkeypatch):
+    from train_fixtures import forbid_weight_loading
+    forbid_weight_loading(monkeypatch)
+    cfg = grpo_config(tiny, "pre", beta=0.1)
+    cfg["preference"] = {"reference": "precomputed"}
+    with pytest.raises(ConfigError, match="grpo samples its completions as it trains"):
+        train(cfg)
+
+
+def test_num_iterations_reuses_each_batch_of_samples_and_the_clip_binds(tiny):
+    """mu = 2: every batch of samples serves two optimizer steps in a row (same rewards), the plan counts them, and
+    on the second the ratio to the sampling policy is no longer 1, so a large step gets clipped."""
+    from velotune.training.plan import plan_run
+    cfg = grpo_config(tiny, "mu", reward_funcs=["test_grpo:vowel_share"], num_iterations=2, epsilon=0.01)
+    cfg["train"].update(max_steps=None, epochs=1, lr=5e-2, log_every=1, batch_size=2, grad_accum=2)
+    plan = plan_run(cfg)
+    assert plan.total_steps == 4  # 8 prompts in 4 batches, 2 per step: 2 batches of samples x 2 iterations
+    records = []
+    train(cfg, callbacks=[lambda e: records.append(e.metrics) if e.kind == "step" else None])
+    assert [r["reward"] for r in records[0::2]] == [r["reward"] for r in records[1::2]]
+    assert records[0]["clip_ratio"] == 0 and records[1]["clip_ratio"] > 0

@@ -153,3 +153,18 @@ def test_qlora_dpo_uses_the_4bit_base_as_its_reference(tiny):
     result = train(cfg)
     assert result.losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert result.losses[1] != result.losses[0] and (tmp / "qlora" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_frozen_copy_is_the_reference_of_a_resumed_full_fine_tune(tiny):
+    """preference.reference: model reads the starting weights again from model.path: the same reference as the
+    precomputed one, and after a resume still the starting model (not the trained weights)."""
+    model_dir, data, tmp = tiny
+
+    def cfg(out, mode):
+        c = base_config(model_dir, data, tmp / out, finetune={"method": "full"}, preference={"reference": mode},
+                        train={"max_steps": 4, "save_every": 2, "lr": 1e-3, "batch_size": 2})
+        c["objective"] = "dpo"
+        return c
+    precomputed = train(cfg("copy-pre", "precomputed")).losses
+    stopped, resumed = stopped_and_resumed(train, cfg("copy-split", "model"), 3)
+    assert stopped.losses + resumed.losses == pytest.approx(precomputed, rel=1e-5)

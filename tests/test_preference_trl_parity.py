@@ -8,6 +8,7 @@ import velotune as vt
 from train_fixtures import FACTS, make_model_dir
 from velotune.config import load_config
 from velotune.training.objectives import make_objective
+from velotune.training.objectives.reference import Reference
 
 trl = pytest.importorskip("trl")
 GRAD_RTOL = 1e-5
@@ -49,7 +50,7 @@ def test_a_dpo_step_equals_trl(tmp_path):
             "pairs": len(rows)}
     objective = make_objective("dpo")
     objective.settings = load_config({"preference": {"beta": 0.1}}).preference
-    objective.mode = "adapter_off"
+    objective.reference = Reference("adapter_off", model, run=None)
     terms, _, _ = objective.loss(model, ours)
     got = terms["pair"] / len(rows)  # what the loop divides by: the pairs of the (here: one-batch) step
     got.backward()

@@ -187,9 +187,10 @@ class PreferenceConfig:
     gamma: float = setting(0.5, "simpo: the target reward margin", NON_NEGATIVE)
     desirable_weight: float = setting(1.0, "kto: the weight of desirable rows' losses", POSITIVE)
     undesirable_weight: float = setting(1.0, "kto: the weight of undesirable rows' losses", POSITIVE)
-    reference: Literal["auto", "adapter_off", "precomputed"] = setting(
-        "auto", "dpo's and kto's reference model: adapter_off (the base with the adapters switched off, every step), "
-                "precomputed (once before step 1, kept in output_dir); auto: adapter_off for LoRA, else precomputed")
+    reference: Literal["auto", "adapter_off", "precomputed", "model"] = setting(
+        "auto", "the reference model of dpo, kto and grpo (beta > 0): adapter_off (the base with the adapters switched "
+                "off, every step), precomputed (once before step 1, kept in output_dir; not grpo), model (a frozen "
+                "copy read from model.path); auto: adapter_off for LoRA, else precomputed (grpo: model)")
 
 
 @dataclass
@@ -220,6 +221,8 @@ class GRPOConfig:
     epsilon_high: float | None = setting(None, "the ratio's clip above 1 (DAPO: 0.28); null: epsilon", POSITIVE)
     beta: float = setting(0.0, "weight of the KL to the reference (k3 estimator); 0: no reference pass",
                           NON_NEGATIVE)
+    num_iterations: int = setting(1, "optimizer steps on each batch of samples (the ratio to the sampling policy and "
+                                     "its clip matter from the second on)", AT_LEAST_ONE)
 
 
 def _section(cls, help: str):

@@ -7,8 +7,10 @@ group's; the policy-gradient loss with a clipped ratio, and optionally a KL to t
     dapo: sum over the global batch's completion tokens / those tokens; grpo: each completion's token mean,
     then the mean over completions; dr_grpo: the sum / (completions x max_completion_length)
 
-One optimisation step per batch of samples: pi_old is the policy that sampled, so r = 1 in value and the clip never
-binds; the gradient is A * grad log pi, as TRL's GRPOTrainer computes it with num_iterations=1. The formulas are
+With `num_iterations` = 1 (the default) pi_old is the policy being trained, so r = 1 in value and the clip never
+binds: the gradient is A * grad log pi. With mu > 1 each batch of samples (the grad_accum micro-batches of a step)
+serves mu optimizer steps in a row, pi_old's log-probs taken when they were sampled, as TRL's num_iterations does;
+a run stopped between those steps samples that batch again when it resumes. The formulas are
 TRL's (trainer/grpo_trainer.py), checked in tests/test_grpo.py. Log-probs come from the fused chunked cross-entropy
 per token: no [completions, length, vocab] logits.
 """
@@ -21,7 +23,7 @@ from ...errors import ConfigError
 from ..distributed import unwrap
 from ..rewards import resolve_rewards, score
 from .base import Objective
-from .reference import adapter_off_logps_per_token, reference_mode
+from .reference import Reference, check_reference_setting
 
 ADVANTAGE_EPS = 1e-4  # added to a std before dividing by it (TRL's value)
 
@@ -58,16 +60,23 @@ class GRPO(Objective):
     unit_name = "completion"
     sample_name = "prompt"
     row_name = "prompt"
-    cfg = rewards = tokenizer = run = mode = None
+    cfg = rewards = tokenizer = run = reference = None
+    accum = 1
+
+    def __init__(self):
+        super().__init__()
+        self._reused = {}   # the examples of a batch of samples -> (its tensors, optimizer steps it still serves)
 
     # ---- records -> examples -----------------------------------------------------------------------------------
     def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
         from ...data.prompts import prepare_prompts
-        self.cfg, self.tokenizer = config.grpo, tokenizer
+        self.cfg, self.tokenizer, self.accum = config.grpo, tokenizer, config.train.grad_accum
         if config.train.distributed == "fsdp2":
             raise ConfigError("objective grpo with train.distributed=fsdp2: sharded generation is not supported yet "
                               "(every rank would have to decode in step); use ddp")
         self.rewards = resolve_rewards(config.grpo)  # a missing function fails here, before any weights load
+        if config.grpo.beta:
+            check_reference_setting(config, fixed_data=False)
         return prepare_prompts(config.data, config.grpo, tokenizer, max_seq_length=max_seq_length, seed=seed)
 
     def sample_view(self, example, tokenizer) -> str:
@@ -76,7 +85,12 @@ class GRPO(Objective):
 
     # ---- examples -> batches ------------------------------------------------------------------------------------
     def epoch_rows(self, examples, *, packing: bool, **kwargs) -> list:
-        return super().epoch_rows(examples, packing=False, **kwargs)
+        rows = super().epoch_rows(examples, packing=False, **kwargs)
+        mu = self.cfg.num_iterations
+        if mu == 1:
+            return rows
+        # Each step's micro-batches again, mu times in a row: the same samples serve mu optimizer steps.
+        return [batch for i in range(0, len(rows), self.accum) for _ in range(mu) for batch in rows[i:i + self.accum]]
 
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         return {"examples": [row[0] for row in rows], "rows": len(rows)}
@@ -89,19 +103,17 @@ class GRPO(Objective):
         from ...infer.defaults import eos_token_ids
         self.run = run
         self.eos = eos_token_ids(unwrap(model), self.tokenizer)
-        if self.cfg.beta:
-            self.mode = reference_mode(run.config.preference.reference, model)
-            if self.mode != "adapter_off":
-                raise ConfigError("grpo.beta > 0 needs the reference model: with LoRA it is the base with the adapters "
-                                  "off; full fine-tuning (or trained modules_to_save) would need a second copy, not "
-                                  "supported yet: use LoRA, or grpo.beta: 0")
+        if self.cfg.beta:  # the KL term needs a reference: the adapters off, or a frozen copy of the starting model
+            self.reference = Reference(run.config.preference.reference, model, run, fixed_data=False)
 
     @torch.no_grad()
     def begin_step(self, model, batches):
         """Samples and scores the completions of every micro-batch of the step, and their advantages."""
         for batch in batches:
-            if "input_ids" not in batch:
+            if "input_ids" not in batch and not self._reuse(batch):
                 self._rollout(model, batch)
+                if self.cfg.num_iterations > 1:
+                    self._keep(model, batch)
         if self.cfg.scale_rewards == "batch":
             sums = torch.zeros(3, dtype=torch.float64, device=self.run.device)
             for batch in batches:
@@ -145,7 +157,31 @@ class GRPO(Objective):
         if cfg.beta:
             with self.run.autocast():
                 moved = {k: batch[k].to(self.run.device) for k in ("input_ids", "labels", "attention_mask")}
-                batch["ref_logps"] = adapter_off_logps_per_token(model, moved).cpu()
+                batch["ref_logps"] = self.reference.token_logps(model, moved).cpu()
+
+    def _reuse(self, batch) -> bool:
+        """Fills a repeated micro-batch with its samples of the first time; False when it is met for the first time."""
+        key = tuple(id(e) for e in batch["examples"])
+        kept = self._reused.get(key)
+        if kept is None:
+            return False
+        tensors, left = kept
+        batch.update(tensors)
+        if left <= 1:
+            del self._reused[key]
+        else:
+            self._reused[key] = (tensors, left - 1)
+        return True
+
+    def _keep(self, model, batch):
+        """Keeps a new batch of samples for its next mu - 1 steps, with the log-probs of the policy that sampled."""
+        moved = {k: batch[k].to(self.run.device) for k in ("input_ids", "labels", "attention_mask")}
+        with torch.no_grad(), self.run.autocast():
+            out = model(moved["input_ids"], labels=moved["labels"], attention_mask=moved["attention_mask"],
+                        reduction="none", return_logits=False)
+        batch["old_logps"] = (-out.loss.float()).cpu()
+        tensors = {k: v for k, v in batch.items() if k not in ("examples", "rows")}
+        self._reused[tuple(id(e) for e in batch["examples"])] = (tensors, self.cfg.num_iterations - 1)
 
     def _sequences(self, prompts, completions) -> dict:
         """Right-padded prompt + completion rows; labels on the completion tokens only."""
@@ -177,8 +213,9 @@ class GRPO(Objective):
         mask = F.pad(labels[:, 1:] != -100, (0, 1)).float()
         advantages = batch["advantages"].to(logps.device)
         ref = batch["ref_logps"].to(logps.device) if cfg.beta else None
+        old = batch["old_logps"].to(logps.device) if "old_logps" in batch else logps.detach()
         per_token, kl, clipped = clipped_token_loss(
-            logps, logps.detach(), advantages, epsilon=cfg.epsilon,
+            logps, old, advantages, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon, beta=cfg.beta,
             ref_logps=ref)
         per_token = per_token * mask

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Objective
-from .reference import adapter_off_logps, attach_precomputed, reference_mode, sequence_logprobs
+from .reference import Reference, attach_precomputed, check_reference_setting, sequence_logprobs
 
 log = logging.getLogger("velotune")
 
@@ -41,13 +41,14 @@ class KTO(Objective):
     sample_name = "row"
     row_name = "row"
     settings = None
-    mode = None    # the reference: adapter_off or precomputed (start)
+    reference = None  # adapter_off, precomputed or a frozen copy (start)
     run = None
     _kl = None     # z of the current step (begin_step)
 
     # ---- records -> examples -----------------------------------------------------------------------------------
     def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
         from ...data.unpaired import prepare_unpaired
+        check_reference_setting(config)
         self.settings = config.preference
         data = prepare_unpaired(config.data, tokenizer, max_seq_length=max_seq_length, seed=seed)
         self._check_balance(data.train)
@@ -100,8 +101,8 @@ class KTO(Objective):
     # ---- the run ------------------------------------------------------------------------------------------------
     def start(self, model, run):
         self.run = run
-        self.mode = reference_mode(self.settings.reference, model)
-        if self.mode == "precomputed":
+        self.reference = Reference(self.settings.reference, model, run)
+        if self.reference.mode == "precomputed":
             attach_precomputed(model, run, self.collate)
 
     @torch.no_grad()
@@ -152,9 +153,8 @@ class KTO(Objective):
 
     def _reference(self, model, batch, half, *, second: bool):
         n = batch["rows"]
+        given = None
         if "reference" in batch:
             values = batch["reference"]
-            return (values[n:] if second else values[:n]).to(half["input_ids"].device)
-        if self.mode == "precomputed":
-            raise RuntimeError("kto: the batch has no precomputed reference log-probs (start() was not called)")
-        return adapter_off_logps(model, half)
+            given = (values[n:] if second else values[:n]).to(half["input_ids"].device)
+        return self.reference.sequence_logps(model, half, given)

@@ -11,7 +11,7 @@ import torch
 
 from .base import Objective
 from .preference_losses import dpo_loss, orpo_odds_ratio, simpo_loss
-from .reference import adapter_off_logps, attach_precomputed, reference_mode, sequence_logprobs
+from .reference import Reference, attach_precomputed, check_reference_setting, sequence_logprobs
 
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 
@@ -82,22 +82,22 @@ class DPO(Preference):
     """Direct preference optimisation against a frozen reference (preference.reference)."""
 
     name = "dpo"
-    mode = None  # the reference, resolved by start(): adapter_off or precomputed
+    reference = None  # resolved by start(): adapter_off, precomputed or a frozen copy
+
+    def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
+        check_reference_setting(config)
+        return super().prepare(config, tokenizer, max_seq_length=max_seq_length, seed=seed)
 
     def start(self, model, run):
-        self.mode = reference_mode(self.settings.reference, model)
-        if self.mode == "precomputed":
+        self.reference = Reference(self.settings.reference, model, run)
+        if self.reference.mode == "precomputed":
             attach_precomputed(model, run, self.collate)
 
     def loss(self, model, batch):
         (chosen, rejected), (chosen_n, rejected_n) = self.policy(model, batch)
         n = batch["pairs"]
-        if "reference" in batch:
-            reference = batch["reference"].to(chosen.device)
-        elif self.mode == "precomputed":
-            raise RuntimeError("dpo: the batch has no precomputed reference log-probs (start() was not called)")
-        else:
-            reference = adapter_off_logps(model, batch)
+        given = batch["reference"].to(chosen.device) if "reference" in batch else None
+        reference = self.reference.sequence_logps(model, batch, given)
         s = self.settings
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, reference[:n], reference[n:], beta=self.beta, loss_type=s.loss_type,

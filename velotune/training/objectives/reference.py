@@ -3,23 +3,27 @@
 The policy's come from the model's own forward with `reduction="none"` (the fused, chunked cross-entropy per token:
 no [batch, seq, vocab] tensor, and the forward runs through any DDP / FSDP2 wrapper, so gradients sync as in SFT).
 
-The reference is the model before training, in one of two ways:
+The reference is the model before training, in one of three ways (`preference.reference`):
   adapter_off   LoRA / QLoRA: the same model with its adapters switched off, under no_grad, every step (no second
                 copy of the weights in memory).
   precomputed   any method: one pass over the data before step 1, kept in output_dir/checkpoints/ with a fingerprint
                 of the data, so that a resumed full fine-tune (whose weights have moved) reads the same values.
+                Not for GRPO, whose completions are sampled during the run.
+  model         any method: a second, frozen copy of the starting model, read again from model.path (so a resumed
+                run has the same one), used every step. Twice the weights in memory.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ...data.encode import IGNORE_INDEX
-from ...errors import CheckpointError
+from ...errors import CheckpointError, ConfigError
 from ...lora import adapters_disabled, lora_layers
 from ..distributed import unwrap
 
@@ -38,39 +42,79 @@ def sequence_logprobs(model, batch: dict):
     return logps, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-def reference_mode(setting: str, model) -> str:
+def check_reference_setting(config, *, fixed_data: bool = True):
+    """The preference.reference choices that cannot work, refused before any weights load."""
+    setting = config.preference.reference
+    if setting == "precomputed" and not fixed_data:
+        raise ConfigError("preference.reference: precomputed needs the data before training; grpo samples its "
+                          "completions as it trains: use adapter_off (LoRA) or model")
+    if setting == "adapter_off" and config.finetune.method == "full":
+        raise ConfigError("preference.reference: adapter_off needs LoRA (finetune.method: lora); with full "
+                          "fine-tuning use precomputed or model")
+
+
+def reference_mode(setting: str, model, *, fixed_data: bool = True) -> str:
     """preference.reference resolved: `auto` is adapter_off for a LoRA model whose only trained weights are its
-    adapters, precomputed otherwise (full fine-tuning, or modules_to_save trained in full)."""
+    adapters; otherwise (full fine-tuning, or modules_to_save trained in full) precomputed when the data is known
+    before training, else a frozen copy of the model."""
+    if setting == "precomputed" and not fixed_data:
+        raise CheckpointError("preference.reference: precomputed needs the data before training; grpo samples its "
+                              "completions as it trains: use adapter_off (LoRA) or model")
     if setting != "auto":
         return setting
     plain = unwrap(model)
-    if not lora_layers(plain):
-        return "precomputed"
     trained_outside = [n for n, p in plain.named_parameters() if p.requires_grad and "lora_" not in n]
-    return "precomputed" if trained_outside else "adapter_off"
+    if lora_layers(plain) and not trained_outside:
+        return "adapter_off"
+    return "precomputed" if fixed_data else "model"
 
 
-@torch.no_grad()
-def adapter_off_logps(model, batch: dict) -> torch.Tensor:
-    """The base model's sequence log-probs: the adapters switched off for this forward."""
-    plain = unwrap(model)
-    if not lora_layers(plain):
-        raise CheckpointError("preference.reference: adapter_off needs a LoRA model (finetune.method: lora); "
-                              "use reference: precomputed for full fine-tuning")
-    with adapters_disabled(plain):
-        return sequence_logprobs(model, batch)[0]
+class Reference:
+    """The reference of one run, resolved once (`start`), asked for log-probs every step (under no_grad)."""
+
+    def __init__(self, setting: str, model, run, *, fixed_data: bool = True):
+        self.mode = reference_mode(setting, model, fixed_data=fixed_data)
+        self.copy = frozen_copy(model, run) if self.mode == "model" else None
+
+    @torch.no_grad()
+    def token_logps(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs [N, T] of the batch's labels under the reference (0 where there is no target)."""
+        if self.mode == "precomputed":
+            raise RuntimeError("a precomputed reference has sequence sums only")
+        source = self.copy if self.copy is not None else model
+        plain = unwrap(model)
+        if self.mode == "adapter_off" and not lora_layers(plain):
+            raise CheckpointError("preference.reference: adapter_off needs a LoRA model (finetune.method: lora); "
+                                  "use reference: precomputed or model for full fine-tuning")
+        with adapters_disabled(plain) if self.mode == "adapter_off" else nullcontext():
+            out = source(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                         reduction="none", return_logits=False)
+        return -out.loss.float()
+
+    def sequence_logps(self, model, batch: dict, precomputed=None) -> torch.Tensor:
+        """Per-row sums [N]: the precomputed values when this reference is precomputed, else computed now."""
+        if self.mode == "precomputed":
+            if precomputed is None:
+                raise RuntimeError("the batch has no precomputed reference log-probs (start() was not called)")
+            return precomputed
+        return self.token_logps(model, batch).sum(dim=1)
 
 
-@torch.no_grad()
-def adapter_off_logps_per_token(model, batch: dict) -> torch.Tensor:
-    """The base model's per-token log-probs [N, T] (position t: the log-prob of token t + 1; 0 where no target)."""
-    plain = unwrap(model)
-    if not lora_layers(plain):
-        raise CheckpointError("the reference with the adapters off needs a LoRA model (finetune.method: lora)")
-    with adapters_disabled(plain):
-        out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
-                    reduction="none", return_logits=False)
-    return -out.loss.float()
+def frozen_copy(model, run):
+    """The starting model, frozen: read again from model.path (also right on a resume, whose weights have moved),
+    or copied from the model passed in (a fresh run only)."""
+    import copy
+    if run.config.model.path:
+        from ..model_setup import load_model
+        ref = load_model(run.config)
+    elif not run.resumed:
+        ref = copy.deepcopy(unwrap(model))
+    else:
+        raise CheckpointError("preference.reference: model, on a resumed run whose model was passed in: its starting "
+                              "weights are not on disk; set model.path")
+    ref.to(run.device).eval().requires_grad_(False)
+    log.info("reference: a frozen copy of the starting model (%s)", run.config.model.path or "the model passed in")
+    return ref
 
 
 @torch.no_grad()
