@@ -38,3 +38,15 @@ def test_quick_grpo_benchmark_runs_both_systems(tmp_path):
     for runs in report["runs"].values():
         assert all(length > 0 for length in runs[0]["completion_lengths"])
     assert "| trl |" in (tmp_path / "grpo-cpu-tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_grpo_addition_comparison_runs(tmp_path):
+    """The reward-reached comparison with TRL (benchmarks/grpo_addition.py) in a short form: it builds its model and
+    data, runs the SFT, and both GRPO trainers, and writes its table."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grpo_addition.py"), "--seeds", "1", "--steps",
+                           "12", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "grpo-addition-cpu.json").read_text())
+    assert set(report["seeds"]["1"]) == {"velotune", "trl"} and report["steps"] == 12
+    assert "| mean |" in (tmp_path / "grpo-addition-cpu.md").read_text()

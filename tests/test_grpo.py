@@ -303,3 +303,40 @@ def test_num_iterations_reuses_each_batch_of_samples_and_the_clip_binds(tiny):
     train(cfg, callbacks=[lambda e: records.append(e.metrics) if e.kind == "step" else None])
     assert [r["reward"] for r in records[0::2]] == [r["reward"] for r in records[1::2]]
     assert records[0]["clip_ratio"] == 0 and records[1]["clip_ratio"] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_each_loss_type_sums_over_a_split_batch_to_the_whole(loss_type):
+    """The loop divides every micro-batch's summed terms by the counts of the whole global batch: the terms of two
+    halves add up to those of the whole batch, so a split cannot double (or halve) a normalisation."""
+    from types import SimpleNamespace as NS
+
+    from velotune.config import load_config
+    from velotune.training.objectives.grpo import GRPO
+
+    class Scorer(torch.nn.Module):  # per-token losses of a fixed table: the "model" a loss call sees
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(6, 9, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, input_ids, labels, attention_mask, reduction, return_logits):
+            rows = input_ids[:, 0]
+            return NS(loss=self.table[rows][:, :labels.shape[1]] ** 2)
+    objective = GRPO()
+    objective.cfg = load_config({"grpo": {"loss_type": loss_type, "max_completion_length": 8}}).grpo
+    objective.rewards = []
+    labels = torch.full((6, 9), -100)
+    for row, length in enumerate([8, 3, 5, 1, 7, 4]):
+        labels[row, 1:1 + length] = 1
+    batch = {"input_ids": torch.arange(6)[:, None].expand(6, 9).clone(), "labels": labels,
+             "attention_mask": torch.ones(6, 9), "advantages": torch.randn(6, generator=torch.Generator().manual_seed(1)),
+             "reward_total": torch.zeros(6), "group_std": torch.zeros(6), "completion_lengths": torch.zeros(6),
+             "rewards": torch.zeros(6, 0)}
+    model = Scorer()
+    whole, _, _ = objective.loss(model, batch)
+    halves = [objective.loss(model, {k: v[part] for k, v in batch.items()})[0] for part in (slice(0, 2), slice(2, 6))]
+    (unit,) = whole
+    assert torch.allclose(halves[0][unit] + halves[1][unit], whole[unit])
+    counts = objective.units(batch)
+    split = [objective.units({k: v[part] for k, v in batch.items()}) for part in (slice(0, 2), slice(2, 6))]
+    assert counts[unit] == split[0][unit] + split[1][unit]
