@@ -16,7 +16,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import (base_config, chat_records, interrupt_at_step, make_model_dir, pair_records,
+from train_fixtures import (FACTS, base_config, chat_records, interrupt_at_step, make_model_dir, pair_records,
                             write_jsonl)
 from velotune.errors import CheckpointError, ConfigError, DataError
 
@@ -107,6 +107,11 @@ def launch(tmp_path_factory):
                            "train": {"batch_size": 1, "grad_accum": 2}})
     job("fsdp2_dpo_full", "fsdp2", {"objective": "dpo", "data": {"path": str(pairs)},
                                     "finetune": {"method": "full"}, "train": {"lr": 1e-3}})
+    # GRPO under DDP: each rank samples its own prompts' completions; the update is the global batch's.
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": q, "answer": a} for q, a in FACTS] * 2)
+    job("ddp_grpo", "ddp", {"objective": "grpo", "data": {"path": str(prompts), "max_seq_length": 96},
+                            "grpo": {"num_generations": 4, "max_completion_length": 6,
+                                     "reward_funcs": ["format", "length"]}})
     jobs_by_name = {j["name"]: j for j in jobs}
 
     refs = {name: single_run(configs[name], quantize=jobs_by_name[name].get("quantize"))
@@ -181,6 +186,14 @@ def test_fsdp2_bf16_mixed_precision_stays_near_fp32(launch):
     assert recs[0]["losses"] != ref["losses"]
     assert rel_close(recs[0]["losses"], ref["losses"], 2e-3), (recs[0]["losses"], ref["losses"])
     assert all(p.dtype == torch.float32 for p in recs[0]["params"].values())  # fp32 master weights
+
+
+def test_grpo_trains_with_ddp(launch):
+    """Two ranks sample different completions and train one model: the same loss on both (the global one), the
+    same parameters after every step."""
+    recs = launch["ranks"]("ddp_grpo")
+    assert_ranks_identical(recs)
+    assert recs[0]["steps"] == 4 and recs[0]["losses"] == recs[1]["losses"]
 
 
 def test_qlora_trains_with_ddp(launch):
