@@ -299,6 +299,8 @@ def test_num_iterations_reuses_each_batch_of_samples_and_the_clip_binds(tiny):
     cfg["train"].update(max_steps=None, epochs=1, lr=5e-2, log_every=1, batch_size=2, grad_accum=2)
     plan = plan_run(cfg)
     assert plan.total_steps == 4  # 8 prompts in 4 batches, 2 per step: 2 batches of samples x 2 iterations
+    assert "per epoch: 8 prompts" in plan.describe() and "each step samples 4 completions of up to 6" in \
+        plan.describe()
     records = []
     train(cfg, callbacks=[lambda e: records.append(e.metrics) if e.kind == "step" else None])
     assert [r["reward"] for r in records[0::2]] == [r["reward"] for r in records[1::2]]

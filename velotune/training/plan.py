@@ -54,10 +54,10 @@ class RunPlan:
         source = "train.max_steps" if train.max_steps else f"train.epochs={train.epochs:g}"
         lines.append(f"steps: {_count(self.total_steps, 'optimizer step')} ({source}); an epoch: "
                      f"{_count(_span(self.steps_per_epoch), 'step')} of up to "
-                     f"{_count(train.grad_accum, 'batch', 'batches')} of up to {_count(train.batch_size, self.objective.row_name)} "
+                     f"{_count(train.grad_accum, 'batch', 'batches')} of up to "
+                     f"{_count(train.batch_size, self.objective.row_name)} "
                      f"({_count(_span(self.batches_per_epoch), 'batch', 'batches')})")
-        lines.append(f"per epoch: {_count(stats.samples, sample)}, {stats.total_tokens:,} tokens (padding excluded), "
-                     f"{stats.target_tokens:,} trained tokens")
+        lines.append(self.objective.epoch_line(stats))
         return lines
 
     def sample_view(self) -> str:

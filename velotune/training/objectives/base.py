@@ -54,6 +54,12 @@ class Objective:
         from ...data.dataset import prepare_data
         return prepare_data(config.data, tokenizer, max_seq_length=max_seq_length, seed=seed)
 
+    def epoch_line(self, stats) -> str:
+        """What one epoch holds, for the plan (the log and the dry run)."""
+        many = self.sample_name if stats.samples == 1 else self.sample_name + "s"
+        return (f"per epoch: {stats.samples} {many}, {stats.total_tokens:,} tokens (padding excluded), "
+                f"{stats.target_tokens:,} trained tokens")
+
     def sample_view(self, example, tokenizer) -> str:
         """One example as the model reads it, its trained part marked (the dry run prints it)."""
         from ...data.encode import marked_text

@@ -79,6 +79,12 @@ class GRPO(Objective):
             check_reference_setting(config, fixed_data=False)
         return prepare_prompts(config.data, config.grpo, tokenizer, max_seq_length=max_seq_length, seed=seed)
 
+    def epoch_line(self, stats) -> str:
+        cfg = self.cfg
+        return (f"per epoch: {stats.samples} prompts, {stats.total_tokens:,} prompt tokens; each step samples "
+                f"{cfg.num_generations} completions of up to {cfg.max_completion_length} tokens per prompt and trains "
+                "on them")
+
     def sample_view(self, example, tokenizer) -> str:
         return ("prompt (completions are sampled; each is trained, the prompt is not):\n"
                 + tokenizer.decode(example.prompt_ids, skip_special_tokens=False))
