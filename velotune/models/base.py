@@ -216,14 +216,10 @@ def next_token_logprobs(hidden, labels, weight, *, softcap=None):
     """Log-probabilities of the labels without building logits, for objectives that weigh sequences (preference
     and RL training): hidden [B, T, H] (the final norm's output), labels [B, T] (-100: no target), the head
     `weight` [V, H]. Position t predicts labels[t+1]. Returns (per-token log-probs [B, T], 0 where there is no
-    target; their sum per sequence [B]; the number of targets per sequence [B]). Differentiable: the chunked
-    cross-entropy's per-row reduction, whose backward builds each chunk's logits again."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    B, T = targets.shape
-    per_token = -linear_cross_entropy(hidden.reshape(B * T, -1), weight, targets.reshape(-1), softcap=softcap,
-                                      reduction="none").view(B, T)
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return per_token, per_token.sum(dim=1), counts
+    target; their sum per sequence [B]; the number of targets per sequence [B]): `next_token_loss` per token,
+    negated."""
+    per_token = -next_token_loss(labels, "none", hidden=hidden, weight=weight, softcap=softcap)[0]
+    return per_token, per_token.sum(dim=1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 def padding_idx(args):

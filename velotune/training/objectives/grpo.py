@@ -23,7 +23,7 @@ from ...errors import ConfigError
 from ..distributed import unwrap
 from ..rewards import resolve_rewards, score
 from .base import Objective
-from .reference import Reference, check_reference_setting
+from .reference import Reference, check_reference_setting, token_logprobs
 
 ADVANTAGE_EPS = 1e-4  # added to a std before dividing by it (TRL's value)
 
@@ -183,9 +183,7 @@ class GRPO(Objective):
         """Keeps a new batch of samples for its next mu - 1 steps, with the log-probs of the policy that sampled."""
         moved = {k: batch[k].to(self.run.device) for k in ("input_ids", "labels", "attention_mask")}
         with torch.no_grad(), self.run.autocast():
-            out = model(moved["input_ids"], labels=moved["labels"], attention_mask=moved["attention_mask"],
-                        reduction="none", return_logits=False)
-        batch["old_logps"] = (-out.loss.float()).cpu()
+            batch["old_logps"] = token_logprobs(model, moved).cpu()
         tensors = {k: v for k, v in batch.items() if k not in ("examples", "rows")}
         self._reused[tuple(id(e) for e in batch["examples"])] = (tensors, self.cfg.num_iterations - 1)
 
@@ -212,11 +210,8 @@ class GRPO(Objective):
 
     def loss(self, model, batch):
         cfg = self.cfg
-        labels = batch["labels"]
-        out = model(batch["input_ids"], labels=labels, attention_mask=batch["attention_mask"], reduction="none",
-                    return_logits=False)
-        logps = -out.loss.float()                                   # position t: the log-prob of token t + 1
-        mask = F.pad(labels[:, 1:] != -100, (0, 1)).float()
+        logps = token_logprobs(model, batch)                       # position t: the log-prob of token t + 1
+        mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1)).float()
         advantages = batch["advantages"].to(logps.device)
         ref = batch["ref_logps"].to(logps.device) if cfg.beta else None
         old = batch["old_logps"].to(logps.device) if "old_logps" in batch else logps.detach()

@@ -33,13 +33,17 @@ CACHE_DIR = "checkpoints"
 CACHE_FILE = "reference_logps.safetensors"
 
 
+def token_logprobs(model, batch: dict) -> torch.Tensor:
+    """fp32 log-probs [N, T] of a padded batch's labels: position t holds that of label t + 1, 0 where there is
+    none. One forward of `model` (through its DDP / FSDP2 wrapper), the chunked cross-entropy per token."""
+    out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                reduction="none", return_logits=False)
+    return -out.loss.float()
+
+
 def sequence_logprobs(model, batch: dict):
     """(sum of the label tokens' log-probs per row [N], fp32; target tokens per row [N]) of a padded batch."""
-    labels = batch["labels"]
-    out = model(batch["input_ids"], labels=labels, attention_mask=batch.get("attention_mask"), reduction="none",
-                return_logits=False)
-    logps = -out.loss.float().sum(dim=1)
-    return logps, (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return token_logprobs(model, batch).sum(dim=1), (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
 def check_reference_setting(config, *, fixed_data: bool = True):
@@ -87,9 +91,7 @@ class Reference:
             raise CheckpointError("preference.reference: adapter_off needs a LoRA model (finetune.method: lora); "
                                   "use reference: precomputed or model for full fine-tuning")
         with adapters_disabled(plain) if self.mode == "adapter_off" else nullcontext():
-            out = source(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
-                         reduction="none", return_logits=False)
-        return -out.loss.float()
+            return token_logprobs(source, batch)
 
     def sequence_logps(self, model, batch: dict, precomputed=None) -> torch.Tensor:
         """Per-row sums [N]: the precomputed values when this reference is precomputed, else computed now."""
