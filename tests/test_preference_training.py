@@ -7,7 +7,8 @@ import pytest
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import velotune as vt
-from train_fixtures import FACTS, base_config, make_model_dir, pair_records, stopped_and_resumed, write_jsonl
+from train_fixtures import (FACTS, base_config, chat_records, make_model_dir, pair_records, stopped_and_resumed,
+                            write_jsonl)
 
 _ = vt.train
 from velotune.errors import CheckpointError  # noqa: E402
@@ -97,6 +98,16 @@ def test_a_resumed_full_fine_tune_keeps_its_reference(tiny):
     stopped, resumed = stopped_and_resumed(train, cfg("full-split"), 3)
     assert (tmp / "full-split" / "checkpoints" / "reference_logps.safetensors").is_file()
     assert stopped.losses + resumed.losses == whole
+
+    # A new run over it (train.overwrite) replaces what the old one wrote, its reference log-probs included.
+    cache = tmp / "full-split" / "checkpoints" / "reference_logps.safetensors"
+    sft = cfg("full-split")
+    sft.update(objective="sft", data={**sft["data"], "path": str(tmp / "sft.jsonl")})
+    write_jsonl(tmp / "sft.jsonl", chat_records(8))
+    train(sft, ["train.overwrite=true", "train.max_steps=1", "train.save_every=null"])
+    assert not cache.exists()
+    train(cfg("full-split"), ["train.overwrite=true"])
+    assert cache.is_file()
 
     # The reference belongs to its data: other data on resume is refused, not silently recomputed.
     other = write_jsonl(tmp / "other.jsonl", pair_records(8, shift=2))

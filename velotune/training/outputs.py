@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from .state import CHECKPOINTS, list_checkpoints
+from .state import CHECKPOINTS, REFERENCE_CACHE, list_checkpoints
 
 log = logging.getLogger("velotune")
 
@@ -155,6 +155,7 @@ def _remove_previous(out_dir: Path, name: str, outputs: list[str]):
     elif name == CHECKPOINTS:
         for checkpoint in list_checkpoints(out_dir):
             shutil.rmtree(checkpoint)
+        (path / REFERENCE_CACHE).unlink(missing_ok=True)
         _remove_if_empty(path)
     elif name == TENSORBOARD and path.is_dir():
         for events in path.glob(TENSORBOARD_EVENTS):

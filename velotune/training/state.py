@@ -23,6 +23,9 @@ from .state_checks import (check_like, check_optimizer_state, check_rng_state, c
 from .state_codec import read_json, read_safetensors, read_state, write_state
 
 CHECKPOINTS = "checkpoints"
+# Beside the step-NNNNNN checkpoints, what a run computed before step 1 and must read back on resume (preference
+# objectives' precomputed reference log-probs).
+REFERENCE_CACHE = "reference_logps.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_STEM = "optimizer"  # optimizer.json + optimizer.safetensors
 STATE_FILE = "state.json"

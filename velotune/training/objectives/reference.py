@@ -26,11 +26,10 @@ from ...data.encode import IGNORE_INDEX
 from ...errors import CheckpointError, ConfigError
 from ...lora import adapters_disabled, lora_layers
 from ..distributed import unwrap
+from ..state import CHECKPOINTS, REFERENCE_CACHE
 
 log = logging.getLogger("velotune")
 
-CACHE_DIR = "checkpoints"
-CACHE_FILE = "reference_logps.safetensors"
 
 
 def token_logprobs(model, batch: dict) -> torch.Tensor:
@@ -152,7 +151,7 @@ def fingerprint(examples: list) -> str:
 
 
 def cache_path(out_dir) -> Path:
-    return Path(out_dir) / CACHE_DIR / CACHE_FILE
+    return Path(out_dir) / CHECKPOINTS / REFERENCE_CACHE
 
 
 def save_cache(out_dir, values: dict, prints: dict):
@@ -193,8 +192,8 @@ def attach_precomputed(model, run, collate):
     if values is None:
         if run.resumed:
             raise CheckpointError(f"{run.out_dir}: the run is resumed with preference.reference: precomputed but "
-                                  f"its reference log-probs are missing ({CACHE_DIR}/{CACHE_FILE}); they cannot be "
-                                  "computed again from trained weights")
+                                  f"its reference log-probs are missing ({CHECKPOINTS}/{REFERENCE_CACHE}); they "
+                                  "cannot be computed again from trained weights")
         size = run.config.train.batch_size
 
         def batches(examples):
