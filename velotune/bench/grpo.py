@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
 from . import assets, report
 from .grpo_worker import SYSTEMS
 from .machine import load_average, machine_markdown, print_and_save
-from .processes import alternating, plan_from_options, run_module
-from .train import check_counts, is_cuda, pick
+from .processes import alternating, run_module
+from .train import is_cuda, side_plan
 
 PLANS = {
     "cpu": dict(shape="llama-56m", prompt=256, completion=128, prompts=2, generations=8, systems=list(SYSTEMS),
@@ -39,15 +38,7 @@ NOT_HERE = ("methods", "cases", "max_seq_search", "memory_budget_mb", "seq_limit
 
 
 def make_plan(ns) -> dict:
-    given = [name for name in NOT_HERE if getattr(ns, name, None)]
-    if given:
-        raise ConfigError(f"the GRPO benchmark takes no --{given[0].replace('_', '-')}")
-    device = "cuda" if is_cuda(ns.device) else "cpu"
-    plan = plan_from_options(dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick,
-                                  lr=1e-6), ns, SYSTEMS, pick)
-    check_counts(plan)
-    plan.update(threads=ns.threads, timeout=ns.timeout)
-    return plan
+    return side_plan(ns, PLANS, SYSTEMS, lr=1e-6, name="GRPO", refused=NOT_HERE)
 
 
 def prompts_file(model_dir: Path, *, words: int, count: int, seed: int = 0) -> Path:
@@ -63,12 +54,8 @@ def prompts_file(model_dir: Path, *, words: int, count: int, seed: int = 0) -> P
     return path
 
 
-def _progress(rep: int, system: str, r: dict) -> str:
-    head = f"[rep {rep + 1}] {system:9s}"
-    if not r.get("ok"):
-        return f"{head} FAILED: {r.get('error')}"
-    return (f"{head} {r['input_tokens_per_s']:9.1f} tok/s  {r['steps_per_s']:.4f} steps/s  peak "
-            f"{report.peak_memory_mb(r):8.1f} MB  completion lengths {r['completion_lengths']}  ({r['wall_s']:.0f} s)")
+def _rollout_facts(r: dict) -> list:
+    return [f"{r['steps_per_s']:.4f} steps/s", f"completion lengths {r['completion_lengths']}"] if r.get("ok") else []
 
 
 def _table(systems: dict, cuda: bool) -> str:
@@ -126,7 +113,8 @@ def run(ns) -> dict:
                                     dict(spec, system=system, out_dir=str(Path(out_root) / f"{system}-{rep}")),
                                     timeout=plan["timeout"], threads=plan["threads"])
                 runs[system].append(result)
-                print(_progress(rep, system, result), flush=True)
+                print(report.progress_line(rep, plan["shape"], system, result, rate="input_tokens_per_s",
+                                           extras=_rollout_facts(result)), flush=True)
     systems = {}
     for name, rs in runs.items():
         systems[name] = report.aggregate([dict(r, first_loss=0.0) for r in rs])

@@ -16,12 +16,11 @@ import inspect
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
 from . import assets, report
 from .loop_worker import SYSTEMS, training_loop
 from .machine import load_average, machine_markdown, print_and_save
-from .processes import alternating, plan_from_options, run_module
-from .train import check_counts, is_cuda, pick
+from .processes import alternating, run_module
+from .train import is_cuda, side_plan
 
 PLANS = {
     "cpu": dict(shape="qwen2-384", seq=1024, batch=2, systems=["velotune", "hf", "hf-gc"], reps=3, warmup=1,
@@ -35,16 +34,8 @@ NOT_FOR_THE_LOOP = ("methods", "cases", "max_seq_search", "memory_budget_mb", "s
 
 
 def make_plan(ns) -> dict:
-    given = [name for name in NOT_FOR_THE_LOOP if getattr(ns, name, None)]
-    if given:
-        raise ConfigError(f"the loop benchmark takes no --{given[0].replace('_', '-')} (LoRA only, no sequence "
-                          f"search)")
-    device = "cuda" if is_cuda(ns.device) else "cpu"
-    plan = plan_from_options(dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick,
-                                  lr=2e-4), ns, SYSTEMS, pick)
-    check_counts(plan)
-    plan.update(threads=ns.threads, peak_tflops=ns.peak_tflops, timeout=ns.timeout)
-    return plan
+    return side_plan(ns, PLANS, SYSTEMS, lr=2e-4, name="loop", refused=NOT_FOR_THE_LOOP,
+                     why=" (LoRA only, no sequence search)")
 
 
 def run_reps(plan: dict, model_dir: Path) -> tuple[dict, list]:

@@ -22,8 +22,8 @@ from ..errors import ConfigError
 from . import assets, report
 from .machine import load_average, machine_markdown, print_and_save
 from .preference_worker import SYSTEMS
-from .processes import alternating, plan_from_options, run_module
-from .train import check_counts, is_cuda, pick
+from .processes import alternating, run_module
+from .train import is_cuda, side_plan
 
 PLANS = {
     "cpu": dict(shapes=["llama-56m", "llama-56m-128k"], seq=1024, batch=2, systems=list(SYSTEMS), reps=2, warmup=1,
@@ -37,16 +37,9 @@ NOT_HERE = ("methods", "cases", "max_seq_search", "memory_budget_mb", "seq_limit
 
 
 def make_plan(ns) -> dict:
-    given = [name for name in NOT_HERE if getattr(ns, name, None)]
-    if given:
-        raise ConfigError(f"the DPO benchmark takes no --{given[0].replace('_', '-')}")
-    device = "cuda" if is_cuda(ns.device) else "cpu"
-    plan = plan_from_options(dict(PLANS[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick,
-                                  lr=5e-5), ns, SYSTEMS, pick)
-    check_counts(plan)
+    plan = side_plan(ns, PLANS, SYSTEMS, lr=5e-5, name="DPO", refused=NOT_HERE)
     if plan["seq"] < 8 or plan["seq"] % 2:
         raise ConfigError(f"--seq {plan['seq']}: the DPO benchmark needs an even length of at least 8")
-    plan.update(threads=ns.threads, timeout=ns.timeout)
     return plan
 
 
@@ -82,18 +75,11 @@ def run_shape(plan: dict, shape: str, cache: Path, out_root: Path) -> dict:
                                 dict(spec, system=system, out_dir=str(out_root / f"{shape}-{system}-{rep}")),
                                 timeout=plan["timeout"], threads=plan["threads"])
             runs[system].append(result)
-            print(_progress(rep, shape, system, result), flush=True)
+            print(report.progress_line(rep, shape, system, result, rate="input_tokens_per_s", width=15),
+                  flush=True)
     systems = {s: report.aggregate(r) for s, r in runs.items()}
     return dict(name=shape, shape=shape, vocab_size=assets.SHAPES[shape]["vocab_size"], systems=systems,
                 ratios=_ratios(systems), runs=runs)
-
-
-def _progress(rep: int, shape: str, system: str, r: dict) -> str:
-    head = f"[rep {rep + 1}] {shape:15s} {system:9s}"
-    if not r.get("ok"):
-        return f"{head} FAILED: {r.get('error')}"
-    return (f"{head} {r['input_tokens_per_s']:9.1f} tok/s  peak {report.peak_memory_mb(r):8.1f} MB  first loss "
-            f"{report.fmt(r['first_loss'], '.5f')}  ({r['wall_s']:.0f} s)")
 
 
 def _ratios(systems: dict) -> dict:

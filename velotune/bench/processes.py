@@ -70,15 +70,3 @@ def worker_main(run: Callable[[dict], dict], argv=None) -> None:
         result = {"ok": False, "error": short_error(exc), "traceback": traceback.format_exc(limit=6)}
     result.update(system=spec["system"], wall_s=round(time.perf_counter() - started, 2))
     emit(result)
-
-
-def plan_from_options(plan: dict, ns, systems: tuple, pick) -> dict:
-    """A benchmark plan with the command line's dtype, counts and systems laid over the device's defaults."""
-    device = "cuda" if str(ns.device).startswith("cuda") else "cpu"
-    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
-    for key in ("reps", "steps", "warmup", "seq", "batch"):
-        if getattr(ns, key) is not None:
-            plan[key] = getattr(ns, key)
-    if ns.systems:
-        plan["systems"] = pick(ns.systems, systems, "--systems")
-    return plan

@@ -19,12 +19,20 @@ def is_cuda(plan_or_device) -> bool:
     return str(device).startswith("cuda")
 
 
-def progress_line(rep: int, case: str, system: str, r: dict) -> str:
-    head = f"[rep {rep + 1}] {case:10s} {system:12s}"
+def progress_line(rep: int, case: str, system: str, r: dict, *, rate: str = "target_tokens_per_s", width: int = 10,
+                  extras=()) -> str:
+    """One process's result as it comes in: tokens/s (`rate`: target tokens, or all real tokens), peak memory,
+    TFLOP/s and first loss where the worker measured them, then `extras`."""
+    head = f"[rep {rep + 1}] {case:{width}s} {system:12s}"
     if not r.get("ok"):
         return f"{head} FAILED: {r.get('error')}"
-    return (f"{head} {r['target_tokens_per_s']:9.1f} target tok/s  peak {peak_memory_mb(r):8.1f} MB  "
-            f"{r['tflops']:.4f} TFLOP/s  first loss {r['first_loss']:.5f}  ({r['wall_s']:.0f} s)")
+    label = "target tok/s" if rate == "target_tokens_per_s" else "tok/s"
+    parts = [f"{r[rate]:9.1f} {label}", f"peak {peak_memory_mb(r):8.1f} MB"]
+    if r.get("tflops") is not None:
+        parts.append(f"{r['tflops']:.4f} TFLOP/s")
+    if r.get("first_loss") is not None:
+        parts.append(f"first loss {r['first_loss']:.5f}")
+    return f"{head} " + "  ".join([*parts, *extras]) + f"  ({r['wall_s']:.0f} s)"
 
 
 def peak_line(rep: int, case: str, r: dict) -> str:

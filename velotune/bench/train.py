@@ -101,6 +101,26 @@ def check_counts(plan: dict):
                           f"({plan['warmup']}) at least 0")
 
 
+def side_plan(ns, plans: dict, systems, *, lr: float, name: str, refused=(), why: str = "") -> dict:
+    """The plan of a benchmark beside the training one (loop, DPO, GRPO): its device's defaults (`plans` by
+    "cpu" / "cuda", "-quick"), the command line's dtype, counts and systems laid over them; an option it takes no
+    part in is refused."""
+    given = [option for option in refused if getattr(ns, option, None)]
+    if given:
+        raise ConfigError(f"the {name} benchmark takes no --{given[0].replace('_', '-')}{why}")
+    device = "cuda" if is_cuda(ns.device) else "cpu"
+    plan = dict(plans[device + ("-quick" if ns.quick else "")], device=ns.device, quick=ns.quick, lr=lr)
+    plan["dtype"] = ns.dtype or ("bfloat16" if device == "cuda" else "float32")
+    for key in ("reps", "steps", "warmup", "seq", "batch"):
+        if getattr(ns, key, None) is not None:
+            plan[key] = getattr(ns, key)
+    if ns.systems:
+        plan["systems"] = pick(ns.systems, systems, "--systems")
+    check_counts(plan)
+    plan.update(threads=ns.threads, peak_tflops=ns.peak_tflops, timeout=ns.timeout)
+    return plan
+
+
 def pick(text: str, known, flag: str) -> list:
     picked = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in picked if t not in known]
