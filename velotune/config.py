@@ -10,79 +10,20 @@ import copy
 import dataclasses
 import difflib
 import logging
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .config_fields import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bound, is_number, setting
+from .config_objectives import GRPOConfig, PreferenceConfig
 from .errors import ConfigError
 
 log = logging.getLogger("velotune")
 
-
-@dataclass(frozen=True)
-class Bound:
-    """A numeric range declared beside a field. Values must also be finite; `count`: a list of that many numbers."""
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False                             # True: `low` itself is out of range
-    high_open: bool = False
-    count: int | None = None
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None:
-            text = (f"in {'(' if self.low_open else '['}{_number_text(self.low)}, "
-                    f"{_number_text(self.high)}{')' if self.high_open else ']'}")
-        elif self.low is not None:
-            text = f"{'>' if self.low_open else '>='} {_number_text(self.low)}"
-        else:
-            text = f"{'<' if self.high_open else '<='} {_number_text(self.high)}"
-        return f"{_COUNT_WORDS.get(self.count, self.count)} numbers {text}" if self.count else text
-
-    def problem(self, value) -> str | None:
-        """Why `value` is out of range, or None when it fits."""
-        if self.count is not None:
-            fits = (isinstance(value, list) and len(value) == self.count
-                    and all(_is_number(v) and _finite(v) and self._fits(v) for v in value))
-            return None if fits else f"must be {self}"
-        if not _finite(value):
-            return "must be finite"
-        return None if self._fits(value) else f"must be {self}"
-
-    def _fits(self, value) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-
-_COUNT_WORDS = {2: "two", 3: "three"}
-AT_LEAST_ONE = Bound(1)
-POSITIVE = Bound(0, low_open=True)
-NON_NEGATIVE = Bound(0)
-FRACTION = Bound(0, 1, high_open=True)
-
-
-def _number_text(x) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def _finite(value) -> bool:
-    return not isinstance(value, float) or math.isfinite(value)  # ints are finite, however large
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def setting(default, help: str, bound: Bound | None = None, *, comma_list: bool = False):
-    """A schema field: its default, a one-line help, an optional range, and (comma_list) whether a plain string
-    "a,b" stands for the list [a, b]."""
-    meta = {"help": help, "bound": bound, "comma_list": comma_list}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+__all__ = ["ALIASES", "Bound", "Config", "DataConfig", "FinetuneConfig", "GRPOConfig", "LoraConfig", "ModelConfig",
+           "PreferenceConfig", "TrainConfig", "load_config", "sections", "setting", "top_level_keys"]
 
 
 @dataclass
@@ -173,56 +114,6 @@ class TrainConfig:
                               comma_list=True)
     progress: bool = setting(True, "show a progress bar")
     distributed: Literal["none", "ddp", "fsdp2"] = setting("none", "none; ddp or fsdp2 when started by torchrun")
-
-
-@dataclass
-class PreferenceConfig:
-    beta: float | None = setting(
-        None, "strength: dpo and kto 0.1 (how far from the reference), orpo 0.1 (the odds-ratio term's weight), "
-              "simpo 2.0 (reward scale); null: those", POSITIVE)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = setting(
-        "sigmoid", "dpo's loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)")
-    label_smoothing: float = setting(0.0, "robust dpo and simpo: the assumed share of pairs labelled the wrong way",
-                                     Bound(0, 0.5, high_open=True))
-    gamma: float = setting(0.5, "simpo: the target reward margin", NON_NEGATIVE)
-    desirable_weight: float = setting(1.0, "kto: the weight of desirable rows' losses", POSITIVE)
-    undesirable_weight: float = setting(1.0, "kto: the weight of undesirable rows' losses", POSITIVE)
-    reference: Literal["auto", "adapter_off", "precomputed", "model"] = setting(
-        "auto", "the reference model of dpo, kto and grpo (beta > 0): adapter_off (the base with the adapters switched "
-                "off, every step), precomputed (once before step 1, kept in output_dir; not grpo), model (a frozen "
-                "copy read from model.path); auto: adapter_off for LoRA, else precomputed (grpo: model)")
-
-
-@dataclass
-class GRPOConfig:
-    num_generations: int = setting(8, "completions sampled per prompt (a group)", Bound(2))
-    max_completion_length: int = setting(256, "tokens per completion at most", AT_LEAST_ONE)
-    max_prompt_length: int | None = setting(None, "prompts longer than this many tokens: see prompt_overflow; "
-                                                  "null: data.max_seq_length - max_completion_length", AT_LEAST_ONE)
-    prompt_overflow: Literal["truncate_left", "drop"] = setting(
-        "truncate_left", "a prompt over max_prompt_length keeps its last tokens, or is left out (counted)")
-    temperature: float = setting(1.0, "sampling temperature of the completions", POSITIVE)
-    top_p: float = setting(1.0, "nucleus sampling", Bound(0, 1, low_open=True))
-    top_k: int = setting(0, "sample among the k likeliest tokens; 0: all", NON_NEGATIVE)
-    reward_funcs: list = setting(
-        ["exact_match"], "rewards, summed: built-ins exact_match (the completion's final answer equals the row's "
-                         "answer column), format (grpo.format_regex matches), length (shorter is better), or "
-                         "module:function called with prompts, completions and the data's other columns",
-        comma_list=True)
-    reward_weights: list | None = setting(None, "a weight per reward function; null: 1 each")
-    answer_column: str = setting("answer", "exact_match: the column holding the reference answer")
-    format_regex: str = setting(r"\S", "format: the pattern a completion must match (re.search)")
-    scale_rewards: Literal["group", "batch", "none"] = setting(
-        "group", "advantages: (reward - its group's mean) divided by the group's std, the batch's std, or nothing")
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = setting(
-        "dapo", "normalisation: dapo (over the global batch's completion tokens), grpo (per completion, then over "
-                "completions), dr_grpo (over completions x max_completion_length)")
-    epsilon: float = setting(0.2, "the ratio's clip below 1", Bound(0, 1, low_open=True))
-    epsilon_high: float | None = setting(None, "the ratio's clip above 1 (DAPO: 0.28); null: epsilon", POSITIVE)
-    beta: float = setting(0.0, "weight of the KL to the reference (k3 estimator); 0: no reference pass",
-                          NON_NEGATIVE)
-    num_iterations: int = setting(1, "optimizer steps on each batch of samples (the ratio to the sampling policy and "
-                                     "its clip matter from the second on)", AT_LEAST_ONE)
 
 
 def _section(cls, help: str):
@@ -435,7 +326,7 @@ def _typed(hint, value):
     """`value` as the field's type (an int where only a float fits becomes a float), or _REFUSED."""
     if _accepts(hint, value):
         takes_int = hint is int or int in typing.get_args(hint)
-        return float(value) if _is_number(value) and not takes_int and _accepts(hint, 0.0) else value
+        return float(value) if is_number(value) and not takes_int and _accepts(hint, 0.0) else value
     # YAML 1.1 reads `2e-4` (no dot) as a string: numbers written that way are still numbers.
     if isinstance(value, str) and _accepts(hint, 0.0):
         try:
@@ -456,7 +347,7 @@ def _accepts(hint, value) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return _is_number(value)
+        return is_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list or hint is list:

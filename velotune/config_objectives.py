@@ -1,0 +1,57 @@
+"""The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto) and `grpo`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .config_fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, setting
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float | None = setting(
+        None, "strength: dpo and kto 0.1 (how far from the reference), orpo 0.1 (the odds-ratio term's weight), "
+              "simpo 2.0 (reward scale); null: those", POSITIVE)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = setting(
+        "sigmoid", "dpo's loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO, with label_smoothing)")
+    label_smoothing: float = setting(0.0, "robust dpo and simpo: the assumed share of pairs labelled the wrong way",
+                                     Bound(0, 0.5, high_open=True))
+    gamma: float = setting(0.5, "simpo: the target reward margin", NON_NEGATIVE)
+    desirable_weight: float = setting(1.0, "kto: the weight of desirable rows' losses", POSITIVE)
+    undesirable_weight: float = setting(1.0, "kto: the weight of undesirable rows' losses", POSITIVE)
+    reference: Literal["auto", "adapter_off", "precomputed", "model"] = setting(
+        "auto", "the reference model of dpo, kto and grpo (beta > 0): adapter_off (the base with the adapters switched "
+                "off, every step), precomputed (once before step 1, kept in output_dir; not grpo), model (a frozen "
+                "copy read from model.path); auto: adapter_off for LoRA, else precomputed (grpo: model)")
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = setting(8, "completions sampled per prompt (a group)", Bound(2))
+    max_completion_length: int = setting(256, "tokens per completion at most", AT_LEAST_ONE)
+    max_prompt_length: int | None = setting(None, "prompts longer than this many tokens: see prompt_overflow; "
+                                                  "null: data.max_seq_length - max_completion_length", AT_LEAST_ONE)
+    prompt_overflow: Literal["truncate_left", "drop"] = setting(
+        "truncate_left", "a prompt over max_prompt_length keeps its last tokens, or is left out (counted)")
+    temperature: float = setting(1.0, "sampling temperature of the completions", POSITIVE)
+    top_p: float = setting(1.0, "nucleus sampling", Bound(0, 1, low_open=True))
+    top_k: int = setting(0, "sample among the k likeliest tokens; 0: all", NON_NEGATIVE)
+    reward_funcs: list = setting(
+        ["exact_match"], "rewards, summed: built-ins exact_match (the completion's final answer equals the row's "
+                         "answer column), format (grpo.format_regex matches), length (shorter is better), or "
+                         "module:function called with prompts, completions and the data's other columns",
+        comma_list=True)
+    reward_weights: list | None = setting(None, "a weight per reward function; null: 1 each")
+    answer_column: str = setting("answer", "exact_match: the column holding the reference answer")
+    format_regex: str = setting(r"\S", "format: the pattern a completion must match (re.search)")
+    scale_rewards: Literal["group", "batch", "none"] = setting(
+        "group", "advantages: (reward - its group's mean) divided by the group's std, the batch's std, or nothing")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = setting(
+        "dapo", "normalisation: dapo (over the global batch's completion tokens), grpo (per completion, then over "
+                "completions), dr_grpo (over completions x max_completion_length)")
+    epsilon: float = setting(0.2, "the ratio's clip below 1", Bound(0, 1, low_open=True))
+    epsilon_high: float | None = setting(None, "the ratio's clip above 1 (DAPO: 0.28); null: epsilon", POSITIVE)
+    beta: float = setting(0.0, "weight of the KL to the reference (k3 estimator); 0: no reference pass",
+                          NON_NEGATIVE)
+    num_iterations: int = setting(1, "optimizer steps on each batch of samples (the ratio to the sampling policy and "
+                                     "its clip matter from the second on)", AT_LEAST_ONE)
