@@ -305,6 +305,11 @@ def test_num_iterations_reuses_each_batch_of_samples_and_the_clip_binds(tiny):
     train(cfg, callbacks=[lambda e: records.append(e.metrics) if e.kind == "step" else None])
     assert [r["reward"] for r in records[0::2]] == [r["reward"] for r in records[1::2]]
     assert records[0]["clip_ratio"] == 0 and records[1]["clip_ratio"] > 0
+    # 8 prompts in batches of 2 make 4 batches: steps of 3 leave a shorter last step, which repetition would merge
+    # with its own copy into one step: refused before any weights load.
+    cfg["train"]["grad_accum"] = 3
+    with pytest.raises(ConfigError, match="4 batches do not divide into steps of train.grad_accum=3"):
+        plan_run(cfg)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])

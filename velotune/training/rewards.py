@@ -49,7 +49,8 @@ def final_answer(text: str) -> str:
     for marker in ("####", "answer:"):
         at = text.lower().rfind(marker)
         if at >= 0:
-            return _normal(text[at + len(marker):].strip().splitlines()[0] if text[at + len(marker):].strip() else "")
+            after = text[at + len(marker):].strip()
+            return _normal(after.splitlines()[0] if after else "")
     numbers = _NUMBER.findall(text)
     return _normal(numbers[-1]) if numbers else _normal(text)
 

@@ -36,13 +36,13 @@ def run_train(ns) -> int:
         return 0
     from .trainer import train
     result = train(ns.config, overrides=ns.overrides)
+    speaks = os.environ.get("RANK", "0") == "0"  # one message for the job, not one per torchrun process
     if result.interrupted:
-        if os.environ.get("RANK", "0") != "0":
-            return INTERRUPTED
-        print(f"velotune: interrupted after step {result.steps}; checkpoint: {result.checkpoint}\n"
-              f"continue with: {resume_command(ns.config, ns.overrides)}", file=sys.stderr)
+        if speaks:
+            print(f"velotune: interrupted after step {result.steps}; checkpoint: {result.checkpoint}\n"
+                  f"continue with: {resume_command(ns.config, ns.overrides)}", file=sys.stderr)
         return INTERRUPTED
-    if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per torchrun process
+    if speaks:
         print(f"done: {result.output_dir}")
     return 0
 

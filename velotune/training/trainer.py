@@ -109,7 +109,7 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.state = TrainState()
         self._evaluated_at = None  # the step of the last evaluation: the final one is not run twice
-        self._unread = []          # (step, loss, grad norm, lr, units, inputs) whose device values are not read yet
+        self._unread = []          # (loss, grad norm, metrics, record, log step): device values not read yet
         log.info("model: %s, dtype %s, device %s, autocast %s", type(distributed.unwrap(model)).__name__,
                  _dtype_name(model_dtype), self.device, _dtype_name(self.amp_dtype) if self.amp_dtype else "none")
 

@@ -95,6 +95,12 @@ class GRPO(Objective):
         mu = self.cfg.num_iterations
         if mu == 1:
             return rows
+        if len(rows) % self.accum:
+            # The loop makes a step of every grad_accum batches: a shorter last step, repeated, would be merged
+            # with its own repetition into one step (the same samples counted twice).
+            raise ConfigError(f"grpo.num_iterations: {mu} repeats each step's batches, but this epoch's "
+                              f"{len(rows)} batches do not divide into steps of train.grad_accum={self.accum}: "
+                              "change the data size, train.batch_size or train.grad_accum so that they do")
         # Each step's micro-batches again, mu times in a row: the same samples serve mu optimizer steps.
         return [batch for i in range(0, len(rows), self.accum) for _ in range(mu) for batch in rows[i:i + self.accum]]
 
