@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.interface import LanguageModel
+from ..models.interface import VelotuneModel
 from ..models.quantize import output_head_names
 from .layers import LoraLinear
 
@@ -59,7 +59,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         set_submodule(model, name, layer)
     for name in keep:
         model.get_submodule(name).requires_grad_(True)
-    if isinstance(model, LanguageModel):  # a plain transformers model or a bare layer gets the layers alone
+    if isinstance(model, VelotuneModel):  # a plain transformers model or a bare layer gets the layers alone
         model.lora_settings = LoraSettings(r, alpha, dropout, rslora, dora, names, keep, dtype)
     return model
 
@@ -141,7 +141,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
         else:
             layer.unmerge()
         set_submodule(model, name, layer.base_layer)
-    if isinstance(model, LanguageModel):
+    if isinstance(model, VelotuneModel):
         model.lora_settings = None
     return model
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
-from ..models.interface import require_model
+from ..models.interface import VelotuneModel, require_model
 from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
                      resolve_targets)
 
@@ -76,7 +76,7 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     """Loads a PEFT-format LoRA adapter. A model without LoRA gets the layers the config describes first;
     a model with LoRA must match the config (rank, alpha, targets). Names or shapes that do not fit raise
     CheckpointError naming them, and leave the model as it was."""
-    require_model(model, "vt.load_adapter")
+    require_model(model, "vt.load_adapter", VelotuneModel)
     adapter_dir = Path(adapter_dir)
     kwargs = settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME)
     weights = adapter_dir / WEIGHTS_NAME
@@ -216,7 +216,7 @@ def _few(items, n=4) -> str:
 
 
 def _settings(model):
-    settings = require_model(model, "LoRA adapter files").lora_settings
+    settings = require_model(model, "LoRA adapter files", VelotuneModel).lora_settings
     if settings is None:
         raise UnsupportedError("this model has no LoRA adapters: call add_lora(model, ...) or load_adapter() first")
     return settings

@@ -30,19 +30,15 @@ log = logging.getLogger("velotune")
 CHECKPOINTING_MODES = (False, True, "offload")
 
 
-class LanguageModel(nn.Module, metaclass=ABCMeta):
-    """A language model velotune can train, run, adapt and export.
+class VelotuneModel(nn.Module, metaclass=ABCMeta):
+    """What every velotune model declares, whatever its family (decoder, encoder, sentence embedder): the state the
+    loader, LoRA, quantization, checkpoints and the loop rely on, set at construction and never probed.
 
-    Declared state (set at construction, or by the loader through `set_source`, `quantize_model`, `add_lora`):
-    `args` the typed config.json (`to_dict()` writes it back; `model_type`, `vocab_size`, `tie_word_embeddings`,
-    `bos_token_id` / `eos_token_id` / `pad_token_id` on both paths); `source_dir` the checkpoint directory (None: not
-    loaded from one); `max_seq_length` the context length asked for, else config.json's; `quantization` None,
-    "nf4" or "int8"; `lora_settings` None until `add_lora` (a `lora.LoraSettings`)."""
+    `args` the typed config.json (`to_dict()` writes it back; `model_type` on every family); `source_dir` the
+    checkpoint directory (None: not loaded from one); `max_seq_length` the context length asked for, else the
+    config's; `quantization` None, "nf4" or "int8"; `lora_settings` None until `add_lora` (a `lora.LoraSettings`)."""
 
     task = CAUSAL_LM
-    path = "native"                  # "native": our architecture file; "generic": transformers' own model
-    supports_logits_to_keep = False  # True: forward(logits_to_keep=n) builds the logits of the last n positions only
-    final_logit_softcap = None       # a float when logits(hidden) soft-caps: the fused loss with head_weight() must too
 
     def __init__(self, args):
         super().__init__()
@@ -51,19 +47,6 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         self.max_seq_length: int | None = None
         self.quantization: str | None = None
         self.lora_settings = None
-        self._positions_noted = False
-
-    def note_positions_without_documents(self, position_ids: torch.Tensor):
-        """Loops written for transformers' padding-free packing pass position_ids that restart at each document and
-        rely on them to pack; here only `document_ids` pack. Said once per model, and checked once (the check
-        reads the tensor, a synchronisation on a GPU)."""
-        if self._positions_noted:
-            return
-        self._positions_noted = True
-        if position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] < position_ids[..., :-1]).any()):
-            log.warning("position_ids restart within a row, but without document_ids the row is one document: "
-                        "attention crosses the restarts. To pack documents, pass document_ids= (velotune's "
-                        "collate gives them)")
 
     def set_source(self, source_dir, max_seq_length: int | None = None):
         """Where the weights came from and the context length to hold requests to (the loader's one call)."""
@@ -74,38 +57,13 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
     def model_type(self) -> str:
         return self.args.model_type
 
-    # ---- what every path implements --------------------------------------------------------------------------
-    @abstractmethod
-    def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
-                cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
-                logits_to_keep: int = 0, output_hidden_states: bool = False):
-        """A `CausalLMOutput`. With labels and gradients on, `logits` is None unless `return_logits=True`."""
-
-    @abstractmethod
-    def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
-                      cache=None, inputs_embeds=None) -> torch.Tensor:
-        """The final norm's output [batch, seq, hidden]: what the output head reads."""
-
-    @abstractmethod
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output head on `hidden` [..., hidden] -> [..., vocab], soft-capped as the family does."""
-
-    @abstractmethod
-    def head_weight(self) -> torch.Tensor | None:
-        """The output head's weight [vocab, hidden] when the head is a plain Linear (for the fused, chunked loss,
-        with `final_logit_softcap`); None when it is not (LoRA on the head, a quantized head): use `logits`."""
-
     @abstractmethod
     def blocks(self) -> list[nn.Module]:
-        """The repeated decoder blocks, in order (FSDP2 shards each; the KV cache holds one entry per block)."""
+        """The repeated transformer blocks, in order (FSDP2 shards each; the KV cache holds one per decoder block)."""
 
     @abstractmethod
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding table (transformers' name)."""
-
-    @abstractmethod
-    def get_output_embeddings(self) -> nn.Module:
-        """The output head (transformers' name): never quantized, never in "all-linear" LoRA."""
 
     @abstractmethod
     def set_gradient_checkpointing(self, mode: bool | str = True):
@@ -120,7 +78,7 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
     def state_for_saving(self) -> dict:
         """The state dict under checkpoint names, each tied tensor once, as transformers writes it."""
 
-    # ---- the names transformers-style loops call, for both paths --------------------------------------------
+    # ---- the names transformers-style loops call, for every family -------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         """As transformers: recompute each block in backward. (`{"offload": True}` also keeps block inputs on
         the CPU.)"""
@@ -147,26 +105,80 @@ class LanguageModel(nn.Module, metaclass=ABCMeta):
         return total
 
 
+class LanguageModel(VelotuneModel):
+    """A language model velotune can train, run, adapt and export (the declared state is VelotuneModel's;
+    `args` here also has `vocab_size`, `tie_word_embeddings`, `bos_token_id` / `eos_token_id` / `pad_token_id`
+    on both paths)."""
+
+    path = "native"                  # "native": our architecture file; "generic": transformers' own model
+    supports_logits_to_keep = False  # True: forward(logits_to_keep=n) builds the logits of the last n positions only
+    final_logit_softcap = None       # a float when logits(hidden) soft-caps: the fused loss with head_weight() must too
+
+    def __init__(self, args):
+        super().__init__(args)
+        self._positions_noted = False
+
+    def note_positions_without_documents(self, position_ids: torch.Tensor):
+        """Loops written for transformers' padding-free packing pass position_ids that restart at each document and
+        rely on them to pack; here only `document_ids` pack. Said once per model, and checked once (the check
+        reads the tensor, a synchronisation on a GPU)."""
+        if self._positions_noted:
+            return
+        self._positions_noted = True
+        if position_ids.shape[-1] > 1 and bool((position_ids[..., 1:] < position_ids[..., :-1]).any()):
+            log.warning("position_ids restart within a row, but without document_ids the row is one document: "
+                        "attention crosses the restarts. To pack documents, pass document_ids= (velotune's "
+                        "collate gives them)")
+
+    # ---- what every path implements --------------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
+                cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
+                logits_to_keep: int = 0, output_hidden_states: bool = False):
+        """A `CausalLMOutput`. With labels and gradients on, `logits` is None unless `return_logits=True`."""
+
+    @abstractmethod
+    def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
+                      cache=None, inputs_embeds=None) -> torch.Tensor:
+        """The final norm's output [batch, seq, hidden]: what the output head reads."""
+
+    @abstractmethod
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on `hidden` [..., hidden] -> [..., vocab], soft-capped as the family does."""
+
+    @abstractmethod
+    def head_weight(self) -> torch.Tensor | None:
+        """The output head's weight [vocab, hidden] when the head is a plain Linear (for the fused, chunked loss,
+        with `final_logit_softcap`); None when it is not (LoRA on the head, a quantized head): use `logits`."""
+
+    @abstractmethod
+    def get_output_embeddings(self) -> nn.Module:
+        """The output head (transformers' name): never quantized, never in "all-linear" LoRA."""
+
+
 def check_checkpointing_mode(mode):
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"gradient checkpointing must be True, False or 'offload', got {mode!r}")
 
 
-# Named in the error for a module that is not a LanguageModel.
+# Named in the error for a module that is not a velotune model (the first three are LanguageModel's own).
 _MEMBERS = ("hidden_states", "logits", "head_weight", "blocks", "set_gradient_checkpointing", "state_for_saving",
             "source_dir", "max_seq_length", "quantization", "lora_settings")
+_OWN_MEMBERS = {"LanguageModel": 0, "VelotuneModel": 3}
 
 
-def require_model(model, use: str) -> LanguageModel:
-    """`model` itself when it implements the interface; else one UnsupportedError naming what it lacks."""
-    if isinstance(model, LanguageModel):
+def require_model(model, use: str, kind: type = None):
+    """`model` itself when it implements the interface (`kind`: LanguageModel by default; VelotuneModel where any
+    family does); else one UnsupportedError naming what it lacks."""
+    kind = kind or LanguageModel
+    if isinstance(model, kind):
         return model
     # Looked up only to word the error: the module is refused whatever it has.
-    missing = [name for name in _MEMBERS if not hasattr(model, name)]
+    missing = [name for name in _MEMBERS[_OWN_MEMBERS.get(kind.__name__, 0):] if not hasattr(model, name)]
     lacks = f"it lacks {', '.join(missing)}" if missing else "it does not subclass it"
     raise UnsupportedError(f"{use}: {type(model).__name__} is not a velotune model "
-                           f"(velotune.models.interface.LanguageModel): {lacks}. Load the model with vt.load(...), "
-                           "or subclass LanguageModel")
+                           f"(velotune.models.interface.{kind.__name__}): {lacks}. Load the model with vt.load(...), "
+                           f"or subclass {kind.__name__}")
 
 
-__all__ = ["LanguageModel", "require_model", "check_checkpointing_mode", "CAUSAL_LM", "CHECKPOINTING_MODES"]
+__all__ = ["LanguageModel", "VelotuneModel", "require_model", "check_checkpointing_mode", "CAUSAL_LM", "CHECKPOINTING_MODES"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from .interface import LanguageModel
+from .interface import LanguageModel, VelotuneModel
 
 log = logging.getLogger("velotune")
 
@@ -99,7 +99,7 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
         log.warning("nf4: %d linear layer(s) kept in %s because bitsandbytes' CPU 4-bit kernel mis-reads "
                     "blocks that straddle rows (in_features not a multiple of %d): %s", len(kept),
                     str(compute_dtype).replace("torch.", ""), blocksize, ", ".join(kept))
-    if isinstance(model, LanguageModel):  # a bare layer stack (kernel tests) has no such record
+    if isinstance(model, VelotuneModel):  # a bare layer stack (kernel tests) has no such record
         model.quantization = method
     return model
 

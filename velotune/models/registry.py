@@ -1,10 +1,11 @@
 """(model_type from config.json, task) -> our architecture module. A model_type with no module for the task takes
-the generic path. The task is "causal-lm" today; encoders and encoder-decoders register under their own."""
+the generic path (causal LMs only). Tasks: "causal-lm", "encoder"; encoder-decoders will register under their own."""
 from __future__ import annotations
 
 from importlib import import_module
 
 CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"   # bidirectional encoders (BERT, RoBERTa, ModernBERT): hidden states, pooled by velotune.embeddings
 
 ARCHITECTURES = {
     ("llama", CAUSAL_LM): "velotune.models.llama",
