@@ -253,5 +253,7 @@ def test_a_subclass_missing_members_cannot_be_built():
 def test_the_registry_is_keyed_by_model_type_and_task():
     assert architecture("llama").Model.task == "causal-lm"
     assert architecture("llama", task="causal-lm") is architecture("llama")
-    assert architecture("llama", task="encoder") is None and supported_model_types("encoder") == []
+    assert architecture("llama", task="encoder") is None
+    assert supported_model_types("encoder") == ["bert", "modernbert", "roberta", "xlm-roberta"]
+    assert architecture("bert", task="encoder").Model.task == "encoder" and architecture("bert") is None
     assert "llama" in supported_model_types() and architecture("gpt_neox") is None

@@ -27,6 +27,10 @@ _API = {
     "generate": "velotune.infer.generation:generate",
     "stream": "velotune.infer.generation:stream",
     "export": "velotune.exporting:export",
+    "load_embedder": "velotune.embeddings.st_format:load_sentence_model",
+    "save_embedder": "velotune.embeddings.st_format:save_sentence_model",
+    "embed": "velotune.embeddings:embed",
+    "SentenceEncoder": "velotune.embeddings.model:SentenceEncoder",
     "VelotuneError": "velotune.errors:VelotuneError",
     "ConfigError": "velotune.errors:ConfigError",
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_fields import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bound, is_number, setting
-from .config_objectives import GRPOConfig, PreferenceConfig
+from .config_objectives import EmbeddingConfig, GRPOConfig, PreferenceConfig
 from .errors import ConfigError
 
 log = logging.getLogger("velotune")
@@ -125,7 +125,8 @@ class Config:
     objective: str = setting("sft", "what is trained for: sft (supervised fine-tuning, next-token loss on the "
                                     "assistant turns or all tokens), pretrain (raw text, every token), dpo, orpo, "
                                     "simpo (preference pairs), kto (rows labelled desirable or not), "
-                                    "grpo (sampled completions scored by reward functions), or a name given to "
+                                    "grpo (sampled completions scored by reward functions), contrastive, triplet, "
+                                    "cosent (embedding models), or a name given to "
                                     "velotune.register_objective")
     model: ModelConfig = _section(ModelConfig, "the base model and how it is loaded")
     finetune: FinetuneConfig = _section(FinetuneConfig, "what is trained")
@@ -134,6 +135,7 @@ class Config:
     train: TrainConfig = _section(TrainConfig, "the training loop: steps, optimizer, schedule, checkpoints")
     preference: PreferenceConfig = _section(PreferenceConfig, "preference objectives (dpo, orpo, simpo, kto)")
     grpo: GRPOConfig = _section(GRPOConfig, "reinforcement learning with group-relative advantages (objective grpo)")
+    embedding: EmbeddingConfig = _section(EmbeddingConfig, "embedding models (objectives contrastive, triplet, cosent)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto) and `grpo`."""
+"""The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto), `grpo` and `embedding`
+(contrastive, triplet, cosent)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,3 +56,25 @@ class GRPOConfig:
                           NON_NEGATIVE)
     num_iterations: int = setting(1, "optimizer steps on each batch of samples (the ratio to the sampling policy and "
                                      "its clip matter from the second on)", AT_LEAST_ONE)
+
+
+@dataclass
+class EmbeddingConfig:
+    scale: float = setting(20.0, "contrastive and cosent: the similarity scale (1 / temperature)", POSITIVE)
+    symmetric: bool = setting(False, "contrastive: also rank the anchors for each positive (both directions, averaged)")
+    mini_batch_size: int = setting(0, "contrastive: embed in mini-batches of this many texts and cache the "
+                                      "embeddings' gradients (GradCache): a large batch in small memory, the same "
+                                      "loss and gradients; 0: off", NON_NEGATIVE)
+    margin: float = setting(5.0, "triplet: how much nearer the positive must be than the negative", NON_NEGATIVE)
+    distance: Literal["euclidean", "cosine", "manhattan"] = setting("euclidean", "triplet: the distance")
+    query_prefix: str | None = setting(None, "put before each anchor (query); null: the model's 'query' prompt, if any")
+    document_prefix: str | None = setting(None, "put before each positive and negative; null: the model's "
+                                                "'document' (or 'passage') prompt, if any")
+    score_min: float = setting(0.0, "cosent: the lowest score a scored pair may have")
+    score_max: float = setting(1.0, "cosent: the highest score a scored pair may have")
+    pooling: str | None = setting(None, "override the model's pooling: mean, cls, max, lasttoken, ...; null: the "
+                                        "model directory's (mean for a plain encoder, lasttoken for a decoder)")
+    retrieval_eval: str | None = setting(None, "a retrieval set (a directory with queries.jsonl, corpus.jsonl and "
+                                               "qrels.tsv): NDCG@10, MRR@10, recall@k measured before training and "
+                                               "at each evaluation")
+    eval_batch_size: int = setting(64, "texts per batch when embedding the retrieval set", AT_LEAST_ONE)

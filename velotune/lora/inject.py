@@ -45,6 +45,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
     dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
     """
+    root = _adapter_root(model)
+    if root is not model:  # a wrapper (a sentence embedder) adapts its backbone, under the backbone's names
+        add_lora(root, r, alpha, dropout, targets, rslora, dora, modules_to_save, seed, dtype)
+        return model
     check_hyperparameters(r, alpha, dropout)
     if lora_layers(model):
         raise ConfigError("this model already carries LoRA adapters; velotune.load_adapter(model, dir) replaces "
@@ -62,6 +66,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     if isinstance(model, VelotuneModel):  # a plain transformers model or a bare layer gets the layers alone
         model.lora_settings = LoraSettings(r, alpha, dropout, rslora, dora, names, keep, dtype)
     return model
+
+
+def _adapter_root(model: nn.Module) -> nn.Module:
+    return model.adapter_root() if isinstance(model, VelotuneModel) else model
 
 
 def check_hyperparameters(r, alpha, dropout):
@@ -135,14 +143,15 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module):
 def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """Takes the LoRA layers out of the model, in place: folded into their bases (merge=True), or dropped, the
     bases returning as they were."""
-    for name, layer in lora_layers(model).items():
+    root = _adapter_root(model)
+    for name, layer in lora_layers(root).items():
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        set_submodule(model, name, layer.base_layer)
-    if isinstance(model, VelotuneModel):
-        model.lora_settings = None
+        set_submodule(root, name, layer.base_layer)
+    if isinstance(root, VelotuneModel):
+        root.lora_settings = None
     return model
 
 

@@ -61,6 +61,7 @@ def save_adapter(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=N
     `tokenizer`, its files go in the same write, so the chat template the adapter was trained with travels
     with it (and a stale template from an earlier write cannot survive beside new weights)."""
     from safetensors.torch import save_file
+    model = model.adapter_root() if isinstance(model, VelotuneModel) else model  # the names the adapter uses
     config = adapter_config(model)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     out_dir = Path(out_dir)
@@ -76,7 +77,10 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     """Loads a PEFT-format LoRA adapter. A model without LoRA gets the layers the config describes first;
     a model with LoRA must match the config (rank, alpha, targets). Names or shapes that do not fit raise
     CheckpointError naming them, and leave the model as it was."""
-    require_model(model, "vt.load_adapter", VelotuneModel)
+    root = require_model(model, "vt.load_adapter", VelotuneModel).adapter_root()
+    if root is not model:  # a sentence embedder: the adapter is its backbone's
+        load_adapter(root, adapter_dir, trainable)
+        return model
     adapter_dir = Path(adapter_dir)
     kwargs = settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME)
     weights = adapter_dir / WEIGHTS_NAME

@@ -57,6 +57,11 @@ class VelotuneModel(nn.Module, metaclass=ABCMeta):
     def model_type(self) -> str:
         return self.args.model_type
 
+    def adapter_root(self) -> nn.Module:
+        """The module LoRA adapts and whose names adapter files use: the model itself, or the backbone a
+        wrapper (a sentence embedder) carries."""
+        return self
+
     @abstractmethod
     def blocks(self) -> list[nn.Module]:
         """The repeated transformer blocks, in order (FSDP2 shards each; the KV cache holds one per decoder block)."""

@@ -15,6 +15,10 @@ ARCHITECTURES = {
     ("gemma", CAUSAL_LM): "velotune.models.gemma",
     ("gemma2", CAUSAL_LM): "velotune.models.gemma2",
     ("phi3", CAUSAL_LM): "velotune.models.phi3",
+    ("bert", ENCODER): "velotune.models.encoders.bert",
+    ("roberta", ENCODER): "velotune.models.encoders.roberta",
+    ("xlm-roberta", ENCODER): "velotune.models.encoders.roberta",
+    ("modernbert", ENCODER): "velotune.models.encoders.modernbert",
 }
 
 

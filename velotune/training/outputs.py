@@ -26,9 +26,11 @@ TENSORBOARD = "tensorboard"
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
 
 
-def output_names(cfg) -> list[str]:
-    """The entries of output_dir this run writes, as run.json lists them."""
-    names = [RUN_FILE, METRICS_FILE, CHECKPOINTS, "adapter" if cfg.finetune.method == "lora" else "model"]
+def output_names(cfg, objective=None) -> list[str]:
+    """The entries of output_dir this run writes, as run.json lists them (the objective names its own outputs)."""
+    lora = cfg.finetune.method == "lora"
+    own = objective.output_names(lora) if objective is not None else ["adapter" if lora else "model"]
+    names = [RUN_FILE, METRICS_FILE, CHECKPOINTS, *own]
     return names + [TENSORBOARD] if TENSORBOARD in (cfg.train.report_to or []) else names
 
 

@@ -98,13 +98,13 @@ def plan_run(config, overrides=None, *, model=None, tokenizer=None, dist=None, o
     objective = make_objective(objective if objective is not None else cfg.objective)
     check_settings(cfg)
     model_dirs = _input_model_dirs(cfg, model)
-    out_dir, outputs = Path(cfg.train.output_dir), output_names(cfg)
+    out_dir, outputs = Path(cfg.train.output_dir), output_names(cfg, objective)
     for model_dir in model_dirs:
         check_not_input_model(model_dir, out_dir, outputs)
     output = dist.on_main(_check_output_dir, out_dir, cfg.train, outputs)
     if tokenizer is None:
         tokenizer = _load_tokenizer(model_dirs)
-    max_len = _max_seq_length(cfg, model, model_dirs)
+    max_len = _max_seq_length(cfg, model, model_dirs, objective)
     data = objective.prepare(cfg, tokenizer, max_seq_length=max_len, seed=cfg.train.seed)
     plan = RunPlan(cfg, objective, str(model_dirs[0]) if model_dirs else "the model passed to train()", output,
                    tokenizer, data, max_len, [], [], 0, dist.data_kwargs())
@@ -142,8 +142,9 @@ def _load_tokenizer(model_dirs: list[Path]):
     return tokenizer
 
 
-def _max_seq_length(cfg, model, model_dirs: list[Path]) -> int:
-    """data.max_seq_length, else the model's (model.max_seq_length, else config.json's max_position_embeddings)."""
+def _max_seq_length(cfg, model, model_dirs: list[Path], objective: Objective) -> int:
+    """data.max_seq_length, else the model's (model.max_seq_length, else what the objective reads in the model
+    directory, else config.json's max_position_embeddings)."""
     if cfg.data.max_seq_length:
         return cfg.data.max_seq_length
     if model is not None:
@@ -151,7 +152,8 @@ def _max_seq_length(cfg, model, model_dirs: list[Path]) -> int:
     if cfg.model.max_seq_length:
         return cfg.model.max_seq_length
     from ..models.checkpoint import read_config
-    return read_config(model_dirs[0]).get("max_position_embeddings") or DEFAULT_MAX_SEQ_LENGTH
+    return (objective.source_max_length(model_dirs[0]) or read_config(model_dirs[0]).get("max_position_embeddings")
+            or DEFAULT_MAX_SEQ_LENGTH)
 
 
 def _count_steps(plan: RunPlan):

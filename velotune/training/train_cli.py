@@ -43,8 +43,22 @@ def run_train(ns) -> int:
                   f"continue with: {resume_command(ns.config, ns.overrides)}", file=sys.stderr)
         return INTERRUPTED
     if speaks:
+        for line in before_after_lines(result):
+            print(line)
         print(f"done: {result.output_dir}")
     return 0
+
+
+def before_after_lines(result) -> list[str]:
+    """The metrics measured before step 1 and at the end (an embedder's retrieval metrics), side by side."""
+    before, after = result.eval_before, result.eval_metrics
+    shared = [name for name in before if name in after]
+    if not shared:
+        return []
+    width = max(len(name) for name in shared)
+    lines = [f"{'metric':<{width}}  before    after"]
+    lines += [f"{name:<{width}}  {before[name]:.4f}    {after[name]:.4f}" for name in shared]
+    return lines
 
 
 def resume_command(config: str, overrides) -> str:

@@ -26,7 +26,7 @@ from .metrics import MetricsLog, Progress, is_finite
 from .optim import build_optimizer, build_scheduler
 from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
-from .model_setup import autocast_dtype, load_model, prepare_for_training
+from .model_setup import autocast_dtype, prepare_for_training
 from .objectives import RunContext, loss_terms, unit_counts
 from .state import TrainState, list_checkpoints, rng_state
 
@@ -50,6 +50,7 @@ class TrainResult:
     input_tokens_per_second: float = 0.0  # all tokens through the model (padding excluded) per second
     losses: list = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)  # the last evaluation's eval_loss and objective metrics
+    eval_before: dict = field(default_factory=dict)   # the same, before step 1 (objectives that measure it)
 
 
 def train(config, overrides=None, *, model=None, tokenizer=None, objective=None, callbacks=(),
@@ -81,7 +82,7 @@ def _train(cfg: Config, dist, model, tokenizer, objective, callbacks, stop) -> T
     dist.on_main(prepare_output_dir, plan.output, plan.run_info())
     torch.manual_seed(cfg.train.seed)
     if model is None:
-        model = load_model(cfg)
+        model = plan.objective.load_model(cfg)
     params = prepare_for_training(model, cfg)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{params['trainable_params']:,}",
              f"{params['total_params']:,}", 100 * params["trainable_params"] / max(1, params["total_params"]))
@@ -249,10 +250,13 @@ class _Loop:
                              resume_step=self.state.step if resume_from is not None else None)
         progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress and self.dist.is_main)
         self.model.train()
-        self._boundary_rng = rng_state()
         result = TrainResult(self.out_dir, self.state.step, None, None, metrics_path=metrics.path,
                              data_stats=self.plan.data.stats.as_dict(), params=self.params)
         self.events.emit("start", self.state.step, self.total_steps)
+        if self.objective.evaluates_before_training and resume_from is None:
+            self._eval_and_log(metrics, result)
+            result.eval_before = dict(result.eval_metrics)
+        self._boundary_rng = rng_state()
         try:
             with self.dist.graceful_stop():
                 self._train_steps(metrics, progress, result)
@@ -344,6 +348,15 @@ class _Loop:
 
     def _eval_and_log(self, metrics, result):
         eval_loss, eval_metrics = self.evaluate()
+        extra = self._extra_eval()
+        if extra:
+            eval_metrics = {**eval_metrics, **extra}
+            result.eval_metrics = {**result.eval_metrics, **{f"eval_{k}": v for k, v in extra.items()}}
+            if eval_loss is None:
+                values = {f"eval_{name}": v for name, v in extra.items()}
+                metrics.write({"step": self.state.step, **values})
+                self.events.emit("eval", self.state.step, self.total_steps, values)
+                log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
         if eval_loss is not None:
             result.eval_loss = eval_loss
             values = {"eval_loss": eval_loss, **{f"eval_{name}": v for name, v in eval_metrics.items()}}
@@ -352,6 +365,18 @@ class _Loop:
             self.events.emit("eval", self.state.step, self.total_steps, values)
             shown = "".join(f", {name} {v:.4f}" for name, v in eval_metrics.items())
             log.info("step %d: eval loss %.4f%s", self.state.step, eval_loss, shown)
+
+    def _extra_eval(self) -> dict:
+        """The objective's metrics beyond the eval loss (retrieval metrics of an embedder), measured on the main
+        process in eval mode."""
+        if not self.dist.is_main:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return self.objective.extra_eval(self.model, self.tokenizer)
+        finally:
+            self.model.train()
 
     def _save(self) -> Path:
         return self.dist.save_checkpoint(self.out_dir, self.state, self.model, self.optimizer, self.scheduler,
@@ -364,22 +389,15 @@ class _Loop:
             self.events.emit("checkpoint", self.state.step, self.total_steps, path=result.checkpoint)
         lora = self.cfg.finetune.method == "lora"
         with self.dist.full_model(self.model, trainable_only=lora) as model:
-            written = self.dist.on_main(self._write_outputs, model, lora)
-        if lora:
-            result.adapter_dir = written
-        else:
-            result.model_dir = written
+            written = self.dist.on_main(self._write_outputs, model, lora) or {}
+        result.adapter_dir, result.model_dir = written.get("adapter_dir"), written.get("model_dir")
 
-    def _write_outputs(self, model, lora: bool) -> Path:
-        """The adapter (with the tokenizer) or the whole model, each with the chat template the data was rendered
-        with, so that chat, serve and export use the format the model learned."""
+    def _write_outputs(self, model, lora: bool) -> dict:
+        """The objective's outputs (the adapter with the tokenizer, or the whole model), with the chat template the
+        data was rendered with, so that chat, serve and export use the format the model learned."""
         template = self.plan.data.template
         with tokenizer_template(self.tokenizer, template.text if template else None) as tokenizer:
-            if lora:
-                from ..lora import save_adapter
-                return Path(save_adapter(model, self.out_dir / "adapter", overwrite=True, tokenizer=tokenizer))
-            from ..models.loader import save
-            return save(model, tokenizer, self.out_dir / "model", overwrite=True)
+            return self.objective.write_outputs(model, tokenizer, self.out_dir, lora)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .base import Objective, RunContext, loss_terms, unit_counts
+from .embedding import CoSENT, Contrastive, EmbeddingObjective, Triplet
 from .grpo import GRPO
 from .kto import KTO
 from .preference import DPO, ORPO, Preference, SimPO
 from .sft import SFT, Pretrain
 
 _REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO,
-                               "grpo": GRPO}
+                               "grpo": GRPO, "contrastive": Contrastive, "mnrl": Contrastive, "triplet": Triplet,
+                               "cosent": CoSENT}
 
 
 def register_objective(name: str, factory) -> None:
@@ -43,5 +45,5 @@ def make_objective(spec) -> Objective:
     return objective
 
 
-__all__ = ["DPO", "GRPO", "KTO", "ORPO", "Objective", "Preference", "Pretrain", "SimPO", "RunContext", "SFT", "loss_terms", "make_objective", "objective_names",
+__all__ = ["CoSENT", "Contrastive", "DPO", "EmbeddingObjective", "GRPO", "Triplet", "KTO", "ORPO", "Objective", "Preference", "Pretrain", "SimPO", "RunContext", "SFT", "loss_terms", "make_objective", "objective_names",
            "register_objective", "unit_counts"]

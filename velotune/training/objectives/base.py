@@ -3,11 +3,16 @@ the loss of a batch. The loop (trainer.py) knows nothing else of the objective.
 
 The loop calls, in this order:
     prepare(config, tokenizer, max_seq_length=, seed=)  once, before any weights load: the examples and their counts
+    load_model(config)                                    once, unless a model was passed: the model to train
     epoch_rows(examples, epoch=, **batch_kwargs)         per epoch: the batches, as rows of example indices
     collate(rows_of_examples, pad_id=, max_width=)       per batch: the tensors
     start(model, run)                                     once, after the weights load (and a resume), before step 1
     units(batch)                                          per batch, before the forward: what the loss is normalised by
     loss(model, batch) -> (sum, units[, metrics])         per batch: the summed loss (on the batch's device)
+    extra_eval(model, tokenizer)                          at each evaluation (and before step 1 when
+                                                          evaluates_before_training): metrics beyond the eval loss
+    write_outputs(model, tokenizer, out_dir, lora)        once, at the end: the adapter or model (output_names);
+                                                          {"adapter_dir": ..., "model_dir": ...} as written
 The loss of an optimizer step is sum over micro-batches and ranks of `sum`, divided by the units of the whole
 global batch (all its micro-batches on all ranks), so 1 x 8 and 8 x 1 give the same update.
 
@@ -47,6 +52,33 @@ class Objective:
     unit_name = "token"    # what `units` counts (its first unit when it counts several), for the log
     sample_name = "sample"  # what one training example is called in the log ("pair" for preference data)
     row_name = "row"        # what train.batch_size counts
+    evaluates_before_training = False  # True: extra_eval runs once before step 1 too (the "before" of before/after)
+
+    # ---- the model --------------------------------------------------------------------------------------------
+    def load_model(self, config):
+        """The model to train, per the config's model section (a causal LM here)."""
+        from ..model_setup import load_model
+        return load_model(config)
+
+    def source_max_length(self, model_dir: Path) -> int | None:
+        """The sequence length the model directory asks for beyond config.json's (None: config.json's)."""
+        return None
+
+    def output_names(self, lora: bool) -> list[str]:
+        """The entries of output_dir that write_outputs writes (run.json lists them; a later run replaces them)."""
+        return ["adapter" if lora else "model"]
+
+    def write_outputs(self, model, tokenizer, out_dir: Path, lora: bool) -> dict:
+        """The adapter (with the tokenizer) or the whole model: {"adapter_dir" or "model_dir": its directory}."""
+        if lora:
+            from ...lora import save_adapter
+            return {"adapter_dir": Path(save_adapter(model, out_dir / "adapter", overwrite=True, tokenizer=tokenizer))}
+        from ...models.loader import save
+        return {"model_dir": save(model, tokenizer, out_dir / "model", overwrite=True)}
+
+    def extra_eval(self, model, tokenizer) -> dict:
+        """Metrics measured at each evaluation beside the eval split's loss ({name: float}); none by default."""
+        return {}
 
     # ---- records -> examples -----------------------------------------------------------------------------------
     def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
