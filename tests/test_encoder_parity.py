@@ -115,20 +115,18 @@ def test_hidden_states_match_transformers(checkpoint):
         out = ours(ids, attention_mask=mask, token_type_ids=types)
         ref = hf_hidden(hf, ids, mask, types)
         assert out.shape == (3, SEQ, TINY["hidden_size"]) and ours.hidden_size == TINY["hidden_size"]
-        # ModernBERT's padded queries at 19-20 (row 1) and 0-1 (row 2) have no real key in their window: the
-        # attention gives them zeros (as transformers' sdpa path), never NaN that masked pooling would spread.
+        # Padding positions: the blocks run on the real tokens only and give zeros there, never NaN that masked
+        # pooling would spread. Real positions are compared.
+        real = mask.bool()
         assert bool(torch.isfinite(out).all())
-        assert rel_err(out, ref) <= 1e-5
-        assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
-        # Eager attention: every position with a real key in reach (a padded query of a local layer whose whole
-        # window is padding has none; the two transformers paths differ there).
+        assert bool((out[~real] == 0).all())
+        assert rel_err(out[real], ref[real]) <= 1e-5
+        assert ((out - ref)[real].abs().max() / ref[real].abs().max()).item() <= 1e-5
+        # Eager attention (plain matmul + softmax), an independent reference on the same positions.
         eager = make_hf(case, attn="eager")
         eager.load_state_dict(hf.state_dict())
         ref_eager = hf_hidden(eager, ids, mask, types)
-        keep = torch.ones_like(mask, dtype=torch.bool)
-        if family(case) == "modernbert":
-            keep[1, 17:] = keep[2, :4] = False
-        assert ((out - ref_eager)[keep].abs().max() / ref_eager[keep].abs().max()).item() <= 1e-5
+        assert ((out - ref_eager)[real].abs().max() / ref_eager[real].abs().max()).item() <= 1e-5
         # Padding really is masked out: the right-padded row alone (its real tokens) gives the same states.
         alone = ours(ids[1:2, :15], token_type_ids=None if types is None else types[1:2, :15])
         assert rel_err(out[1, :15], alone[0]) <= 1e-5
@@ -261,7 +259,8 @@ def test_task_model_checkpoints_load_without_their_heads(case, tmp_path):
     ids, mask, types = batch(mlm.config)
     with torch.no_grad():
         ref = hf_hidden(mlm.base_model, ids, mask, types)
-        assert rel_err(ours(ids, mask, types), ref) <= 1e-5
+        real = mask.bool()
+        assert rel_err(ours(ids, mask, types)[real], ref[real]) <= 1e-5
 
 
 def test_tensorflow_era_layernorm_names_load(tmp_path):
@@ -277,7 +276,7 @@ def test_tensorflow_era_layernorm_names_load(tmp_path):
 
 
 def test_modernbert_local_layers_use_the_window(tmp_path):
-    """Widening local_attention in config.json alone moves the states by 100x the parity bound: the parity cases
+    """Widening local_attention in config.json alone moves the states by 50x the parity bound: the parity cases
     exercise the sliding window (small random weights keep attention near uniform, hence the modest change)."""
     hf = make_hf("modernbert")
     hf.save_pretrained(str(tmp_path / "a"))
@@ -289,7 +288,7 @@ def test_modernbert_local_layers_use_the_window(tmp_path):
     with torch.no_grad():
         narrow = load_encoder(tmp_path / "a", dtype="float32", device="cpu")(ids, mask)
         wide = load_encoder(tmp_path / "b", dtype="float32", device="cpu")(ids, mask)
-    assert rel_err(narrow, wide) > 1e-3
+    assert rel_err(narrow, wide) > 5e-4  # measured 9.4e-4 on the real tokens
 
 
 def test_all_minilm_l6_v2_matches_transformers():

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parsers(sub)
     from .infer.serve_cli import add_serve_parser
     add_serve_parser(sub)
+    from .infer.embed_cli import add_embed_parser
+    add_embed_parser(sub)
 
     p = sub.add_parser("demo", help="train a tiny bundled model on a bundled data set, then chat with it")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -91,6 +91,20 @@ class SentenceEncoder(VelotuneModel):
         return tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length,
                          return_tensors="pt")
 
+    def token_lengths(self, tokenizer, texts: list[str], prompt: str = "", chunk: int = 1024) -> list[int]:
+        """Tokens each text takes before truncation, counted as `tokenize` makes them (prefix, lower case, special
+        tokens): a count over max_seq_length means the text is truncated."""
+        lengths = []
+        for start in range(0, len(texts), chunk):
+            part = texts[start: start + chunk]
+            if self.settings.do_lower_case:
+                part = [t.lower() for t in part]
+            # verbose=False: no "longer than the maximum" warning; this count is how those are found.
+            ids = tokenizer([prompt + t for t in part], add_special_tokens=True, truncation=False,
+                            verbose=False)["input_ids"]
+            lengths.extend(len(i) for i in ids)
+        return lengths
+
     @torch.no_grad()
     def encode(self, tokenizer, texts, *, batch_size: int = 32, prompt: str | None = None,
                prompt_name: str | None = None, progress=None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`velotune serve MODEL [--adapter NAME=DIR ...]`: the command line of the OpenAI-compatible server."""
+"""`velotune serve [MODEL] [--adapter NAME=DIR ...] [--embedding-model NAME=PATH [--embedding-adapter NAME=DIR ...]
+...]`: the command line of the OpenAI-compatible server."""
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,18 @@ def _int_in(low: int, high: int | None = None):
 positive_int = _int_in(1)
 
 
+SERVE_DESCRIPTION = """OpenAI-compatible HTTP server. MODEL (a chat model, with its --adapter's) answers
+/v1/chat/completions and /v1/completions; each --embedding-model (with the --embedding-adapter's given after it)
+answers /v1/embeddings. Give a chat model, embedding models, or both; every served name (the request's `model`)
+is unique across them, and GET /v1/models lists them all."""
+
+
 def add_serve_parser(subparsers):
     """Adds the `serve` subcommand to the `velotune` command's subparsers."""
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, models; adapters)")
-    p.add_argument("model", help="Hugging Face model directory or hub id (the base)")
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings, models; "
+                                            "adapters)", description=SERVE_DESCRIPTION)
+    p.add_argument("model", nargs="?", help="the chat model: a Hugging Face model directory or hub id (the base); "
+                                            "optional when --embedding-model is given")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME (repeatable; DIR alone: named after the directory)")
     p.add_argument("--name", help="the base model's name in requests (default: MODEL as given)")
@@ -61,10 +70,32 @@ def add_serve_parser(subparsers):
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a default sampling setting for requests that do not give it, e.g. temperature=0.2")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    add_embedding_args(p)
     p.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return p
+
+
+def add_embedding_args(p):
+    # Both options append to one list, so that each adapter is read with the embedding model given before it.
+    p.add_argument("--embedding-model", dest="embedding", action="append", default=[], metavar="NAME=PATH",
+                   type=lambda item: ("model", item),
+                   help="a sentence-transformers model served on /v1/embeddings as NAME (repeatable; PATH alone: "
+                        "named PATH as given); --dtype, --device and --threads apply to it")
+    p.add_argument("--embedding-adapter", dest="embedding", action="append", metavar="NAME=DIR",
+                   type=lambda item: ("adapter", item),
+                   help="a LoRA adapter of the --embedding-model given before it, served as NAME (repeatable; DIR "
+                        "alone: named after the directory)")
+    p.add_argument("--max-embedding-inputs", dest="max_embedding_inputs", type=positive_int, default=2048,
+                   help="inputs one /v1/embeddings request may hold (default: 2048, as OpenAI)")
+    p.add_argument("--max-embedding-input-tokens", dest="max_embedding_input_tokens", type=positive_int,
+                   help="longer inputs are refused with 400; shorter ones over the model's max_seq_length are "
+                        "truncated (default: the larger of 8192 and the model's max_seq_length)")
+    p.add_argument("--max-embedding-request-tokens", dest="max_embedding_request_tokens", type=positive_int,
+                   default=300_000, help="tokens one request may embed, after truncation (default: 300000)")
+    p.add_argument("--embedding-batch-size", dest="embedding_batch_size", type=positive_int, default=32,
+                   help="texts encoded together (default: 32)")
 
 
 def parse_adapters(items) -> dict:
@@ -100,7 +131,14 @@ def parse_settings(items) -> dict:
 def run_serve(ns):
     from ..extras import require_extra
     require_extra("serve", "velotune serve")   # before minutes of loading, not after
+    from .server_embeddings import EmbeddingLimits, load_embedding_service, parse_embedding_options
+    if ns.model is None and not ns.embedding:
+        raise ConfigError("nothing to serve: give a chat MODEL, --embedding-model PATH, or both")
+    if ns.model is None and ns.adapter:
+        raise ConfigError("--adapter applies to the chat MODEL; for an embedding model use --embedding-adapter")
     adapters = parse_adapters(ns.adapter)
+    chat_names = [ns.name or ns.model, *adapters] if ns.model is not None else []
+    embedding_specs = parse_embedding_options(ns.embedding, taken=chat_names)
     settings = parse_settings(ns.settings)
     if ns.chat_template:   # a bad name or file is refused before the model loads
         from ..data.templates import load_chat_template
@@ -111,11 +149,16 @@ def run_serve(ns):
     from .server import build_server, serve
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    model, tokenizer = load_for_inference(ns.model, None, ns.dtype, ns.quantize, ns.device)
-    if ns.max_seq_length:
-        model.max_seq_length = ns.max_seq_length
+    model = tokenizer = None
+    if ns.model is not None:
+        model, tokenizer = load_for_inference(ns.model, None, ns.dtype, ns.quantize, ns.device)
+        if ns.max_seq_length:
+            model.max_seq_length = ns.max_seq_length
+    limits = EmbeddingLimits(ns.max_embedding_inputs, ns.max_embedding_input_tokens,
+                             ns.max_embedding_request_tokens, ns.embedding_batch_size)
+    embeddings = load_embedding_service(embedding_specs, limits, ns.dtype, ns.device)
     server = build_server(model, tokenizer, ns.name or ns.model, adapters, api_key=ns.api_key,
                           sampling_config=settings, max_batch_size=ns.max_batch_size,
                           max_body_bytes=ns.max_body_bytes, max_tokens_limit=ns.max_tokens_limit,
-                          chat_template=ns.chat_template)
+                          chat_template=ns.chat_template, embeddings=embeddings)
     serve(server, ns.host, ns.port, ns.log_level, allow_hosts=ns.allow_hosts)

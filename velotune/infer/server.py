@@ -1,9 +1,13 @@
 """`velotune serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one base model and its adapters.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health (not OpenAI's)
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings   GET /v1/models
+    GET /health (not OpenAI's)
 
 The request's `model` field picks the base (its served name) or an adapter (the name given with
-`--adapter NAME=DIR`). Answers and `stream: true` chunks (server-sent events ending with `data: [DONE]`) have
+`--adapter NAME=DIR`); for /v1/embeddings, an embedding model or one of its adapters (server_embeddings.py).
+A server may hold a chat model, embedding models, or both.
+
+Answers and `stream: true` chunks (server-sent events ending with `data: [DONE]`) have
 OpenAI's shape, with `usage` token counts; errors have OpenAI's body {"error": {message, type, param, code}}.
 
 A request first passes the guards (server_guards.py: API key or Host, JSON content type, body size). Its body
@@ -20,6 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import VelotuneError
+from .server_embeddings import EmbeddingService
 from .server_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, read_json_body
 from .server_jobs import JobBuilder, chat_templates_for
 from .server_queue import Scheduler
@@ -94,25 +99,34 @@ def _client_gone():
 
 
 class Server:
-    """The app's state: the job builder (names, tokenizer, limits), the threads that prepare requests, and the
-    worker that owns the model."""
+    """The app's state: the job builder (names, tokenizer, limits), the threads that prepare requests, the
+    worker that owns the model, and the embedding models. Without a chat model, `builder` and `scheduler` are
+    None and chat requests are answered with 404 (or 400 naming /v1/embeddings)."""
 
-    def __init__(self, builder: JobBuilder, scheduler: Scheduler, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, builder: JobBuilder | None, scheduler: Scheduler | None, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, embeddings: EmbeddingService | None = None):
         self.builder, self.scheduler, self.api_key = builder, scheduler, api_key
+        self.embeddings = embeddings or EmbeddingService()
         self.max_body_bytes = max_body_bytes
         self.preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="velotune-prepare")
         self.created = int(time.time())
 
+    def model_ids(self) -> list[str]:
+        return (self.builder.model_ids() if self.builder else []) + self.embeddings.model_ids()
+
     def models(self) -> dict:
-        base = self.builder.base_name
+        chat = self.builder.model_ids() if self.builder else []
+        roots = {name: self.builder.base_name for name in chat}
+        roots.update({name: self.embeddings.root_of(name) for name in self.embeddings.model_ids()})
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "velotune",
-             "root": base, "parent": None if name == base else base} for name in self.builder.model_ids()]}
+             "root": root, "parent": None if name == root else root} for name, root in roots.items()]}
 
     def prepare(self, raw: bytes, request_cls, deliver):
         """The validated request and its job (runs in the `preparing` pool: it takes time with a large body)."""
         request = validate(request_cls, parse_body(raw))
+        if self.builder is None or request.model in self.embeddings.routes:
+            raise self.embeddings.not_for_chat(request.model)
         return request, self.builder.build(request, deliver)
 
     async def complete(self, http_request, request_cls, shape):
@@ -189,12 +203,14 @@ class Server:
 
     def health(self) -> dict:
         """What a health check needs, open to anyone: no model names or paths (those are behind the key)."""
-        return {"status": "ok", "model_count": len(self.builder.model_ids()), "queued": self.scheduler.queued(),
-                **self.scheduler.stats}
+        chat = {"queued": self.scheduler.queued(), **self.scheduler.stats} if self.scheduler else {}
+        return {"status": "ok", "model_count": len(self.model_ids()), **chat, **self.embeddings.stats}
 
     def close(self):
         self.preparing.shutdown(wait=False, cancel_futures=True)
-        self.scheduler.close()
+        self.embeddings.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
 
 
 def create_app(server: Server, allowed_hosts: frozenset | None = None):
@@ -249,19 +265,29 @@ def create_app(server: Server, allowed_hosts: frozenset | None = None):
     async def completions(request: Request):
         return await server.complete(request, CompletionRequest, _CompletionShape)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await server.embeddings.respond(request, server.max_body_bytes, server.preparing)
+
     return app
 
 
-def build_server(model, tokenizer, base_name: str, adapters: dict | None = None, *, api_key: str | None = None,
-                 sampling_config: dict | None = None, max_batch_size: int = 16,
+def build_server(model, tokenizer, base_name: str | None, adapters: dict | None = None, *,
+                 api_key: str | None = None, sampling_config: dict | None = None, max_batch_size: int = 16,
                  max_body_bytes: int | None = None, max_tokens_limit: int | None = None,
-                 chat_template: str | None = None) -> Server:
+                 chat_template: str | None = None, embeddings: EmbeddingService | None = None) -> Server:
     """A Server over a loaded model and tokenizer; `adapters` maps served names to adapter directories.
     `chat_template` (a name, a file or Jinja text) renders the chat requests of every served model; without
-    it each adapter uses the template saved with it, else the base's (see server_jobs.chat_templates_for)."""
+    it each adapter uses the template saved with it, else the base's (see server_jobs.chat_templates_for).
+    `embeddings`: the embedding models served beside it; with them, `model` may be None (no chat model)."""
     from ..errors import ConfigError
     from ..models.interface import require_model
     from .server_adapters import AdapterSet
+    embeddings = embeddings or EmbeddingService()
+    if model is None:
+        if not embeddings.model_ids():
+            raise ConfigError("nothing to serve: give a chat model, embedding models, or both")
+        return Server(None, None, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings)
     model = require_model(model, "serving")
     adapter_set = AdapterSet(model)
     for name, path in (adapters or {}).items():
@@ -274,8 +300,9 @@ def build_server(model, tokenizer, base_name: str, adapters: dict | None = None,
     templates = chat_templates_for(tokenizer, adapters or {}, chat_template)
     builder = JobBuilder(model, tokenizer, base_name, adapter_set.names(), sampling_config,
                          max_tokens_limit=max_tokens_limit, chat_templates=templates)
+    embeddings.serve_beside(builder.model_ids())   # one namespace: a name may not be both
     scheduler = Scheduler(model, tokenizer, adapter_set, max_batch_size=max_batch_size)
-    return Server(builder, scheduler, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    return Server(builder, scheduler, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", allow_hosts=()):
@@ -288,6 +315,6 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     if hosts is not None and host in ANY_ADDRESS and not allow_hosts:
         log.warning("listening on every address without --api-key: only requests addressed to this machine's "
                     "local names are answered; add the names clients use with --allow-host NAME")
-    log.info("serving %s on http://%s:%d/v1", ", ".join(server.builder.model_ids()), host, port)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(server.model_ids()), host, port)
     # A bounded graceful shutdown: open connections get a few seconds, then the worker's jobs are cancelled.
     uvicorn.run(create_app(server, hosts), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

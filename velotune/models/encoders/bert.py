@@ -13,6 +13,7 @@ from torch import nn
 
 from ...errors import UnsupportedError
 from .base import EncoderArgs, EncoderModel, activation, attend, key_padding_mask
+from .unpadded import TokenLayout, has_padding
 
 
 @dataclass
@@ -82,9 +83,17 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(args.attention_probs_dropout_prob)
 
     def forward(self, x, mask):
+        """`x` [batch, seq, hidden] with a key mask (or None), or the real tokens [tokens, hidden] with their
+        TokenLayout: padded around the attention call only."""
+        p = self.dropout.p if self.training else 0.0
+        if isinstance(mask, TokenLayout):
+            layout = mask
+            split = (*layout.shape, self.heads, self.head_dim)
+            q, k, v = (layout.pad(proj(x)).view(split) for proj in (self.query, self.key, self.value))
+            return layout.gather(attend(q, k, v, layout.key_mask, p, (*layout.shape, x.shape[-1])))
         split = (*x.shape[:2], self.heads, self.head_dim)
         q, k, v = self.query(x).view(split), self.key(x).view(split), self.value(x).view(split)
-        return attend(q, k, v, mask, self.dropout.p if self.training else 0.0, x.shape)
+        return attend(q, k, v, mask, p, x.shape)
 
 
 class ResidualOutput(nn.Module):
@@ -154,9 +163,15 @@ class Model(EncoderModel):
         self.encoder = Encoder(args)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Hidden states [batch, seq, hidden]. With padding, the blocks run on the real tokens only (unpadded.py):
+        padding positions come out as zeros, real ones as transformers computes them."""
         self.check_length(input_ids.shape[1])
         mask = key_padding_mask(attention_mask, input_ids.shape)
-        return self.run_blocks(self.embeddings(input_ids, token_type_ids), mask)
+        h = self.embeddings(input_ids, token_type_ids)
+        if not has_padding(attention_mask):
+            return self.run_blocks(h, None)
+        layout = TokenLayout(attention_mask)
+        return layout.pad(self.run_blocks(layout.gather(h), layout))
 
     @property
     def max_positions(self) -> int:

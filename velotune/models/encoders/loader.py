@@ -100,7 +100,7 @@ def _checkpoint_names(shapes: dict, expected: dict, prefixes: tuple) -> dict[str
         elif not short.endswith(DERIVED_SUFFIXES):
             unused.append(name)
     if heads:
-        log.info("skipping %d tensor(s) of heads and poolers embeddings do not use (%s)", len(heads),
+        log.debug("skipping %d tensor(s) of heads and poolers embeddings do not use (%s)", len(heads),
                  ", ".join(sorted({h.split(".")[0] for h in heads})))
     if unused:
         log.warning("ignoring %d tensor(s) this encoder does not use, e.g. %s", len(unused), unused[0])

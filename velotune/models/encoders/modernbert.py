@@ -17,6 +17,7 @@ from ...errors import CheckpointError, UnsupportedError
 from ...kernels import apply_rope
 from ..rope import RotaryEmbedding
 from .base import EncoderArgs, EncoderModel, activation, attend, key_padding_mask
+from .unpadded import TokenLayout, has_padding
 
 GLOBAL, LOCAL = "full_attention", "sliding_attention"
 
@@ -115,15 +116,18 @@ class Attention(nn.Module):
         # transformers builds an Identity at rate 0; neither holds parameters, so names are unaffected.
         self.out_drop = nn.Dropout(args.attention_dropout)
 
-    def forward(self, x, rope, mask):
-        B, T, _ = x.shape
+    def forward(self, x, rope, mask, layout: TokenLayout | None = None):
+        """`x` [batch, seq, hidden], or the real tokens [tokens, hidden] with their layout: padded back around
+        the rotary embedding and attention only."""
+        qkv = self.Wqkv(x) if layout is None else layout.pad(self.Wqkv(x))
+        B, T, _ = qkv.shape
         # Wqkv's rows are [query; key; value], each heads x head_dim.
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
+        q, k, v = qkv.view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
         cos, sin = rope
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v, mask,
-                     self.attention_dropout if self.training else 0.0, x.shape)
-        return self.out_drop(self.Wo(out))
+                     self.attention_dropout if self.training else 0.0, (B, T, qkv.shape[-1] // 3))
+        return self.out_drop(self.Wo(out if layout is None else layout.gather(out)))
 
 
 class MLP(nn.Module):
@@ -150,9 +154,9 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(args)
         self.mlp = MLP(args)
 
-    def forward(self, x, ropes, masks):
+    def forward(self, x, ropes, masks, layout=None):
         kind = self.attn.layer_type
-        h = x + self.attn(self.attn_norm(x), ropes[kind], masks[kind])
+        h = x + self.attn(self.attn_norm(x), ropes[kind], masks[kind], layout)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -182,7 +186,11 @@ class Model(EncoderModel):
         ropes = {kind: rope(positions, h.dtype) for kind, rope in self.rotary_emb.items()}
         padding = key_padding_mask(attention_mask, (B, T))
         masks = {GLOBAL: padding, LOCAL: self._window_mask(padding, T, h.device)}
-        return self.final_norm(self.run_blocks(h, ropes, masks))
+        if not has_padding(attention_mask):
+            return self.final_norm(self.run_blocks(h, ropes, masks))
+        # The norms, projections and feed-forward run on the real tokens only (unpadded.py); padding gives zeros.
+        layout = TokenLayout(attention_mask)
+        return layout.pad(self.final_norm(self.run_blocks(layout.gather(h), ropes, masks, layout)))
 
     def _window_mask(self, padding, T: int, device):
         """[batch or 1, 1, T, T] boolean: |query - key| <= half window, and the key is real."""
