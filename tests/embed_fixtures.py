@@ -1,23 +1,12 @@
 """Shared fixtures of the embedding CLI and server tests: the real all-MiniLM-L6-v2, sentence-transformers as the
 reference, a fine-tuned adapter and text files."""
-import base64
-import json
-import logging
-import sys
-import threading
-import time
-from contextlib import contextmanager
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 import velotune as vt
-from server_process import free_port, serving
-from velotune.cli import main
 from velotune.embeddings.st_format import load_sentence_model, save_sentence_model
-from velotune.errors import ConfigError
 from velotune.lora import lora_layers
 
 TEXTS = ["The cat sat on the mat.", "Don't panic: the answer is 42!",

@@ -1,23 +1,11 @@
 """`velotune embed`: a file of texts in, embeddings out, equal to sentence-transformers' encode."""
-import base64
 import json
 import logging
-import sys
-import threading
-import time
-from contextlib import contextmanager
 
-import httpx
 import numpy as np
 import pytest
-import torch
 
-import velotune as vt
-from server_process import free_port, serving
 from velotune.cli import main
-from velotune.embeddings.st_format import load_sentence_model, save_sentence_model
-from velotune.errors import ConfigError
-from velotune.lora import lora_layers
 from embed_fixtures import INPUT_CAP, LONG, MAX_INPUTS, TEXTS, TOO_LONG, close, files, loaded, minilm, st, tuned_reference  # noqa: F401 (fixtures)
 
 

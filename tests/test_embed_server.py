@@ -1,8 +1,6 @@
 """`/v1/embeddings` in `velotune serve`: OpenAI's client gets sentence-transformers' embeddings; models and adapters
 by name; what one request may cost is bounded."""
 import base64
-import json
-import logging
 import sys
 import threading
 import time
@@ -16,9 +14,7 @@ import torch
 import velotune as vt
 from server_process import free_port, serving
 from velotune.cli import main
-from velotune.embeddings.st_format import load_sentence_model, save_sentence_model
 from velotune.errors import ConfigError
-from velotune.lora import lora_layers
 from embed_fixtures import INPUT_CAP, LONG, MAX_INPUTS, TEXTS, TOO_LONG, close, files, loaded, minilm, st, tuned_reference  # noqa: F401 (fixtures)
 
 

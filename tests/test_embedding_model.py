@@ -105,3 +105,14 @@ def test_modules_we_do_not_run_are_refused_by_name(tmp_path):
     (target / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(UnsupportedError, match=r"modules\.json: module\(s\) sentence_transformers\.models\.Dense"):
         load_sentence_model(target)
+
+
+def test_a_decoder_embedder_we_save_gives_sentence_transformers_the_same_embeddings(tmp_path):
+    from train_fixtures import make_model_dir
+    model, tokenizer = load_sentence_model(make_model_dir(tmp_path, "qwen3"), dtype="float32", device="cpu")
+    texts = ["hello there", "a much longer text than the first one", "x"]
+    ours = model.encode(tokenizer, texts, batch_size=3)
+    out = save_sentence_model(model, tokenizer, tmp_path / "st")
+    reference = st.SentenceTransformer(str(out), device="cpu")
+    theirs = torch.tensor(reference.encode(texts, batch_size=3))
+    assert float(_cos(ours, theirs).min()) >= 0.99999

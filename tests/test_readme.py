@@ -29,7 +29,9 @@ NOT_RUN = {
     "bash benchmarks/gpu_suite.sh": "needs a GPU",
 }
 # text in the README -> its stand-in here (the model stand-ins are built by the fixture)
-STAND_INS = {"--nproc_per_node 4": "--nproc_per_node 2"}
+STAND_INS = {"--nproc_per_node 4": "--nproc_per_node 2",
+             # an epoch of the embedding example is minutes on this CPU: two small steps show the same path
+             "data.path=docstrings/train.jsonl": "data.path=docstrings/train.jsonl train.max_steps=2 train.batch_size=16"}
 MODELS = {"/models/Llama-3.2-1B": ("llama", {}), "/models/Qwen2.5-7B": ("qwen2", {}),
           "/models/gemma-2-2b": ("gemma2", {"num_hidden_layers": 4})}  # full_pretrain trains the last 4 blocks
 
@@ -115,6 +117,8 @@ def run_server(line: str, cwd: Path):
     import httpx
     port = free_port()
     args = shlex.split(line) + ["--port", str(port), "--threads", "1"]
+    if "--embedding-model" in args:
+        return ask_embeddings(args, port, cwd)
     with serving(args, port, cwd=cwd, env=env()) as url:
         key = args[args.index("--api-key") + 1]
         model = args[args.index("--adapter") + 1].partition("=")[0]
@@ -123,6 +127,17 @@ def run_server(line: str, cwd: Path):
                                   "max_tokens": 4})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    return answer.text
+
+
+def ask_embeddings(args: list, port: int, cwd: Path):
+    """Starts an embedding server line, asks it for the embeddings of two texts, stops it."""
+    import httpx
+    model = args[args.index("--embedding-model") + 1].partition("=")[0]
+    with serving(args, port, cwd=cwd, env=env()) as url:
+        answer = httpx.post(url + "/v1/embeddings", timeout=60, json={"model": model, "input": ["a", "b"]})
+    assert answer.status_code == 200, answer.text
+    assert [len(d["embedding"]) for d in answer.json()["data"]] == [384, 384]
     return answer.text
 
 
@@ -157,5 +172,6 @@ def test_every_readme_block_runs(workdir):
     assert (root / "merged" / "config.json").is_file() and (root / "mine.gguf").is_file()
     assert (root / "mine.Modelfile").is_file()
     assert (root / "runs" / "ddp" / "adapter" / "adapter_config.json").is_file()
+    assert (root / "runs" / "embeddings" / "embedder" / "modules.json").is_file() and (root / "texts.npy").is_file()
     for method in ("dpo", "orpo", "simpo", "kto", "grpo"):
         assert (root / "runs" / method / "adapter" / "adapter_model.safetensors").is_file()

@@ -93,10 +93,12 @@ def _wandb_run(config):
 
 class Progress:
     """A tqdm bar over optimizer steps with loss, the lr the step used, and two rates measured over this session's
-    steps: tokens through the model (padding excluded) and trained (target) tokens."""
+    steps: tokens through the model (padding excluded) and trained (target) tokens, or the objective's own unit
+    (pairs for an embedder) where it counts no trained tokens."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, unit: str = "token"):
         self.start_time = time.perf_counter()
+        self.trained_label = "trained tok/s" if unit == "token" else f"{unit}s/s"
         self.input_tokens = self.target_tokens = 0
         self.loss, self.lr = None, 0.0
         self.bar = None
@@ -104,6 +106,10 @@ class Progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                             desc="train")
+
+    def restart_clock(self):
+        """Rates count from now (work before the first step, such as an evaluation, is not training)."""
+        self.start_time = time.perf_counter()
 
     def rates(self) -> tuple[float, float]:
         """(tokens/s through the model, trained tokens/s)."""
@@ -130,7 +136,7 @@ class Progress:
     def _show(self):
         through, trained = self.rates()
         loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
-        self.bar.set_postfix_str(f"{loss}lr {self.lr:.2e}, {through:.0f} tok/s, {trained:.0f} trained tok/s",
+        self.bar.set_postfix_str(f"{loss}lr {self.lr:.2e}, {through:.0f} tok/s, {trained:.0f} {self.trained_label}",
                                  refresh=False)
 
     def close(self):

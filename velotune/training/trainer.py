@@ -248,7 +248,8 @@ class _Loop:
             pad_id=self.pad_id))
         metrics = MetricsLog(self.out_dir, self.tcfg.report_to, self.cfg.to_dict(), enabled=self.dist.is_main,
                              resume_step=self.state.step if resume_from is not None else None)
-        progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress and self.dist.is_main)
+        progress = Progress(self.total_steps, self.state.step, enabled=self.tcfg.progress and self.dist.is_main,
+                            unit=self.objective.unit_name)
         self.model.train()
         result = TrainResult(self.out_dir, self.state.step, None, None, metrics_path=metrics.path,
                              data_stats=self.plan.data.stats.as_dict(), params=self.params)
@@ -256,6 +257,7 @@ class _Loop:
         if self.objective.evaluates_before_training and resume_from is None:
             self._eval_and_log(metrics, result)
             result.eval_before = dict(result.eval_metrics)
+            progress.restart_clock()
         self._boundary_rng = rng_state()
         try:
             with self.dist.graceful_stop():
@@ -312,7 +314,7 @@ class _Loop:
                 self._read(metrics, progress, result)  # never a checkpoint of a step with a non-finite loss
                 result.checkpoint = self._save()
                 self.events.emit("checkpoint", self.state.step, self.total_steps, path=result.checkpoint)
-        if self.eval_data and self._evaluated_at != self.state.step:
+        if (self.eval_data or self.objective.evaluates_before_training) and self._evaluated_at != self.state.step:
             self._eval_and_log(metrics, result)
 
     def _read(self, metrics: MetricsLog, progress: Progress, result: TrainResult):
@@ -369,6 +371,7 @@ class _Loop:
     def _extra_eval(self) -> dict:
         """The objective's metrics beyond the eval loss (retrieval metrics of an embedder), measured on the main
         process in eval mode."""
+        self._evaluated_at = self.state.step
         if not self.dist.is_main:
             return {}
         self.model.eval()
