@@ -84,13 +84,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask):
         """`x` [batch, seq, hidden] with a key mask (or None), or the real tokens [tokens, hidden] with their
-        TokenLayout: padded around the attention call only."""
+        TokenLayout (attention by groups of rows of similar length)."""
         p = self.dropout.p if self.training else 0.0
         if isinstance(mask, TokenLayout):
-            layout = mask
-            split = (*layout.shape, self.heads, self.head_dim)
-            q, k, v = (layout.pad(proj(x)).view(split) for proj in (self.query, self.key, self.value))
-            return layout.gather(attend(q, k, v, layout.key_mask, p, (*layout.shape, x.shape[-1])))
+            split = (x.shape[0], self.heads, self.head_dim)
+            q, k, v = (proj(x).view(split) for proj in (self.query, self.key, self.value))
+            return mask.attend(q, k, v, p).reshape(x.shape)
         split = (*x.shape[:2], self.heads, self.head_dim)
         q, k, v = self.query(x).view(split), self.key(x).view(split), self.value(x).view(split)
         return attend(q, k, v, mask, p, x.shape)
