@@ -11,7 +11,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "triton")
+PACKAGES = ("torch", "transformers", "peft", "trl", "sentence-transformers", "bitsandbytes", "liger-kernel", "triton")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # velotune/
 
 
