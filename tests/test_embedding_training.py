@@ -172,3 +172,42 @@ def test_a_short_run_raises_ndcg_on_held_out_docstrings(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_ndcg@10" in r] == [0, 6]
     assert any(line.startswith("eval_ndcg@10") for line in before_after_lines(result))
+
+
+@pytest.mark.parametrize("mini", [8, 3])
+def test_grad_cache_on_minilm_with_dropout_gives_the_plain_gradients(mini):
+    """The real encoder in train mode (dropout on): the cached loss's gradients equal those of the plain loss
+    computed mini-batch by mini-batch in the same order (the same dropout draws); with one mini-batch per column
+    that is exactly the plain objective."""
+    from velotune.config import load_config
+    from velotune.data.text_pairs import collate_text_pairs
+    from velotune.embeddings.st_format import load_sentence_model
+    from velotune.training.objectives.contrastive_losses import in_batch_negatives_sum
+    from velotune.training.objectives.embedding import Contrastive
+    model, tokenizer = load_sentence_model(str(minilm.get_model_path()), dtype="float32", device="cpu")
+    model.train()
+    texts = {"anchor": [a for a, _ in PAIRS[:8]], "positive": [p for _, p in PAIRS[:8]]}
+    batch = {}
+    for column, values in texts.items():
+        enc = tokenizer(values, padding=True, return_tensors="pt")
+        batch[f"{column}_input_ids"], batch[f"{column}_attention_mask"] = enc["input_ids"], enc["attention_mask"]
+    batch["size"] = 8
+    objective = Contrastive()
+    objective.settings = load_config({"embedding": {"mini_batch_size": mini}}).embedding
+    objective.autocast = lambda: torch.autocast("cpu", enabled=False)
+    params = [p for p in model.parameters()]
+
+    torch.manual_seed(7)
+    parts = {c: torch.cat([objective.embed(model, batch, c, s, s + mini) for s in range(0, 8, mini)])
+             for c in ("anchor", "positive")}
+    plain = in_batch_negatives_sum(parts["anchor"], parts["positive"], scale=20.0)
+    expected = torch.autograd.grad(plain, params, allow_unused=True)
+    torch.manual_seed(7)
+    cached, units = objective.loss(model, batch)
+    assert units == 8 and abs(float(cached.detach()) - float(plain.detach())) <= 1e-5 * float(plain.detach())
+    cached.backward()
+    for p, g in zip(params, expected):
+        if g is None:
+            assert p.grad is None or float(p.grad.abs().max()) == 0.0
+            continue
+        assert float((p.grad - g).abs().max()) <= 1e-5 * max(1.0, float(g.abs().max())), p.shape

@@ -148,7 +148,7 @@ class EmbeddingObjective(Objective):
     def loss(self, model, batch: dict):
         columns = [c for c in ("anchor", "positive", "negative", "sentence1", "sentence2") if f"{c}_input_ids" in batch]
         size, mini = int(batch["size"]), self.settings.mini_batch_size
-        if mini and mini < size * len(columns):
+        if mini and mini < size:
             from .grad_cache import cached_loss
             return cached_loss(lambda c, a, b: self.embed(model, batch, c, a, b), columns, size, mini,
                                lambda *e: self.batch_loss(batch, *e), self.autocast), size
