@@ -50,7 +50,10 @@ def step_hooks(job: dict, record: dict):
 
 def run_job(job: dict, out_dir: Path, rank: int):
     cfg = job["config"]
-    model, tok = vt.load(cfg["model"]["path"], dtype="float32", device="cpu", quantize=job.get("quantize"))
+    if job.get("embedder"):
+        model, tok = vt.load_embedder(cfg["model"]["path"], dtype="float32", device="cpu")
+    else:
+        model, tok = vt.load(cfg["model"]["path"], dtype="float32", device="cpu", quantize=job.get("quantize"))
     record = {"rank": rank, "model": model}
     handles = step_hooks(job, record)
     try:

@@ -112,6 +112,10 @@ def launch(tmp_path_factory):
     job("ddp_grpo", "ddp", {"objective": "grpo", "data": {"path": str(prompts), "max_seq_length": 96},
                             "grpo": {"num_generations": 4, "max_completion_length": 6,
                                      "reward_funcs": ["format", "length"]}})
+    # An embedder (the tiny Llama pooled by its last token) with in-batch negatives on each rank's share.
+    texts = write_jsonl(tmp / "texts.jsonl", [{"anchor": q, "positive": a} for q, a in FACTS] * 2)
+    job("ddp_contrastive", "ddp", {"objective": "contrastive", "data": {"path": str(texts)},
+                                   "train": {"batch_size": 2}}, embedder=True)
     jobs_by_name = {j["name"]: j for j in jobs}
 
     refs = {name: single_run(configs[name], quantize=jobs_by_name[name].get("quantize"))
@@ -194,6 +198,14 @@ def test_grpo_trains_with_ddp(launch):
     recs = launch["ranks"]("ddp_grpo")
     assert_ranks_identical(recs)
     assert recs[0]["steps"] == 4 and recs[0]["losses"] == recs[1]["losses"]
+
+
+def test_an_embedder_trains_with_ddp(launch):
+    """Each rank ranks its own pairs against its own in-batch negatives; the update is the global batch's: the
+    same loss and parameters on both ranks, and a sentence-transformers directory written once."""
+    recs = launch["ranks"]("ddp_contrastive")
+    assert_ranks_identical(recs)
+    assert recs[0]["steps"] == 4 and (Path(recs[0]["model_dir"]) / "modules.json").is_file()
 
 
 def test_qlora_trains_with_ddp(launch):

@@ -211,3 +211,15 @@ def test_grad_cache_on_minilm_with_dropout_gives_the_plain_gradients(mini):
             assert p.grad is None or float(p.grad.abs().max()) == 0.0
             continue
         assert float((p.grad - g).abs().max()) <= 1e-5 * max(1.0, float(g.abs().max())), p.shape
+
+
+def test_a_language_model_passed_to_an_embedding_objective_is_refused_by_name(tmp_path):
+    model, tokenizer = vt.load(_tiny_decoder(tmp_path), device="cpu")
+    with pytest.raises(ConfigError, match="objective contrastive trains a sentence embedder.*vt.load_embedder"):
+        vt.train(_config(tmp_path, _write_pairs(tmp_path / "p.jsonl"), tmp_path / "run"), model=model,
+                 tokenizer=tokenizer)
+
+
+def _tiny_decoder(tmp_path):
+    from train_fixtures import make_model_dir
+    return make_model_dir(tmp_path / "tiny")

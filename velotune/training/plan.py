@@ -89,13 +89,12 @@ class RunPlan:
 def plan_run(config, overrides=None, *, model=None, tokenizer=None, dist=None, objective=None) -> RunPlan:
     """The plan of `vt.train(config, overrides, model=, tokenizer=, objective=)`, made without loading weights
     and without writing anything. Bad config, output directory, data or template raise here, in that order."""
-    from ..models.interface import require_model
     from .distributed import Distributed
     cfg = load_config(config, overrides)
-    if model is not None:
-        require_model(model, "vt.train(model=...)")
     dist = dist or Distributed()
     objective = make_objective(objective if objective is not None else cfg.objective)
+    if model is not None:
+        objective.check_model(model)
     check_settings(cfg)
     model_dirs = _input_model_dirs(cfg, model)
     out_dir, outputs = Path(cfg.train.output_dir), output_names(cfg, objective)

@@ -60,6 +60,11 @@ class Objective:
         from ..model_setup import load_model
         return load_model(config)
 
+    def check_model(self, model) -> None:
+        """Refuses a model passed to vt.train(model=...) that this objective cannot train (named in the error)."""
+        from ...models.interface import require_model
+        require_model(model, "vt.train(model=...)")
+
     def source_max_length(self, model_dir: Path) -> int | None:
         """The sequence length the model directory asks for beyond config.json's (None: config.json's)."""
         return None

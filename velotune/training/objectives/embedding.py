@@ -50,6 +50,13 @@ class EmbeddingObjective(Objective):
                                        pooling=cfg.embedding.pooling)
         return model
 
+    def check_model(self, model) -> None:
+        from ...embeddings.model import SentenceEncoder
+        if not isinstance(model, SentenceEncoder):
+            raise ConfigError(f"objective {self.name} trains a sentence embedder; vt.train(model=...) got a "
+                              f"{type(model).__name__}: load it with vt.load_embedder(path) (a sentence-transformers "
+                              "directory, an encoder, or a decoder pooled by its last token)")
+
     def source_max_length(self, model_dir: Path) -> int | None:
         """A sentence-transformers directory's max_seq_length (256 for MiniLM), not config.json's 512."""
         from ...embeddings.st_format import is_sentence_model_dir, read_settings
