@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from velotune.bench.embeddings import entries, make_plan, pairs_file
+from velotune.bench.embeddings import entries, make_plan, pairs_file, result_shape
 from velotune.bench.options import add_bench_arguments
 from velotune.errors import ConfigError
 
@@ -31,6 +31,9 @@ def test_the_plan_compares_like_with_like_and_refuses_what_it_cannot_run():
     assert [(e["label"], e["batch"], e["mini"]) for e in entries(plan, "full")] == [("velotune", 64, 0), ("st", 64, 0)]
     assert make_plan(_ns("--device", "cuda"))["precision"] == "bf16"
     assert make_plan(_ns("--cases", "lora", "--batch", "16"))["cases"] == ["lora"]
+    # Neither a quick check nor a partial run overwrites the recorded results (embeddings-cpu-minilm.*)
+    assert [result_shape(make_plan(_ns(*a))) for a in ((), ("--quick",), ("--cases", "gradcache,full"))] == [
+        "minilm", "minilm-quick", "minilm-gradcache-full"]
     with pytest.raises(ConfigError, match="in-batch negatives need at least 2"):
         make_plan(_ns("--batch", "1"))
     with pytest.raises(ConfigError, match="--cases: unknown qlora"):
@@ -55,7 +58,7 @@ def test_quick_embeddings_benchmark_runs_every_system(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "embeddings_bench.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads((tmp_path / "embeddings-cpu-minilm.json").read_text())
+    report = json.loads((tmp_path / "embeddings-cpu-minilm-quick.json").read_text())
     full, cached = report["cases"]
     assert (full["name"], cached["name"]) == ("full", "gradcache")
     assert set(full["systems"]) == {"velotune", "st"} and set(cached["systems"]) == {"velotune", "st", "st-cached"}
@@ -68,5 +71,5 @@ def test_quick_embeddings_benchmark_runs_every_system(tmp_path):
     assert (cached["systems"]["velotune"]["batch"], cached["systems"]["velotune"]["mini_batch"]) == (32, 8)
     assert full["ratios"]["st"]["speed"] > 0 and cached["ratios"]["st"]["memory"] > 0
     assert report["machine"]["versions"]["sentence-transformers"]
-    text = (tmp_path / "embeddings-cpu-minilm.md").read_text()
+    text = (tmp_path / "embeddings-cpu-minilm-quick.md").read_text()
     assert "## GradCache: 32 pairs a step in mini-batches of 8" in text and "| st-cached | 32 / 8 |" in text

@@ -10,20 +10,27 @@ from .options import add_bench_arguments
 def add_bench_parser(subparsers):
     p = subparsers.add_parser("bench", help="benchmark training against transformers + peft, side by side")
     add_bench_arguments(p)
+    # Here, not in options.py: the benchmarks/ scripts each run one benchmark and need no choice of it.
+    p.add_argument("--embeddings", action="store_true",
+                   help="the embeddings benchmark: velotune's contrastive objective vs sentence-transformers' trainer "
+                        "(MNRL, and GradCache at a 1024 batch), the real all-MiniLM-L6-v2; --cases among full,lora,"
+                        "gradcache")
     p.set_defaults(func=run_bench_command)
     return p
 
 
 def run_bench_command(ns):
-    if sum((ns.loop, ns.preference, ns.grpo)) > 1:
+    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings)) > 1:
         from ..errors import ConfigError
-        raise ConfigError("velotune bench: choose one of --loop, --preference and --grpo")
+        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo and --embeddings")
     if ns.loop:
         from .loop import run
     elif ns.preference:
         from .preference import run
     elif ns.grpo:
         from .grpo import run
+    elif ns.embeddings:
+        from .embeddings import run
     else:
         from .train import run
     run(ns)

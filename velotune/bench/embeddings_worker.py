@@ -50,7 +50,9 @@ class StepClock:
             self.memory = self.meter.stop()
 
 
-def run_velotune(spec: dict, clock: StepClock) -> tuple[list, list]:
+def run_velotune(spec: dict, clock: StepClock) -> dict:
+    """Losses, real tokens per step, trainable parameters (velotune runs its token-wise work on real tokens only:
+    no padded count)."""
     import velotune as vt
     losses, tokens = [], []
 
@@ -68,9 +70,10 @@ def run_velotune(spec: dict, clock: StepClock) -> tuple[list, list]:
            "embedding": {"scale": SCALE, "mini_batch_size": spec["mini_batch"]},
            "train": {"output_dir": spec["out_dir"], "overwrite": True, "batch_size": spec["batch"],
                      "max_steps": spec["warmup"] + spec["steps"], "lr": spec["lr"], "scheduler": "constant",
-                     "progress": False, "log_every": 1, "max_grad_norm": 1.0, "seed": 0}}
-    vt.train(cfg, callbacks=[on_event])
-    return losses, tokens
+                     "progress": False, "log_every": 1, "max_grad_norm": 1.0, "seed": 0,
+                     "precision": spec["precision"]}}
+    result = vt.train(cfg, callbacks=[on_event])
+    return dict(losses=losses, tokens=tokens, padded=None, trainable=result.params["trainable_params"])
 
 
 def _st_model(spec: dict):
@@ -78,32 +81,37 @@ def _st_model(spec: dict):
     model = SentenceTransformer(spec["model_dir"], device=spec["device"])
     model.max_seq_length = spec["seq"]
     if spec["method"] == "lora":
-        from peft import LoraConfig, TaskType
-        model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, bias="none",
-                                     target_modules=ST_LORA_TARGETS, task_type=TaskType.FEATURE_EXTRACTION))
+        # What `model.add_adapter(config)` does (transformers' PeftAdapterMixin: inject_adapter_in_model, which
+        # freezes all but the adapters), without its check for PEFT >= 0.22 that PEFT 0.21 fails.
+        from peft import LoraConfig, TaskType, inject_adapter_in_model
+        inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, bias="none",
+                                           target_modules=ST_LORA_TARGETS, task_type=TaskType.FEATURE_EXTRACTION),
+                                model[0].auto_model)
     return model
 
 
-def _st_step_tokens(model, rows: list, batch: int, steps: int) -> list:
-    """Real (non-padding) tokens of each step's batch as sentence-transformers tokenizes it: each column alone,
-    cut to max_seq_length, special tokens included (what velotune's input_tokens counts too)."""
-    out = []
+def _st_step_tokens(model, rows: list, batch: int, steps: int) -> tuple[list, list]:
+    """(real, padded) tokens of each step's batch as sentence-transformers tokenizes it: each column alone, cut to
+    max_seq_length, special tokens included (what velotune's input_tokens counts), padded to its longest text."""
+    real, padded = [], []
     for step in range(steps):
         chunk = rows[step * batch:(step + 1) * batch]
-        out.append(sum(int(model.tokenize([r[c] for r in chunk])["attention_mask"].sum())
-                       for c in ("anchor", "positive")))
-    return out
+        masks = [model.tokenize([r[c] for r in chunk])["attention_mask"] for c in ("anchor", "positive")]
+        real.append(sum(int(m.sum()) for m in masks))
+        padded.append(sum(m.numel() for m in masks))
+    return real, padded
 
 
-def run_st(spec: dict, clock: StepClock) -> tuple[list, list]:
+def run_st(spec: dict, clock: StepClock) -> dict:
+    """Losses, real and padded tokens per step, trainable parameters."""
     from datasets import Dataset
-    from torch.utils.data import BatchSampler, SequentialSampler
-    from transformers import TrainerCallback
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer import losses as st_losses
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from transformers import TrainerCallback
     model = _st_model(spec)
     rows = [json.loads(line) for line in Path(spec["data"]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    tokens = _st_step_tokens(model, rows, spec["batch"], clock.total)
+    tokens, padded = _st_step_tokens(model, rows, spec["batch"], clock.total)
     logged = []
 
     class InOrder(SentenceTransformerTrainer):  # the data's order: velotune's batches, shuffle off
@@ -128,11 +136,12 @@ def run_st(spec: dict, clock: StepClock) -> tuple[list, list]:
         output_dir=spec["out_dir"], per_device_train_batch_size=spec["batch"], learning_rate=spec["lr"],
         max_steps=clock.total, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=1, report_to=[], use_cpu=not spec["device"].startswith("cuda"),
-        bf16=spec["dtype"] == "bfloat16", seed=0, save_strategy="no", dataloader_drop_last=False,
+        bf16=spec["precision"] == "bf16", seed=0, save_strategy="no", dataloader_drop_last=False,
         dataloader_num_workers=0)
     data = Dataset.from_dict({"anchor": [r["anchor"] for r in rows], "positive": [r["positive"] for r in rows]})
     InOrder(model=model, args=args, train_dataset=data, loss=loss, callbacks=[Timer()]).train()
-    return logged, tokens
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(losses=logged, tokens=tokens, padded=padded, trainable=trainable)
 
 
 def run_system(spec: dict) -> dict:
@@ -140,7 +149,8 @@ def run_system(spec: dict) -> dict:
     if spec["system"] not in runners:
         raise ValueError(f"system {spec['system']!r}: expected one of {', '.join(runners)}")
     clock = StepClock(spec)
-    losses, tokens = runners[spec["system"]](spec, clock)
+    ran = runners[spec["system"]](spec, clock)
+    losses, tokens = ran["losses"], ran["tokens"]
     if len(clock.times) != clock.total + 1 or clock.memory is None:
         raise RuntimeError(f"{len(clock.times) - 1} steps timed, expected {clock.total}")
     warm = spec["warmup"]
@@ -151,7 +161,8 @@ def run_system(spec: dict) -> dict:
                 target_tokens_per_s=round(timed_tokens / seconds, 2), timed_seconds=round(seconds, 3),
                 step_seconds=[round(b - a, 3) for a, b in zip(clock.times, clock.times[1:])],
                 losses=[round(v, 6) for v in losses], first_loss=losses[0] if losses else None,
-                step_target_tokens=tokens, trainable_params=0, memory=clock.memory, tflops=None)
+                step_target_tokens=tokens, step_padded_tokens=ran["padded"],
+                trainable_params=ran["trainable"], memory=clock.memory, tflops=None)
 
 
 def main(argv=None):
