@@ -265,8 +265,9 @@ def distinct_text_batches(examples: list, *, batch_size: int, seed: int, epoch: 
     In-batch negatives need two examples per rank: a batch left smaller than that (the last one, or one made by
     conflicts) borrows examples that do not conflict with it from batches above that size, so batches are never
     larger than batch_size. Only data with one text in most rows leaves a smaller batch (of one on one process:
-    its loss then has no in-batch negative); under several processes a global batch of fewer examples than
-    processes cannot give each one an example, and its examples are left out of this epoch."""
+    its loss then has no in-batch negative). Under several processes a global batch of fewer examples than
+    processes cannot give each one an example: its examples join earlier batches that hold none of their texts
+    (those then exceed batch_size by one on some ranks); only an example whose text is in every batch is left out."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -275,17 +276,29 @@ def distinct_text_batches(examples: list, *, batch_size: int, seed: int, epoch: 
     order = epoch_order(len(examples), seed=seed, epoch=epoch, shuffle=shuffle)
     batches = _fill(order, keys, batch_size * world_size)
     _top_up(batches, keys, world_size * min(2, batch_size))
-    share, left_out = [], 0
-    for batch in batches:
-        if len(batch) < world_size:
-            left_out += len(batch)
-            continue
+    kept = [batch for batch in batches if len(batch) >= world_size]
+    left_out = _place_elsewhere([i for batch in batches if len(batch) < world_size for i in batch], kept, keys)
+    share = []
+    for batch in kept:
         part = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
         share.append([[i] for i in part])
     if left_out:
-        log.warning("epoch %d: %d of %d examples left out: their texts repeat so often that their batches hold "
-                    "fewer examples than the %d processes", epoch, left_out, len(examples), world_size)
+        log.warning("epoch %d: %d of %d examples left out: each shares a text with some example of every batch "
+                    "(%d processes)", epoch, left_out, len(examples), world_size)
     return share
+
+
+def _place_elsewhere(homeless: list[int], batches: list[list[int]], keys: list) -> int:
+    """Puts each example into the latest batch that shares none of its texts; returns how many found none."""
+    lost = 0
+    for i in homeless:
+        for batch in reversed(batches):
+            if all(keys[i].isdisjoint(keys[j]) for j in batch):
+                batch.append(i)
+                break
+        else:
+            lost += 1
+    return lost
 
 
 def _fill(order: list[int], keys: list, size: int) -> list[list[int]]:
