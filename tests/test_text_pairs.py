@@ -256,3 +256,54 @@ def test_under_several_ranks_a_small_global_batch_joins_earlier_ones_rather_than
                   for r in (0, 1)]
     assert not [r for r in caplog.records if "left out" in r.getMessage()]
     assert shares == [[[[0]], [[1]]], [[[2]], [[3], [4]]]]
+
+
+def test_the_order_depends_on_seed_and_epoch_only():
+    examples = examples_of(adversarial_rows(200))
+    plan = lambda **kw: distinct_text_batches(examples, batch_size=8, **kw)
+    assert plan(seed=1, epoch=0) == plan(seed=1, epoch=0)
+    assert plan(seed=1, epoch=0) != plan(seed=1, epoch=1) != plan(seed=2, epoch=1)
+    assert plan(seed=1, epoch=0, shuffle=False) == plan(seed=5, epoch=3, shuffle=False)
+    in_order = plan(seed=1, epoch=0, shuffle=False)
+    assert in_order[0][:2] == [[0], [1]] and in_order[1][0] == [3]  # row 3 repeats row 1's anchor: moved on
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_every_global_batch(world_size):
+    examples = examples_of(adversarial_rows(301, every=10))
+    shares = [distinct_text_batches(examples, batch_size=4, seed=2, epoch=1, rank=r, world_size=world_size)
+              for r in range(world_size)]
+    assert len({len(s) for s in shares}) == 1  # the same number of steps on every rank
+    for parts in zip(*shares):
+        assert all(2 <= len(part) <= 4 for part in parts)
+        check_batches([[row for part in parts for row in part]], examples, 4 * world_size)
+    assert sorted(row[0] for s in shares for batch in s for row in batch) == list(range(len(examples)))
+
+
+def test_batch_arguments_are_checked():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        distinct_text_batches(examples_of([("a", "b")]), batch_size=0, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
+        distinct_text_batches(examples_of([("a", "b")]), batch_size=2, seed=0, epoch=0, rank=2, world_size=2)
+
+
+# ---- collate -------------------------------------------------------------------------------------------------------
+
+def test_collate_pads_each_column_to_its_longest(tmp_path, tok):
+    data = prepare(tmp_path, tok, SCORED, kind="scored")
+    batch = collate_text_pairs(data.train, pad_id=tok.pad_token_id, columns=("sentence1", "sentence2"))
+    lengths = [len(e.ids["sentence1"]) for e in data.train]
+    assert set(batch) == {"sentence1_input_ids", "sentence1_attention_mask", "sentence2_input_ids",
+                          "sentence2_attention_mask", "scores", "size"}
+    assert batch["size"] == 3 and batch["sentence1_input_ids"].shape == (3, max(lengths))
+    assert batch["sentence1_input_ids"].dtype == torch.long
+    assert batch["sentence1_attention_mask"].sum(1).tolist() == lengths
+    short = lengths.index(min(lengths))
+    assert batch["sentence1_input_ids"][short, min(lengths):].eq(tok.pad_token_id).all()
+    assert batch["sentence1_input_ids"][short, :min(lengths)].tolist() == data.train[short].ids["sentence1"].tolist()
+    assert batch["scores"].tolist() == pytest.approx([0.8, 0.0, 0.95]) and batch["scores"].dtype == torch.float32
+    pairs = collate_text_pairs(prepare(tmp_path, tok, PAIRS).train, pad_id=0)
+    assert "scores" not in pairs and set(pairs) == {"anchor_input_ids", "anchor_attention_mask",
+                                                     "positive_input_ids", "positive_attention_mask", "size"}
+    with pytest.raises(ValueError, match="column 'negative' is not in every example"):
+        collate_text_pairs(data.train, pad_id=0, columns=("negative",))
