@@ -4,7 +4,7 @@ The code is velotune.bench.embeddings (also `velotune bench --embeddings`); this
 the same options:
 
     python benchmarks/embeddings_bench.py           # CPU, fp32: all-MiniLM-L6-v2, 64 pairs a step; GradCache at 1024
-    python benchmarks/embeddings_bench.py --quick   # small batches and lengths, under a minute
+    python benchmarks/embeddings_bench.py --quick   # small batches and lengths, about a minute (5 processes)
 """
 import sys
 from pathlib import Path

