@@ -349,24 +349,22 @@ class _Loop:
                             f"Try a lower train.lr, train.precision=fp32 or bf16, or check the data.")
 
     def _eval_and_log(self, metrics, result):
+        """The eval split's loss and the objective's metrics (its extra ones too: an embedder's retrieval metrics),
+        written, sent to the callbacks and logged; nothing when there is neither."""
         eval_loss, eval_metrics = self.evaluate()
-        extra = self._extra_eval()
-        if extra:
-            eval_metrics = {**eval_metrics, **extra}
-            result.eval_metrics = {**result.eval_metrics, **{f"eval_{k}": v for k, v in extra.items()}}
-            if eval_loss is None:
-                values = {f"eval_{name}": v for name, v in extra.items()}
-                metrics.write({"step": self.state.step, **values})
-                self.events.emit("eval", self.state.step, self.total_steps, values)
-                log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+        eval_metrics = {**eval_metrics, **self._extra_eval()}
+        if eval_loss is None and not eval_metrics:
+            return
+        values = {f"eval_{name}": v for name, v in eval_metrics.items()}
+        shown = ", ".join(f"{name} {v:.4f}" for name, v in eval_metrics.items())
         if eval_loss is not None:
             result.eval_loss = eval_loss
-            values = {"eval_loss": eval_loss, **{f"eval_{name}": v for name, v in eval_metrics.items()}}
-            result.eval_metrics = values
-            metrics.write({"step": self.state.step, **values})
-            self.events.emit("eval", self.state.step, self.total_steps, values)
-            shown = "".join(f", {name} {v:.4f}" for name, v in eval_metrics.items())
-            log.info("step %d: eval loss %.4f%s", self.state.step, eval_loss, shown)
+            values = {"eval_loss": eval_loss, **values}
+            shown = f"eval loss {eval_loss:.4f}" + (f", {shown}" if shown else "")
+        result.eval_metrics = values
+        metrics.write({"step": self.state.step, **values})
+        self.events.emit("eval", self.state.step, self.total_steps, values)
+        log.info("step %d: %s", self.state.step, shown)
 
     def _extra_eval(self) -> dict:
         """The objective's metrics beyond the eval loss (retrieval metrics of an embedder), measured on the main
