@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from .models.info import add_info_parser
     add_info_parser(sub)
+    from .studio.cli import add_studio_parser
+    add_studio_parser(sub)
     return parser
 
 

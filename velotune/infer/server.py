@@ -133,6 +133,11 @@ class Server:
         raw = await read_json_body(http_request, self.max_body_bytes)
         if raw is None:
             return _client_gone()
+        return await self.answer(http_request, raw, request_cls, shape)
+
+    async def answer(self, http_request, raw: bytes, request_cls, shape):
+        """The answer to a request body already received (the Studio builds its bodies itself): a JSON response,
+        or a streaming one for `stream: true`."""
         loop = asyncio.get_running_loop()
         queue, deliver = _channel(loop)
         request, job = await loop.run_in_executor(self.preparing, self.prepare, raw, request_cls, deliver)

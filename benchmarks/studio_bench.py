@@ -1,0 +1,114 @@
+"""What the Studio adds to a chat, and how fast its chart draws.
+
+Time to first token from the moment a client sends the message: `velotune serve` answering its own
+/v1/chat/completions, against `velotune studio` answering /api/chat for the same model and messages (both real
+processes on this machine, same tiny random model, greedy, 8 new tokens, requests one after another,
+alternating so that drift hits both alike). The Studio's extra work is the hop through its API: building the
+body, the chat-template render to count prompt tokens, the engine lookup. Then, in a real browser (Debian's
+chromium, when installed), the time to draw one frame of the loss chart with 10,000 points.
+
+    python benchmarks/studio_bench.py [--requests 40] [--out benchmarks/results/studio-cpu]
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # the tests' tiny model and process helpers
+
+from server_process import free_port, serving  # noqa: E402
+from studio_fixtures import make_world, studio_process  # noqa: E402
+
+
+def first_token_ms(client, url: str, body: dict, headers: dict) -> float:
+    started = time.perf_counter()
+    with client.stream("POST", url, json=body, headers=headers) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                    elapsed = (time.perf_counter() - started) * 1000
+                    for _ in response.iter_lines():   # read to the end: the next request starts on a quiet server
+                        pass
+                    return elapsed
+    raise RuntimeError(f"{url}: no text came back")
+
+
+def chart_frame_ms(url: str) -> float | None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return None
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        took = page.evaluate("""() => { const c = window.velotuneStudio.charts.lossChart; c.clear();
+            for (let i = 0; i < 10000; i++) c.add(i, Math.exp(-i / 3000) + 0.01 * Math.sin(i));
+            const times = []; for (let k = 0; k < 20; k++) { const t = performance.now(); c.draw();
+            times.push(performance.now() - t); } times.sort((a, b) => a - b); return times[10]; }""")
+        browser.close()
+    return took
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    ns = parser.parse_args()
+    import httpx
+    world = make_world(Path(tempfile.mkdtemp(prefix="studio-bench-")))
+    messages = [{"role": "user", "content": "Who rules Vell?"}]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    serve_port, studio_port = free_port(), free_port()
+    serve_args = [sys.executable, "-m", "velotune", "serve", str(world["models"] / "tiny"), "--port", str(serve_port),
+                  "--name", "tiny"]
+    with serving(serve_args, serve_port, env=env) as serve_url, studio_process(world, studio_port) as (studio_url, _):
+        client = httpx.Client(timeout=120)
+        serve_body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
+        studio_body = {"model": world["model_ref"], "messages": messages,
+                       "settings": {"max_new_tokens": 8, "temperature": 0}}
+        studio_headers = {"X-Velotune-Studio": "1"}
+        for _ in range(3):   # warm both: model load, first-call costs
+            first_token_ms(client, serve_url + "/v1/chat/completions", serve_body, {})
+            first_token_ms(client, studio_url + "/api/chat", studio_body, studio_headers)
+        serve_ms, studio_ms = [], []
+        for _ in range(ns.requests):
+            serve_ms.append(first_token_ms(client, serve_url + "/v1/chat/completions", serve_body, {}))
+            studio_ms.append(first_token_ms(client, studio_url + "/api/chat", studio_body, studio_headers))
+        frame = chart_frame_ms(studio_url)
+    import torch
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+        "python": platform.python_version(), "requests": ns.requests,
+        "serve_ttft_ms_median": statistics.median(serve_ms), "studio_ttft_ms_median": statistics.median(studio_ms),
+        "added_ms_median": statistics.median(studio_ms) - statistics.median(serve_ms),
+        "serve_ttft_ms_p90": sorted(serve_ms)[int(0.9 * len(serve_ms))],
+        "studio_ttft_ms_p90": sorted(studio_ms)[int(0.9 * len(studio_ms))],
+        "chart_10k_points_frame_ms": frame, "command": "python benchmarks/studio_bench.py " + " ".join(sys.argv[1:])}
+    lines = ["| | serve | studio | added |", "|---|---|---|---|",
+             f"| time to first token, median (ms) | {result['serve_ttft_ms_median']:.1f} | "
+             f"{result['studio_ttft_ms_median']:.1f} | {result['added_ms_median']:+.1f} |",
+             f"| time to first token, p90 (ms) | {result['serve_ttft_ms_p90']:.1f} | "
+             f"{result['studio_ttft_ms_p90']:.1f} | |",
+             "", f"chart frame with 10,000 points: {frame:.1f} ms (median of 20, chromium)" if frame is not None
+             else "chart frame: chromium not installed"]
+    print("\n".join(lines))
+    if ns.out:
+        Path(ns.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        Path(ns.out + ".md").write_text(f"# Studio overhead ({result['machine']})\n\n`{result['command']}`\n\n"
+                                        + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

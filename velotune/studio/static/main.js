@@ -1,0 +1,23 @@
+// The page's entry: tabs, and each page's setup.
+import { $, api } from "./api.js";
+import { setupPickers } from "./picker.js";
+import { charts, setupTrain } from "./train.js";
+import { openChat, setupChat } from "./chat.js";
+import { setupArena } from "./arena.js";
+import { setupTemplates } from "./templates.js";
+
+function showTab(name) {
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".page").forEach((p) => p.classList.toggle("active", p.id === `page-${name}`));
+  if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+}
+
+document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+setupPickers();
+setupTrain((model, adapter) => { showTab("chat"); openChat(model, adapter); });
+setupChat();
+setupArena();
+setupTemplates();
+showTab((location.hash || "#train").slice(1));
+api("/api/info").then((info) => { $("version").textContent = `velotune ${info.version}`; document.body.dataset.ready = "1"; });
+window.velotuneStudio = { charts };   // what the browser tests read (points drawn)
