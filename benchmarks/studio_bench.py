@@ -30,16 +30,16 @@ from studio_fixtures import make_world, studio_process  # noqa: E402
 
 def first_token_ms(client, url: str, body: dict, headers: dict) -> float:
     started = time.perf_counter()
+    first = None
     with client.stream("POST", url, json=body, headers=headers) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+        for line in response.iter_lines():   # read to the end: the next request starts on a quiet server
+            if first is None and line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[6:])
                 if any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
-                    elapsed = (time.perf_counter() - started) * 1000
-                    for _ in response.iter_lines():   # read to the end: the next request starts on a quiet server
-                        pass
-                    return elapsed
+                    first = (time.perf_counter() - started) * 1000
+    if first is not None:
+        return first
     raise RuntimeError(f"{url}: no text came back")
 
 

@@ -32,4 +32,15 @@ if [ "${1:-}" = "--test" ]; then
   quiet_pip -c "$constraints" "triton==3.8.0"
 fi
 quiet_pip -c "$constraints" -e ".[$extras]"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # The Studio's browser tests drive Debian's chromium through playwright (which cannot download browsers here).
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || echo "setup: apt-get install chromium failed: the Studio's browser tests will fail" >&2
+  else
+    echo "setup: chromium is missing and cannot be installed here (needs root and apt-get): install it for the" \
+         "Studio's browser tests" >&2
+  fi
+fi
 python -c "import velotune, torch; print('velotune', velotune.__version__, 'torch', torch.__version__)"

@@ -27,6 +27,8 @@ NOT_RUN = {
     "torchrun --nnodes 2": "needs two machines and a rendezvous host",
     "python benchmarks/": "minutes of benchmarking: tests/test_bench_*.py run the benchmarks' --quick modes",
     "bash benchmarks/gpu_suite.sh": "needs a GPU",
+    "velotune studio": "a server that runs until stopped: tests/test_studio_browser.py starts it and drives it in "
+                       "a browser",
 }
 # text in the README -> its stand-in here (the model stand-ins are built by the fixture)
 STAND_INS = {"--nproc_per_node 4": "--nproc_per_node 2",

@@ -124,6 +124,19 @@ def test_a_run_trains_in_its_own_process_stops_with_a_checkpoint_and_resumes_to_
     resumed_from = [d for k, d, _ in events if k == "start"][-1]["step"]
     assert resumed_from >= 1
     assert [r["id"] for r in client.get("/api/runs").json()["runs"]] == [run_id]
+    # exports of the finished run, each in its own process, listed with their state
+    assert post(client, f"/api/runs/{run_id}/exports", {"format": "gguf", "quant": "q3_k"}).status_code == 400
+    for fmt, quant in (("merged", None), ("gguf", "q8_0")):
+        r = post(client, f"/api/runs/{run_id}/exports", {"format": fmt, "quant": quant})
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while any(e["status"] == "running" for e in client.get(f"/api/runs/{run_id}/exports").json()["exports"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    exports = {e["name"]: e for e in client.get(f"/api/runs/{run_id}/exports").json()["exports"]}
+    assert {n: e["status"] for n, e in exports.items()} == {"merged": "done", "gguf-q8_0": "done"}, exports
+    assert (run_dir / "exports" / "merged" / "model.safetensors").is_file()
+    assert (run_dir / "exports" / "gguf-q8_0" / "model-q8_0.gguf").is_file()
     # the trained adapter answers in the chat
     r = post(client, "/api/chat", {"model": world["model_ref"], "adapter": done["adapter"],
                                    "messages": [{"role": "user", "content": "Who rules Vell?"}],
@@ -276,3 +289,31 @@ def test_uploads_are_capped_and_typed(world):
         r = post(client, "/api/chat/prompt", {"model": "models:tiny", "messages": [{"role": "user", "content": "x"}],
                                               "attachments": ["../../studio.sqlite3"]})
         assert r.status_code == 400
+
+
+# ---- what is kept --------------------------------------------------------------------------------------------
+def test_page_settings_are_kept_across_a_restart_and_only_known_ones(world, client):
+    r = post(client, "/api/settings", {"values": {"chat-model": "models:tiny"}})
+    assert r.json()["values"] == {"chat-model": "models:tiny"}
+    assert post(client, "/api/settings", {"values": {"anything": "x"}}).status_code == 400
+    again, _ = make_client(world)
+    with again:
+        assert again.get("/api/settings").json()["values"] == {"chat-model": "models:tiny"}
+
+
+def test_the_database_is_versioned_and_one_from_a_newer_studio_is_refused(tmp_path):
+    import sqlite3
+
+    from velotune.studio.store import SCHEMA_VERSION, Store, StoreError
+    path = tmp_path / "studio.sqlite3"
+    Store(path).close()
+    db = sqlite3.connect(str(path))
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer velotune Studio"):
+        Store(path)
+    (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StoreError, match="not a usable Studio database"):
+        Store(tmp_path / "junk.sqlite3")

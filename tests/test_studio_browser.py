@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -90,13 +89,17 @@ def test_train_preview_form_run_chart_and_reload(page, world, screens):
     page.wait_for_function("document.getElementById('run-stats').textContent.includes('status finished')",
                            timeout=180_000)
     assert chart_points(page) == steps
-    page.screenshot(path=str(screens / "studio-train.png"), full_page=True)
+    page.screenshot(path=str(screens / "studio-train.png"))
     # a reload restores the run and its whole curve
     page.reload()
     page.wait_for_selector("body[data-ready='1']")
     page.click("#runs tbody tr:first-child button")
     page.wait_for_function(f"window.velotuneStudio.charts.lossChart.count === {steps}")
     assert "finished" in page.inner_text("#runs tbody tr:first-child .status")
+    # a finished run offers its exports
+    page.select_option("#export-format", "merged")
+    page.click("#export-button")
+    page.wait_for_selector("#export-list li[data-export='merged'].done", timeout=120_000)
 
 
 def test_stop_then_resume_in_the_page(page, world):
@@ -128,8 +131,16 @@ def test_chat_streams_with_settings_and_their_sources(page, world, screens):
     page.click("#chat-send")
     page.wait_for_function("document.getElementById('chat-stats').textContent.includes('tok/s')")
     assert page.locator("#chat-log .msg.assistant").count() == 1
-    assert "Who rules Vell?" in page.text_content("#chat-prompt")
-    page.screenshot(path=str(screens / "studio-chat.png"), full_page=True)
+    page.wait_for_function("document.getElementById('chat-prompt').textContent.includes('Who rules Vell?')")
+    page.screenshot(path=str(screens / "studio-chat.png"))
+    # the conversation is saved: after a reload it is listed and opens again
+    page.reload()
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#tabs button[data-tab='chat']")
+    page.wait_for_selector("#chat-history option[value]:not([value=''])", state="attached")
+    page.select_option("#chat-history", index=1)
+    page.wait_for_function("document.querySelectorAll('#chat-log .msg').length === 2")
+    assert page.input_value("#chat-model") == world["model_ref"]
 
 
 def test_pdf_and_docx_text_reaches_the_prompt(page, world, tmp_path):
@@ -153,6 +164,7 @@ def test_pdf_and_docx_text_reaches_the_prompt(page, world, tmp_path):
     page.click("#chat-send")
     page.wait_for_function("document.getElementById('chat-log').querySelectorAll('.msg.assistant').length === 2")
     page.wait_for_function("document.getElementById('chat-stats').textContent.includes('tok/s')")
+    page.wait_for_function("document.getElementById('chat-prompt').textContent.includes('What do the files say?')")
     prompt = page.text_content("#chat-prompt")
     assert "The harbour of Vell opens at dawn." in prompt and "Tamsin river floods every spring." in prompt
 
@@ -176,7 +188,7 @@ def test_a_blind_arena_round_with_a_vote_updates_the_leaderboard(page, world, sc
     assert page.locator("#leaderboard tbody tr").count() == 2
     titles = page.locator(".pane-title").all_inner_texts()
     assert all("models:tiny" in t for t in titles)               # names shown after the vote
-    page.screenshot(path=str(screens / "studio-arena.png"), full_page=True)
+    page.screenshot(path=str(screens / "studio-arena.png"))
 
 
 def test_template_editor_previews_tokens_errors_and_saves(page, world, screens):
@@ -195,7 +207,7 @@ def test_template_editor_previews_tokens_errors_and_saves(page, world, screens):
     assert "syntax" in page.inner_text("#tpl-error")
     page.fill("#tpl-editor", edited)
     page.wait_for_function("document.getElementById('tpl-error').textContent === ''")
-    page.screenshot(path=str(screens / "studio-templates.png"), full_page=True)
+    page.screenshot(path=str(screens / "studio-templates.png"))
     page.click("#tpl-save")
     page.wait_for_function("document.getElementById('tpl-saved').textContent.includes('saved')")
     # the saved template is the one in use after a reload, and chat renders with it

@@ -2,7 +2,11 @@
 from fastapi import APIRouter, Request
 
 from .. import __version__
+from ..errors import VelotuneError
 from .app import field, json_body
+
+# the page's inputs whose values the Studio remembers across restarts
+PAGE_SETTINGS = ("train-model", "train-data", "chat-model", "chat-adapter", "chat-system", "tpl-model", "tpl-adapter")
 
 
 def router(studio) -> APIRouter:
@@ -17,6 +21,21 @@ def router(studio) -> APIRouter:
                 "token_required": bool(s.token), "max_upload_bytes": s.max_upload_bytes,
                 "max_loaded_models": s.max_loaded_models, "attachment_rule": FIT_RULE,
                 "attachment_types": allowed_extensions()}
+
+    @api.get("/settings")
+    async def page_settings():
+        return {"values": studio.store.setting("page", {})}
+
+    @api.post("/settings")
+    async def save_page_settings(request: Request):
+        """The page's remembered choices (last model, data file, adapter...): short strings under known names."""
+        given = field(await json_body(request, studio), "values", dict)
+        bad = [k for k, v in given.items() if k not in PAGE_SETTINGS or not isinstance(v, str) or len(v) > 1000]
+        if bad:
+            raise VelotuneError(f"settings: {', '.join(map(repr, bad))} not kept (known: {', '.join(PAGE_SETTINGS)}; "
+                                "text values of at most 1000 characters)")
+        studio.store.set_setting("page", {**studio.store.setting("page", {}), **given})
+        return {"values": studio.store.setting("page", {})}
 
     @api.get("/files")
     async def files(ref: str):

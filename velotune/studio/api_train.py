@@ -99,6 +99,28 @@ def router(studio) -> APIRouter:
         return StreamingResponse(_event_stream(studio, run_id, run_dir, start, request),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    @api.get("/runs/{run_id}/exports")
+    async def exports(run_id: str):
+        from .exports import list_exports
+        run_dir = studio.jobs.run_dir(run_id)
+        return {"exports": [{**e, "ref": f"runs:{run_id}/{e['output']}"} for e in list_exports(run_dir)]}
+
+    @api.post("/runs/{run_id}/exports")
+    async def export(run_id: str, request: Request):
+        """Exports a finished run: merged, adapter, or gguf (with `quant`)."""
+        from .exports import start_export
+        body = await json_body(request, studio)
+        run_dir = studio.jobs.run_dir(run_id)
+        run = _run_view(studio, studio.store.run(run_id))
+        if run["status"] != "finished":
+            raise JobError(f"run {run_id} is {run['status']}: only a finished run is exported")
+        if run["adapter"]:
+            base, adapter = studio.roots.resolve(run["model"]).path, studio.roots.resolve(run["adapter"]).path
+        else:
+            base, adapter = studio.roots.resolve(run["trained_model"]).path, None
+        state = start_export(run_dir, base, adapter, field(body, "format"), field(body, "quant", str, False, None))
+        return {**state, "ref": f"runs:{run_id}/{state['output']}"}
+
     @api.get("/runs/{run_id}/log")
     async def run_log(run_id: str, tail: int = 200):
         path = studio.jobs.run_dir(run_id) / "job.log"

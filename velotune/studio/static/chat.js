@@ -79,8 +79,8 @@ async function send() {
   const out = bubble("assistant", "");
   try {
     const body = requestBody(false);
-    const prompt = await api("/api/chat/prompt", body);
-    $("chat-prompt").textContent = prompt.prompt;
+    // the exact prompt is fetched beside the answer, not before it: it must not delay the first token
+    api("/api/chat/prompt", body).then((p) => { $("chat-prompt").textContent = p.prompt; }).catch(() => {});
     const result = await streamChat(body, (piece) => { out.textContent += piece; });
     messages.push({ role: "assistant", content: result.text });
     $("chat-stats").textContent = `first token ${fmt(result.ttftMs, 0)} ms · ${fmt(result.tokensPerS, 1)} tok/s · ` +
@@ -89,9 +89,29 @@ async function send() {
     showFiles(null);
     const saved = await api("/api/chats", { id: chatId, title: messages[0].content.slice(0, 60), model: modelBody(), messages, settings: overrides });
     chatId = saved.id;
+    await refreshHistory();
   } catch (e) {
     messages.length = before; $("chat-error").textContent = e.message; out.parentNode.remove();
   } finally { $("chat-send").disabled = false; }
+}
+
+async function refreshHistory() {
+  const { chats } = await api("/api/chats");
+  const select = $("chat-history");
+  select.replaceChildren(el("option", { value: "", text: "(a new chat)" }),
+    ...chats.map((c) => el("option", { value: c.id, text: `${c.title} · ${new Date(c.updated * 1000).toLocaleString()}` })));
+  if (chatId) select.value = chatId;
+}
+
+async function reopen(id) {
+  if (!id) { messages = []; chatId = null; $("chat-log").replaceChildren(); return; }
+  const chat = await api(`/api/chats/${id}`);
+  $("chat-model").value = chat.model.model || ""; $("chat-adapter").value = chat.model.adapter || "";
+  overrides = chat.settings || {};
+  await load();
+  messages = chat.messages; chatId = chat.id;
+  $("chat-log").replaceChildren();
+  for (const m of messages) bubble(m.role, m.content);
 }
 
 export function openChat(model, adapter) {
@@ -101,6 +121,8 @@ export function openChat(model, adapter) {
 }
 
 export function setupChat() {
+  refreshHistory();
+  $("chat-history").addEventListener("change", (e) => reopen(e.target.value).catch((err) => { $("chat-error").textContent = err.message; }));
   $("chat-load").addEventListener("click", () => openChat($("chat-model").value, $("chat-adapter").value));
   $("chat-send").addEventListener("click", send);
   $("chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });

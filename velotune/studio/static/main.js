@@ -19,5 +19,12 @@ setupChat();
 setupArena();
 setupTemplates();
 showTab((location.hash || "#train").slice(1));
-api("/api/info").then((info) => { $("version").textContent = `velotune ${info.version}`; document.body.dataset.ready = "1"; });
+// Remembered choices: the last model, data file and adapter of each page, kept in the Studio's database.
+const REMEMBERED = ["train-model", "train-data", "chat-model", "chat-adapter", "chat-system", "tpl-model", "tpl-adapter"];
+const remembered = api("/api/settings").then(({ values }) => {
+  for (const id of REMEMBERED) if (values[id] !== undefined && !$(id).value) $(id).value = values[id];
+  for (const id of REMEMBERED) $(id).addEventListener("change", () => api("/api/settings", { values: { [id]: $(id).value } }));
+}).catch(() => {});
+
+Promise.all([remembered]).then(() => api("/api/info")).then((info) => { $("version").textContent = `velotune ${info.version}`; document.body.dataset.ready = "1"; });
 window.velotuneStudio = { charts };   // what the browser tests read (points drawn)

@@ -74,7 +74,10 @@ async function buildForm() {
   const sections = [{ name: "", help: "", fields: schema.top_level }, ...schema.sections];
   for (const section of sections) {
     const set = el("fieldset", { "data-section": section.name }, el("legend", { text: section.name || "top level" }));
-    if (section.objectives) set.append(el("p", { class: "hint", text: `read by: ${section.objectives.join(", ")}` }));
+    if (section.objectives) {
+      set.dataset.objectives = section.objectives.join(" ");
+      set.append(el("p", { class: "hint", text: `read by: ${section.objectives.join(", ")}` }));
+    }
     if (section.help) set.append(el("p", { class: "hint", text: section.help }));
     for (const field of section.fields) {
       schemaFields[field.key] = field;
@@ -83,6 +86,18 @@ async function buildForm() {
         el("span", { text: field.key }), inputFor(field)));
     }
     form.append(set);
+  }
+  const objective = document.querySelector("#config-form [data-key='objective']");
+  if (objective) objective.addEventListener("change", showSections);
+  showSections();
+}
+
+// Sections that only some objectives read (preference, grpo, embedding) show when one of them is chosen.
+function showSections() {
+  const input = document.querySelector("#config-form [data-key='objective']");
+  const chosen = (input && input.value) || (schemaFields.objective && schemaFields.objective.default) || "sft";
+  for (const set of document.querySelectorAll("#config-form fieldset[data-objectives]")) {
+    set.classList.toggle("hidden", !set.dataset.objectives.split(" ").includes(chosen));
   }
 }
 
@@ -132,6 +147,18 @@ function showStats() {
   $("run-stop").disabled = s.status !== "running";
 }
 
+let exportTimer = null;
+
+async function showExports(runId, finished) {
+  clearTimeout(exportTimer);
+  $("run-exports").classList.toggle("hidden", !finished);
+  if (!finished) return;
+  const { exports } = await api(`/api/runs/${runId}/exports`);
+  $("export-list").replaceChildren(...exports.map((e) => el("li", { "data-export": e.name, class: e.status },
+    `${e.name}: ${e.status}${e.status === "done" ? ` → ${e.ref}` : ""}${e.log_tail ? ` (${e.log_tail.join(" ")})` : ""}`)));
+  if (exports.some((e) => e.status === "running") && currentRun === runId) exportTimer = setTimeout(() => showExports(runId, true), 1000);
+}
+
 export async function openRun(runId) {
   if (source) source.close();
   currentRun = runId; lossChart.clear(); lrChart.clear();
@@ -139,9 +166,9 @@ export async function openRun(runId) {
   $("run-view").classList.remove("hidden");
   $("run-title").textContent = run.name; $("run-error").textContent = "";
   runStats = { status: run.status, startStep: 0 };
-  $("run-resume").disabled = !run.resumable; $("run-chat").disabled = !run.adapter;
-  $("run-chat").dataset.adapter = run.adapter || ""; $("run-chat").dataset.model = run.model;
-  showStats();
+  $("run-resume").disabled = !run.resumable; $("run-chat").disabled = !(run.adapter || run.trained_model);
+  $("run-chat").dataset.adapter = run.adapter || ""; $("run-chat").dataset.model = run.trained_model || run.model;
+  showStats(); showExports(runId, run.status === "finished");
   document.querySelectorAll("#runs tr").forEach((r) => r.classList.toggle("selected", r.dataset.run === runId));
   // EventSource reconnects by itself with Last-Event-ID; a new page gets every event from the start.
   source = new EventSource(`/api/runs/${runId}/events`);
@@ -157,7 +184,11 @@ export async function openRun(runId) {
   source.addEventListener("end", async (e) => {
     source.close(); runStats.status = JSON.parse(e.data).status; showStats();
     const runs = await refreshRuns(); const r = runs.find((x) => x.id === runId);
-    if (r) { $("run-resume").disabled = !r.resumable; $("run-chat").disabled = !r.adapter; $("run-chat").dataset.adapter = r.adapter || ""; }
+    if (r) {
+      $("run-resume").disabled = !r.resumable; $("run-chat").disabled = !(r.adapter || r.trained_model);
+      $("run-chat").dataset.adapter = r.adapter || ""; $("run-chat").dataset.model = r.trained_model || r.model;
+      showExports(runId, r.status === "finished");
+    }
   });
 }
 
@@ -181,6 +212,16 @@ export function setupTrain(goChat) {
   $("run-resume").addEventListener("click", async () => {
     try { await api(`/api/runs/${currentRun}/resume`, {}); await refreshRuns(); await openRun(currentRun); }
     catch (e) { $("run-error").textContent = e.message; }
+  });
+  $("export-format").addEventListener("change", () => { $("export-quant").disabled = $("export-format").value !== "gguf"; });
+  $("export-quant").disabled = true;
+  $("export-button").addEventListener("click", async () => {
+    $("run-error").textContent = "";
+    try {
+      await api(`/api/runs/${currentRun}/exports`, { format: $("export-format").value,
+        quant: $("export-format").value === "gguf" ? $("export-quant").value : null });
+      await showExports(currentRun, true);
+    } catch (e) { $("run-error").textContent = e.message; }
   });
   $("run-chat").addEventListener("click", () => goChat($("run-chat").dataset.model, $("run-chat").dataset.adapter));
 }
