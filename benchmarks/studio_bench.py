@@ -43,6 +43,33 @@ def first_token_ms(client, url: str, body: dict, headers: dict) -> float:
     raise RuntimeError(f"{url}: no text came back")
 
 
+def api_ms(client, url: str) -> float:
+    started = time.perf_counter()
+    client.get(url).raise_for_status()
+    return (time.perf_counter() - started) * 1000
+
+
+def while_training(client, url: str, world: dict, chat_body: dict, headers: dict, requests: int) -> dict:
+    """The page's calls and a chat while a training job runs (the job is a process of its own: on this 2-core
+    machine it takes one core, which the numbers include)."""
+    from studio_fixtures import QUICK_RUN
+    idle_api = [api_ms(client, url + "/api/runs") for _ in range(requests)]
+    run = client.post(url + "/api/runs", headers=headers, json={
+        "model": world["model_ref"], "data": world["data_ref"],
+        "values": {**QUICK_RUN, "train.max_steps": 100000, "train.save_every": 100000}}).json()
+    try:
+        deadline = time.monotonic() + 120
+        while client.get(url + f"/api/runs/{run['id']}").json()["summary"].get("step", 0) < 3:
+            assert time.monotonic() < deadline, "the training job did not start"
+            time.sleep(0.2)
+        busy_api = [api_ms(client, url + "/api/runs") for _ in range(requests)]
+        busy_chat = [first_token_ms(client, url + "/api/chat", chat_body, headers) for _ in range(requests)]
+    finally:
+        client.post(url + f"/api/runs/{run['id']}/stop", headers=headers)
+    return {"api_ms_idle_median": statistics.median(idle_api), "api_ms_training_median": statistics.median(busy_api),
+            "studio_ttft_ms_training_median": statistics.median(busy_chat)}
+
+
 def chart_frame_ms(url: str) -> float | None:
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -86,6 +113,7 @@ def main():
         for _ in range(ns.requests):
             serve_ms.append(first_token_ms(client, serve_url + "/v1/chat/completions", serve_body, {}))
             studio_ms.append(first_token_ms(client, studio_url + "/api/chat", studio_body, studio_headers))
+        busy = while_training(client, studio_url, world, studio_body, studio_headers, ns.requests)
         frame = chart_frame_ms(studio_url)
     import torch
     result = {
@@ -95,12 +123,16 @@ def main():
         "added_ms_median": statistics.median(studio_ms) - statistics.median(serve_ms),
         "serve_ttft_ms_p90": sorted(serve_ms)[int(0.9 * len(serve_ms))],
         "studio_ttft_ms_p90": sorted(studio_ms)[int(0.9 * len(studio_ms))],
-        "chart_10k_points_frame_ms": frame, "command": "python benchmarks/studio_bench.py " + " ".join(sys.argv[1:])}
+        "chart_10k_points_frame_ms": frame, **busy, "command": "python benchmarks/studio_bench.py " + " ".join(sys.argv[1:])}
     lines = ["| | serve | studio | added |", "|---|---|---|---|",
              f"| time to first token, median (ms) | {result['serve_ttft_ms_median']:.1f} | "
              f"{result['studio_ttft_ms_median']:.1f} | {result['added_ms_median']:+.1f} |",
              f"| time to first token, p90 (ms) | {result['serve_ttft_ms_p90']:.1f} | "
              f"{result['studio_ttft_ms_p90']:.1f} | |",
+             f"| while a training job runs: GET /api/runs, median (ms) | | {busy['api_ms_training_median']:.1f} "
+             f"(idle {busy['api_ms_idle_median']:.1f}) | |",
+             f"| while a training job runs: time to first token, median (ms) | | "
+             f"{busy['studio_ttft_ms_training_median']:.1f} | |",
              "", f"chart frame with 10,000 points: {frame:.1f} ms (median of 20, chromium)" if frame is not None
              else "chart frame: chromium not installed"]
     print("\n".join(lines))

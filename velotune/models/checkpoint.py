@@ -223,7 +223,7 @@ def remove_stale_temporaries(directory) -> list[Path]:
     removed = []
     for path in sorted(directory.iterdir()):
         match = _TEMPORARY.fullmatch(path.name)
-        if match is None or int(match.group(1)) == os.getpid() or _process_alive(int(match.group(1))):
+        if match is None or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
             continue
         _remove_entry(path)
         removed.append(path)
@@ -233,7 +233,7 @@ def remove_stale_temporaries(directory) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

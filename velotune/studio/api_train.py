@@ -4,9 +4,8 @@ import asyncio
 import json
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import ConfigError
 from .app import field, json_body
 from .jobs import RUNNING, JobError, read_events
 
@@ -63,9 +62,10 @@ def router(studio) -> APIRouter:
             values.pop(key, None)   # the Studio decides these: a form may not point a job elsewhere
         values.update({"model.path": str(model.path), "data.path": str(data.path)})
         checked = await studio.work(validate_form, {**values, "train.output_dir": "out"})
-        if checked.errors:
-            first = checked.errors[0]
-            raise ConfigError(f"{first['field']}: {first['message']}" if first.get("field") else first["message"])
+        if checked.errors:   # the messages name their fields, as the YAML loader's do
+            return JSONResponse({"error": {"message": "; ".join(e["message"] for e in checked.errors),
+                                           "field": checked.errors[0].get("field") or None,
+                                           "errors": checked.errors}}, status_code=400)
         name = field(body, "name", str, False, None) or f"{model.path.name} on {data.path.name}"
         # "out" is relative to the run directory, where the job runs: the YAML works as it is from the CLI too
         yaml_text = form_to_yaml({**values, "train.output_dir": "out"})

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from ..errors import VelotuneError
+from ..models.checkpoint import process_alive as pid_alive
 from .job_runner import CONFIG, EVENTS, PID
 
 log = logging.getLogger("velotune")
@@ -49,16 +50,6 @@ def read_events(run_dir: Path, after: int = 0) -> list[dict]:
         except ValueError:
             events.append({"id": number, "kind": "unreadable"})
     return events
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Jobs:
