@@ -22,6 +22,7 @@ SETTING_NAMES = {   # the page's names (SamplingParams') -> the OpenAI request's
     "min_p": "min_p", "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "seed": "seed"}
 MAX_ATTACHMENTS = 16
+MAX_TITLE = 200
 ATTACHMENT_STATUS = {"too_large": 413, "unsupported": 415, "invalid": 422}
 
 
@@ -112,7 +113,12 @@ def router(studio) -> APIRouter:
     @api.post("/chats")
     async def chat_save(request: Request):
         body = await json_body(request, studio)
-        chat_id = studio.store.save_chat(field(body, "id", str, False, None), field(body, "title", str, False, "chat"),
+        title = field(body, "title", str, False, "chat")[:MAX_TITLE]
+        chat_id = field(body, "id", str, False, None)
+        if chat_id is not None and studio.store.chat(chat_id) is None:
+            return JSONResponse({"error": {"message": f"no chat {chat_id!r} to update (leave 'id' out to save a new "
+                                                      "one)", "field": "id"}}, status_code=404)
+        chat_id = studio.store.save_chat(chat_id, title,
                                          field(body, "model", dict, False, {}), field(body, "messages", list),
                                          field(body, "settings", dict, False, {}))
         return {"id": chat_id}
@@ -137,6 +143,19 @@ def _uploaded(studio, upload_id: str) -> dict:
         raise VelotuneError(f"attachments: no upload {upload_id!r} (uploads are kept until the Studio's home is "
                             "cleaned; upload the file again)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _bounded_render(template, messages: list):
+    """Renders the conversation in the template sandbox first (time and size bounded): a template that loops
+    for hours is refused here, before the unbounded render that builds the prompt."""
+    if not template:
+        return
+    from .template_lab import render_preview
+    tried = render_preview(None, template, messages, add_generation_prompt=True)
+    if tried.error:
+        line = f"line {tried.error['line']}: " if tried.error.get("line") else ""
+        raise VelotuneError(f"the chat template cannot render this chat: {line}{tried.error['message']} "
+                            f"({tried.error['kind']})")
 
 
 def _build(studio, engine, body: dict) -> dict:
@@ -164,6 +183,7 @@ def _build(studio, engine, body: dict) -> dict:
     if len(upload_ids) > MAX_ATTACHMENTS:
         raise VelotuneError(f"attachments: at most {MAX_ATTACHMENTS} files per message, got {len(upload_ids)}")
     tokenizer, template = engine.tokenizer, engine.template()
+    _bounded_render(template or getattr(tokenizer, "chat_template", None), messages)
     files = []
     if upload_ids:
         if not messages or messages[-1]["role"] != "user":

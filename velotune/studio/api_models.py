@@ -63,10 +63,20 @@ def router(studio) -> APIRouter:
 
     @api.post("/templates/save")
     async def template_save(request: Request):
-        from .template_lab import save_template
+        from .paths import PathRefused, describe
+        from .template_lab import SAMPLE_CONVERSATION, render_preview, save_template
         body = await json_body(request, studio)
         target = studio.roots.resolve(field(body, "directory"))
-        path = await studio.work(save_template, target.path, field(body, "template"))
+        if describe(target.path) not in ("model", "adapter"):
+            raise PathRefused(f"path {target.ref!r}: a template is saved with a model or an adapter (a directory "
+                              "holding config.json or adapter_config.json)")
+        template = field(body, "template")
+        # every chat with this model will render it: it must render the sample within the sandbox's limits first
+        tried = await studio.work(render_preview, None, template, SAMPLE_CONVERSATION)
+        if tried.error:
+            line = f"line {tried.error['line']}: " if tried.error.get("line") else ""
+            raise VelotuneError(f"not saved: {line}{tried.error['message']} ({tried.error['kind']})")
+        path = await studio.work(save_template, target.path, template)
         studio.engines.forget(target.path)   # chat answers with the new template from the next message on
         return {"saved": f"{target.ref}/{path.name}"}
 

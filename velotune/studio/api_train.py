@@ -23,12 +23,12 @@ def router(studio) -> APIRouter:
 
     @api.post("/config/check")
     async def check(request: Request):
-        """The form's values checked as the YAML would be, with every bad field named; and the YAML itself."""
-        from .train_forms import form_to_yaml, validate_form
+        """The form's values checked as the YAML would be, and by the Studio's own rules (run_policy.py), with
+        every bad field named; and the YAML itself."""
+        from .train_forms import form_to_yaml
         values = field(await json_body(request, studio), "values", dict)
-        checked = await studio.work(validate_form, values)
-        yaml_text = form_to_yaml(values) if not checked.errors else None
-        return {"errors": checked.errors, "yaml": yaml_text}
+        clean, errors = await studio.work(_checked_form, studio, values)
+        return {"errors": errors, "yaml": form_to_yaml(values) if not errors else None}
 
     @api.post("/config/from-yaml")
     async def from_yaml(request: Request):
@@ -38,10 +38,15 @@ def router(studio) -> APIRouter:
     @api.post("/data/preview")
     async def preview(request: Request):
         from .data_preview import preview_data
+        from .run_policy import data_inside
         body = await json_body(request, studio)
-        model_dir = studio.roots.resolve(field(body, "model")).path
-        data_path = studio.roots.resolve(field(body, "data")).path
-        return await studio.work(preview_data, model_dir, data_path, field(body, "values", dict, False, {}),
+        model = studio.roots.resolve(field(body, "model"))
+        data = studio.roots.resolve(field(body, "data"))
+        data_inside(data, studio.roots)
+        values, errors = await studio.work(_checked_form, studio, field(body, "values", dict, False, {}))
+        if errors:
+            return _refused(errors)
+        return await studio.work(preview_data, model.path, data.path, values,
                                  samples=min(int(field(body, "samples", int, False, 3)), 10))
 
     # ---- runs ------------------------------------------------------------------------------------------------
@@ -53,22 +58,21 @@ def router(studio) -> APIRouter:
     async def start_run(request: Request):
         """Creates a run from the form's values (model and data picked inside the roots; the output directory
         is the run's own) and starts its job."""
-        from .train_forms import form_to_yaml, validate_form
+        from .run_policy import check_built_config, data_inside
+        from .train_forms import form_to_yaml
         body = await json_body(request, studio)
         model = studio.roots.resolve(field(body, "model"))
         data = studio.roots.resolve(field(body, "data"))
-        values = dict(field(body, "values", dict, False, {}))
-        for key in ("model.path", "data.path", "train.output_dir", "train.resume", "train.overwrite"):
-            values.pop(key, None)   # the Studio decides these: a form may not point a job elsewhere
-        values.update({"model.path": str(model.path), "data.path": str(data.path)})
-        checked = await studio.work(validate_form, {**values, "train.output_dir": "out"})
-        if checked.errors:   # the messages name their fields, as the YAML loader's do
-            return JSONResponse({"error": {"message": "; ".join(e["message"] for e in checked.errors),
-                                           "field": checked.errors[0].get("field") or None,
-                                           "errors": checked.errors}}, status_code=400)
+        data_inside(data, studio.roots)
+        values, errors = await studio.work(_checked_form, studio, field(body, "values", dict, False, {}),
+                                           model.path, data.path)
+        if errors:
+            return _refused(errors)
+        # the config the job will run still reads and writes where the Studio said
+        check_built_config(_built(values), str(model.path), str(data.path))
         name = field(body, "name", str, False, None) or f"{model.path.name} on {data.path.name}"
         # "out" is relative to the run directory, where the job runs: the YAML works as it is from the CLI too
-        yaml_text = form_to_yaml({**values, "train.output_dir": "out"})
+        yaml_text = form_to_yaml(values)
         run_id = await studio.work(studio.jobs.create, name, model.ref, data.ref, yaml_text)
         studio.jobs.start(run_id)
         return _run_view(studio, studio.store.run(run_id))
@@ -142,6 +146,29 @@ def _run_view(studio, run: dict, with_config: bool = False) -> dict:
     if with_config:
         view["config_yaml"] = run["config_yaml"]
     return view
+
+
+def _checked_form(studio, values: dict, model_path=None, data_path=None) -> tuple[dict, list]:
+    """The form's values after the Studio's rules (run_policy.py) and the schema's checks, with the model, data and
+    output set by the Studio when given: (values, [{"field", "message"}])."""
+    from .run_policy import RUN_OUTPUT, form_policy_errors
+    from .train_forms import validate_form
+    clean, errors = form_policy_errors(values, studio.roots)
+    if model_path is not None:
+        clean.update({"model.path": str(model_path), "data.path": str(data_path), "train.output_dir": RUN_OUTPUT})
+    checked = validate_form(clean)
+    return clean, errors + checked.errors
+
+
+def _built(values: dict):
+    from .train_forms import validate_form
+    return validate_form(values).config
+
+
+def _refused(errors: list) -> JSONResponse:
+    """A 400 naming every bad field (the messages name their fields, as the YAML loader's do)."""
+    return JSONResponse({"error": {"message": "; ".join(e["message"] for e in errors),
+                                   "field": errors[0].get("field") or None, "errors": errors}}, status_code=400)
 
 
 def _output_ref(studio, run_id: str, written) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import VelotuneError
 from .engines import Engines
-from .jobs import Jobs
+from .jobs import JobBusy, JobError, Jobs, NoSuchRun
 from .paths import PathRefused, Roots
 from .settings import StudioSettings
 from .store import Store
@@ -28,10 +28,11 @@ class Studio:
 
     def __init__(self, settings: StudioSettings):
         settings.prepare()
+        settings.ensure_token()   # off loopback a Studio never runs open, however it was built
         self.settings = settings
-        self.roots = Roots(settings.roots)
+        self.roots = Roots(settings.roots, private=[settings.home], private_except="runs")
         self.store = Store(settings.database)
-        self.jobs = Jobs(settings.runs_dir, self.store)
+        self.jobs = Jobs(settings.runs_dir, self.store, max_running=settings.max_jobs)
         self.engines = Engines(settings.max_loaded_models, settings.dtype, settings.device,
                                max_body_bytes=settings.max_body_bytes)
         self.pool = ThreadPoolExecutor(WORK_THREADS, thread_name_prefix="studio-work")
@@ -80,6 +81,11 @@ def create_app(studio: Studio):
     async def refused(request, exc):
         return JSONResponse(error_body(str(exc), "path"), status_code=403)
 
+    @app.exception_handler(JobError)
+    async def job_error(request, exc):
+        status = 404 if isinstance(exc, NoSuchRun) else 409 if isinstance(exc, JobBusy) else 400
+        return JSONResponse(error_body(str(exc)), status_code=status)
+
     @app.exception_handler(VelotuneError)
     async def user_error(request, exc):
         return JSONResponse(error_body(str(exc)), status_code=400)
@@ -121,6 +127,8 @@ async def json_body(request, studio: Studio) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise VelotuneError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise VelotuneError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise VelotuneError("the request body must be a JSON object")
     return body

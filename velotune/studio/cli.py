@@ -7,7 +7,7 @@ log = logging.getLogger("velotune")
 
 
 def add_studio_parser(subparsers):
-    from .settings import DEFAULT_LOADED_MODELS, DEFAULT_PORT, DEFAULT_UPLOAD_BYTES
+    from .settings import DEFAULT_LOADED_MODELS, DEFAULT_MAX_JOBS, DEFAULT_PORT, DEFAULT_UPLOAD_BYTES
     p = subparsers.add_parser("studio", help="a local web app to train, chat, compare models and edit chat templates")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; any other needs the token, made if not given)")
@@ -23,6 +23,8 @@ def add_studio_parser(subparsers):
     p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int, default=DEFAULT_UPLOAD_BYTES)
     p.add_argument("--max-loaded-models", dest="max_loaded_models", type=int, default=DEFAULT_LOADED_MODELS,
                    help="chat models kept in memory at once (default: %(default)s)")
+    p.add_argument("--max-jobs", dest="max_jobs", type=int, default=DEFAULT_MAX_JOBS,
+                   help="training jobs at once (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="dtype chat models load in (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="where chat models run (default: cuda when available)")
     p.add_argument("--log-level", dest="log_level", default="warning")
@@ -37,7 +39,7 @@ def run_studio(ns):
     settings = StudioSettings(home=ns.home, roots={"models": ns.models_dir,
                                                    "datasets": ns.datasets_dir or ns.models_dir},
                               host=ns.host, port=ns.port, token=ns.token, max_upload_bytes=ns.max_upload_bytes,
-                              max_loaded_models=ns.max_loaded_models, device=ns.device, dtype=ns.dtype)
+                              max_loaded_models=ns.max_loaded_models, max_jobs=ns.max_jobs, device=ns.device, dtype=ns.dtype)
     token = settings.ensure_token()
     import uvicorn
 

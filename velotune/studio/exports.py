@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .jobs import JobError
+from .jobs import JobBusy, JobError
 
 FORMATS = ("merged", "adapter", "gguf")
 GGUF_QUANTS = ("f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -49,7 +49,7 @@ def start_export(run_dir: Path, base_model: Path, adapter_dir: Path | None, fmt:
     exports.mkdir(exist_ok=True)
     state_path = exports / f"{name}.json"
     if state_path.is_file() and json.loads(state_path.read_text()).get("status") == "running":
-        raise JobError(f"the {name} export of this run is already running")
+        raise JobBusy(f"the {name} export of this run is already running")
     out = exports / (f"{name}/model-{quant or 'f16'}.gguf" if fmt == "gguf" else name)
     command = [sys.executable, "-m", "velotune", "export", str(base_model), "--format", fmt, "--out", str(out),
                "--overwrite"]

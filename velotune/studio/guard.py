@@ -7,6 +7,10 @@
 - Every request that changes something (not GET/HEAD) carries the `X-Velotune-Studio` header. A page on another
   site cannot send a custom header without the browser asking first (and the Studio answers no cross-origin
   question), so such a page cannot start jobs, upload files or vote, even on loopback.
+- A request a browser marks as coming from another site (`Sec-Fetch-Site`, or an `Origin` that is not this
+  Studio) is refused, except opening the page itself: an <img> or <script> tag elsewhere cannot make it load
+  models or read anything.
+- Every answer forbids framing (another site cannot lay the page under its own buttons) and type sniffing.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from urllib.parse import parse_qs
 COOKIE = "velotune_studio_token"
 CHANGE_HEADER = b"x-velotune-studio"
 SAFE_METHODS = ("GET", "HEAD")
+OTHER_SITES = ("cross-site", "same-site")
+SAFE_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
 def _headers(scope) -> dict:
@@ -45,6 +52,18 @@ class StudioGuard:
     def __init__(self, app, token: str | None, allowed_hosts: frozenset | None):
         self.app, self.token, self.allowed_hosts = app, token, allowed_hosts
 
+    @staticmethod
+    def _from_elsewhere(headers: dict, scope) -> bool:
+        site = headers.get("sec-fetch-site")
+        opening_page = scope["method"] == "GET" and headers.get("sec-fetch-mode") == "navigate"
+        if site in OTHER_SITES and not opening_page:
+            return True
+        origin = headers.get("origin")
+        if origin and origin != "null":
+            host = headers.get("host", "")
+            return origin.split("://", 1)[-1].lower() != host.lower()
+        return origin == "null" and scope["method"] not in SAFE_METHODS
+
     def _token_ok(self, value: str | None) -> bool:
         return value is not None and hmac.compare_digest(value.encode(), self.token.encode())
 
@@ -52,8 +71,18 @@ class StudioGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        original_send = send
+
+        async def send(message):   # noqa: F811 (every answer carries the safety headers)
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SAFE_HEADERS]}
+            await original_send(message)
         headers = _headers(scope)
         path = scope["path"]
+        if self._from_elsewhere(headers, scope):
+            await _send(send, 403, _json("a request from another site: the Studio answers only its own page"),
+                        "application/json")
+            return
         if self.token:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             given = (query.get("token") or [None])[0]

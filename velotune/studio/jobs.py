@@ -31,7 +31,15 @@ LOG = "job.log"
 
 
 class JobError(VelotuneError):
-    """A run cannot be started, stopped or resumed in its present state."""
+    """A run or export cannot be done as asked (a 400)."""
+
+
+class NoSuchRun(JobError):
+    """No run has this id (a 404)."""
+
+
+class JobBusy(JobError):
+    """The run, or the Studio, is busy with another job (a 409)."""
 
 
 def read_events(run_dir: Path, after: int = 0) -> list[dict]:
@@ -55,14 +63,14 @@ def read_events(run_dir: Path, after: int = 0) -> list[dict]:
 class Jobs:
     """Starts, stops and watches the job processes of the runs in `runs_dir`."""
 
-    def __init__(self, runs_dir: Path, store):
-        self.runs_dir, self.store = Path(runs_dir), store
+    def __init__(self, runs_dir: Path, store, max_running: int = 1):
+        self.runs_dir, self.store, self.max_running = Path(runs_dir), store, max_running
         self.processes: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
     def run_dir(self, run_id: str) -> Path:
         if not run_id or "/" in run_id or run_id.startswith(".") or self.store.run(run_id) is None:
-            raise JobError(f"no run {run_id!r}")
+            raise NoSuchRun(f"no run {run_id!r}")
         return self.runs_dir / run_id
 
     def create(self, name: str, model_ref: str, data_ref: str, config_yaml: str) -> str:
@@ -78,9 +86,13 @@ class Jobs:
         run_dir = self.run_dir(run_id)
         with self._lock:
             if self.status(run_id) == RUNNING:
-                raise JobError(f"run {run_id} is already running")
+                raise JobBusy(f"run {run_id} is already running")
             if resume and not self.resumable(run_id):
                 raise JobError(f"run {run_id} has no checkpoint to resume from")
+            running = [r["id"] for r in self.store.runs() if r["id"] != run_id and self.status(r["id"]) == RUNNING]
+            if len(running) >= self.max_running:
+                raise JobBusy(f"run {running[0]} is training: this Studio trains {self.max_running} job(s) at once "
+                               "(--max-jobs); stop it or wait for it to finish")
             (run_dir / PID).unlink(missing_ok=True)
             log_file = open(run_dir / LOG, "ab")
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -107,7 +119,7 @@ class Jobs:
         self.run_dir(run_id)
         pid = self._pid(run_id)
         if pid is None or not pid_alive(pid):
-            raise JobError(f"run {run_id} is not running")
+            raise JobBusy(f"run {run_id} is not running")
         os.kill(pid, signal.SIGTERM)
 
     def _pid(self, run_id: str) -> int | None:

@@ -1,9 +1,11 @@
 """The only way the Studio turns a path from a request into a file: a root name and a path relative to it.
 
 A request names a file as "ROOT:relative/path" (ROOT one of the configured roots: models, datasets, runs). The
-relative part may not be absolute, may not hold "..", and after every symlink is followed it must still lie
-inside the root; anything else is refused before the file system is touched beyond that check. Nothing else in
-the Studio accepts a path from a request.
+relative part may not be absolute, may not hold ".." or a hidden name (".cache"; listings do not show them
+either), and after every symlink is followed it must still lie inside the root, and outside the Studio's own
+directory unless it comes through the runs root (a models root of "." run from home would hold it); anything else
+is refused before the file system is touched beyond that check. Nothing else in the Studio accepts a path from a
+request.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ class PickedPath:
 
 
 class Roots:
-    def __init__(self, roots: dict):
+    def __init__(self, roots: dict, private=(), private_except: str | None = None):
         self.roots = {name: Path(path).resolve() for name, path in roots.items()}
+        self.private = [Path(p).resolve() for p in private]
+        self.private_except = private_except
 
     def names(self) -> list[str]:
         return list(self.roots)
@@ -52,10 +56,14 @@ class Roots:
             raise PathRefused(f"path {ref!r}: must be relative to the {root_name} root")
         if any(part == ".." for part in parts) or "\x00" in relative:
             raise PathRefused(f"path {ref!r}: '..' is not allowed")
+        if any(part.startswith(".") for part in parts):
+            raise PathRefused(f"path {ref!r}: hidden names are not shown or used")
         candidate = root.joinpath(*parts)
         resolved = Path(os.path.realpath(candidate))   # every symlink followed
         if resolved != root and root not in resolved.parents:
             raise PathRefused(f"path {ref!r}: leads outside the {root_name} root")
+        if root_name != self.private_except and any(p == resolved or p in resolved.parents for p in self.private):
+            raise PathRefused(f"path {ref!r}: lies in the Studio's own directory")
         if must_exist and not resolved.exists():
             raise PathRefused(f"path {ref!r}: no such file or directory")
         return PickedPath(root_name, "/".join(parts), resolved)

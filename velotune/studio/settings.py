@@ -12,6 +12,7 @@ DEFAULT_PORT = 7860
 DEFAULT_UPLOAD_BYTES = 10 * 1024 * 1024     # one uploaded file
 DEFAULT_BODY_BYTES = 4 * 1024 * 1024        # one JSON request
 DEFAULT_LOADED_MODELS = 3                    # chat engines kept in memory; the least recently used goes first
+DEFAULT_MAX_JOBS = 1                         # training jobs at once (each takes the machine's cores or GPU)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StudioSettings:
     max_upload_bytes: int = DEFAULT_UPLOAD_BYTES
     max_body_bytes: int = DEFAULT_BODY_BYTES
     max_loaded_models: int = DEFAULT_LOADED_MODELS
+    max_jobs: int = DEFAULT_MAX_JOBS
     device: str | None = None
     dtype: str | None = None
 
@@ -38,6 +40,8 @@ class StudioSettings:
         self.roots = {**roots, "runs": self.runs_dir}
         if self.max_loaded_models < 1:
             raise ConfigError(f"studio: --max-loaded-models must be at least 1, got {self.max_loaded_models}")
+        if self.max_jobs < 1:
+            raise ConfigError(f"studio: --max-jobs must be at least 1, got {self.max_jobs}")
 
     @property
     def runs_dir(self) -> Path:

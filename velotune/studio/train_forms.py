@@ -273,7 +273,9 @@ def yaml_to_form(text: str, origin: str = "<yaml>") -> dict:
     `origin` and the line; the values themselves are checked by validate_form."""
     import yaml
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader())
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -289,3 +291,18 @@ def yaml_to_form(text: str, origin: str = "<yaml>") -> dict:
         elif not (key in sections() and value is None):  # `train:` with nothing under it sets nothing
             out[str(key)] = value
     return out
+
+
+def _NoAliasLoader():
+    """A safe YAML loader that refuses anchors and aliases: a few hundred bytes of nested aliases expand to
+    millions of values (a config needs none)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted here",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+    return NoAliasLoader
