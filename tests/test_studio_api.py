@@ -317,3 +317,16 @@ def test_the_database_is_versioned_and_one_from_a_newer_studio_is_refused(tmp_pa
     (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
     with pytest.raises(StoreError, match="not a usable Studio database"):
         Store(tmp_path / "junk.sqlite3")
+
+
+def test_the_event_tail_reads_only_what_was_appended_and_never_half_a_line(tmp_path):
+    from velotune.studio.jobs import EventTail
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind": "launched"}\n{"kind": "start", "step": 0}\n{"kind": "st')
+    tail = EventTail(tmp_path)
+    assert [(e["id"], e["kind"]) for e in tail.read()] == [(0, "launched"), (1, "start")]
+    assert tail.read() == []
+    with open(path, "a") as f:
+        f.write('ep", "step": 1}\n')
+    assert [(e["id"], e["kind"], e["step"]) for e in tail.read()] == [(2, "step", 1)]
+    assert [e["id"] for e in EventTail(tmp_path, after=2).read()] == [2]

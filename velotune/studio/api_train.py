@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .app import field, json_body
-from .jobs import RUNNING, JobError, read_events
+from .jobs import RUNNING, EventTail, JobError
 
 EVENT_POLL_S = 0.2     # how often a live event stream looks for new lines in events.jsonl
 KEEPALIVE_S = 15.0     # a comment line that keeps proxies and the browser from closing an idle stream
@@ -183,18 +183,19 @@ def _output_ref(studio, run_id: str, written) -> str | None:
 
 
 async def _event_stream(studio, run_id: str, run_dir, start: int, request):
-    position, quiet = start, 0.0
+    tail, quiet = EventTail(run_dir, start), 0.0
+
+    def sse(event: dict) -> str:
+        return f"id: {event['id']}\nevent: {event['kind']}\ndata: {json.dumps(event, default=str)}\n\n"
     while True:
-        events = await studio.work(read_events, run_dir, position)
+        events = await studio.work(tail.read)
         for event in events:
-            yield f"id: {event['id']}\nevent: {event['kind']}\ndata: {json.dumps(event, default=str)}\n\n"
-            position = event["id"] + 1
+            yield sse(event)
         if events:
             quiet = 0.0
         if studio.jobs.status(run_id) != RUNNING:
-            rest = await studio.work(read_events, run_dir, position)   # what was written just before the end
-            for event in rest:
-                yield f"id: {event['id']}\nevent: {event['kind']}\ndata: {json.dumps(event, default=str)}\n\n"
+            for event in await studio.work(tail.read):   # what was written just before the end
+                yield sse(event)
             yield f"event: end\ndata: {json.dumps({'status': studio.jobs.status(run_id)})}\n\n"
             return
         if await request.is_disconnected():

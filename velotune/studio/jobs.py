@@ -42,22 +42,37 @@ class JobBusy(JobError):
     """The run, or the Studio, is busy with another job (a 409)."""
 
 
+class EventTail:
+    """Reads events.jsonl from event `after` on, then only what was appended since the last read: a page watching
+    a long run costs a few bytes per poll, not a re-read of the whole file."""
+
+    def __init__(self, run_dir: Path, after: int = 0):
+        self.path = Path(run_dir) / EVENTS
+        self.next_id, self.offset, self.skip = 0, 0, max(0, after)
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        events = []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for raw in f:
+                if not raw.endswith(b"\n"):   # a line still being written: read it next time
+                    break
+                self.offset += len(raw)
+                number, self.next_id = self.next_id, self.next_id + 1
+                if number < self.skip:
+                    continue
+                try:
+                    events.append({"id": number, **json.loads(raw)})
+                except ValueError:
+                    events.append({"id": number, "kind": "unreadable"})
+        return events
+
+
 def read_events(run_dir: Path, after: int = 0) -> list[dict]:
     """The events from line `after` on (a line still being written is left for the next read)."""
-    path = Path(run_dir) / EVENTS
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    events = []
-    for number, line in enumerate(lines[after:], start=after):
-        if not line.endswith("\n"):
-            break
-        try:
-            events.append({"id": number, **json.loads(line)})
-        except ValueError:
-            events.append({"id": number, "kind": "unreadable"})
-    return events
+    return EventTail(run_dir, after).read()
 
 
 class Jobs:
