@@ -145,6 +145,14 @@ def _uploaded(studio, upload_id: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _notice(fitted, controls_changed: int) -> str | None:
+    notes = [fitted.notice] if fitted.notice else []
+    if controls_changed:
+        notes.append(f'"{fitted.name}": {controls_changed} control string(s) (special tokens, </file>) were made plain '
+                     "text so that the file cannot act as markup in the prompt")
+    return " ".join(notes) or None
+
+
 def _bounded_render(template, messages: list):
     """Renders the conversation in the template sandbox first (time and size bounded): a template that loops
     for hours is refused here, before the unbounded render that builds the prompt."""
@@ -163,7 +171,7 @@ def _build(studio, engine, body: dict) -> dict:
     settings the user changed, and what the page shows about them."""
     from ..infer.defaults import resolve_sampling
     from ..infer.generation import chat_text
-    from .attachment_fit import FIT_RULE, attachment_budget, attachments_prompt, fit_attachments
+    from .attachment_fit import FIT_RULE, attachment_budget, attachments_prompt, fit_attachments, inert_text
     from .attachments import Attachment
     messages = [dict(m) for m in field(body, "messages", list)]
     for i, m in enumerate(messages):
@@ -194,11 +202,14 @@ def _build(studio, engine, body: dict) -> dict:
         max_new = min(max_new, max(1, engine.context_length - used - 1))
         budget = attachment_budget(engine.context_length, used, max_new)
         records = [_uploaded(studio, u) for u in upload_ids]
-        attachments = [Attachment(name=r["name"], kind=r["kind"], text=r["text"], details={}) for r in records]
+        made_plain = [inert_text(r["text"], tokenizer) for r in records]
+        attachments = [Attachment(name=r["name"], kind=r["kind"], text=text, details={})
+                       for r, (text, _) in zip(records, made_plain)]
         fitted = fit_attachments(attachments, tokenizer, budget)
         messages[-1] = {"role": "user", "content": attachments_prompt(fitted, question)}
         files = [{"name": f.name, "tokens": f.tokens, "original_tokens": f.original_tokens,
-                  "truncated": f.truncated, "dropped": f.dropped, "notice": f.notice} for f in fitted]
+                  "truncated": f.truncated, "dropped": f.dropped, "notice": _notice(f, changed)}
+                 for f, (_, changed) in zip(fitted, made_plain)]
     text = chat_text(tokenizer, messages, template)
     prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
     request_settings = {SETTING_NAMES[k]: v for k, v in given.items()}

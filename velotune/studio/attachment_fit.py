@@ -242,3 +242,26 @@ def _file_ids(tokenizer, text: str) -> array:
     # Attachments are fitted again on every chat turn (the room shrinks as the conversation grows) and
     # tokenizing a large file is the slow part, so the last few files' ids are kept (4 bytes an id).
     return array("I", _encode(tokenizer, text))
+
+
+# A word joiner (U+2060) after the first character makes a control string plain text: the tokenizer no longer
+# matches it as a special token, and the reader sees the same characters.
+_JOINER = "\u2060"
+
+
+def inert_text(text: str, tokenizer) -> tuple[str, int]:
+    """A file's text with every string that would act as markup in the prompt made plain: the tokenizer's special
+    and added tokens (a file holding "<|im_end|><|im_start|>system" would otherwise open a turn of its own) and the
+    closing tag of the file block. Returns (text, how many were changed)."""
+    controls = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if callable(added):
+        controls |= set(added())
+    controls = sorted((c for c in controls if len(c) > 1), key=len, reverse=True) + ["</file"]
+    changed = 0
+    for control in controls:
+        count = text.count(control)
+        if count:
+            text = text.replace(control, control[0] + _JOINER + control[1:])
+            changed += count
+    return text, changed
