@@ -25,9 +25,9 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '
   || quiet_pip "torch==$TORCH_VERSION"
 constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
-extras="quant,export,data,serve,studio"
+extras="quant,export,data,serve,studio,audio"
 if [ "${1:-}" = "--test" ]; then
-  extras="test,quant,export,data,serve,studio"
+  extras="test,quant,export,data,serve,studio,audio"
   # triton runs our kernels under TRITON_INTERPRET=1 in the tests; 3.8.0 is the version known to install offline here.
   quiet_pip -c "$constraints" "triton==3.8.0"
 fi

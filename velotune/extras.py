@@ -7,7 +7,8 @@ import importlib.util
 from .errors import VelotuneError
 
 # extra -> the modules it provides (pyproject.toml's optional-dependencies)
-EXTRAS = {"serve": ("fastapi", "uvicorn"), "studio": ("fastapi", "uvicorn", "pypdf", "docx"), "export": ("gguf",), "quant": ("bitsandbytes",),
+EXTRAS = {"serve": ("fastapi", "uvicorn"), "studio": ("fastapi", "uvicorn", "pypdf", "docx"),
+          "audio": ("soundfile", "soxr"), "export": ("gguf",), "quant": ("bitsandbytes",),
           "data": ("datasets", "pyarrow"), "triton": ("triton",)}
 
 
