@@ -43,10 +43,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# velotune's model tasks -> PEFT's task_type (what PEFT wraps the base in when it loads the adapter)
+PEFT_TASKS = {"speech-seq2seq": "SEQ_2_SEQ_LM"}
+
+
+def _peft_task(model: nn.Module) -> str:
+    return PEFT_TASKS.get(getattr(model, "task", None), "CAUSAL_LM")
+
+
 def adapter_config(model: nn.Module) -> dict:
     s = _settings(model)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": _base_name(model),
+        "peft_type": "LORA", "task_type": _peft_task(model), "base_model_name_or_path": _base_name(model),
         "r": s.r, "lora_alpha": int(s.alpha) if float(s.alpha).is_integer() else s.alpha,
         "lora_dropout": s.dropout, "target_modules": _peft_targets(model, s),
         "use_rslora": s.rslora, "use_dora": s.dora, "modules_to_save": s.modules_to_save or None,

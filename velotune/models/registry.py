@@ -6,6 +6,7 @@ from importlib import import_module
 
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"   # bidirectional encoders (BERT, RoBERTa, ModernBERT): hidden states, pooled by velotune.embeddings
+SPEECH_SEQ2SEQ = "speech-seq2seq"   # speech-to-text encoder-decoders (Whisper)
 
 ARCHITECTURES = {
     ("llama", CAUSAL_LM): "velotune.models.llama",
@@ -19,6 +20,7 @@ ARCHITECTURES = {
     ("roberta", ENCODER): "velotune.models.encoders.roberta",
     ("xlm-roberta", ENCODER): "velotune.models.encoders.roberta",
     ("modernbert", ENCODER): "velotune.models.encoders.modernbert",
+    ("whisper", SPEECH_SEQ2SEQ): "velotune.models.whisper",
 }
 
 
