@@ -32,15 +32,21 @@ if [ "${1:-}" = "--test" ]; then
   quiet_pip -c "$constraints" "triton==3.8.0"
 fi
 quiet_pip -c "$constraints" -e ".[$extras]"
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
-  # The Studio's browser tests drive Debian's chromium through playwright (which cannot download browsers here).
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
-      || echo "setup: apt-get install chromium failed: the Studio's browser tests will fail" >&2
-  else
-    echo "setup: chromium is missing and cannot be installed here (needs root and apt-get): install it for the" \
-         "Studio's browser tests" >&2
+if [ "${1:-}" = "--test" ]; then
+  # Debian packages the tests drive: chromium (the Studio's browser tests, through playwright, which cannot
+  # download browsers here) and espeak-ng (speech clips for the Whisper tests).
+  missing=""
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+  command -v espeak-ng >/dev/null 2>&1 || missing="$missing espeak-ng"
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null 2>&1 || true
+      # shellcheck disable=SC2086
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1 \
+        || echo "setup: apt-get install$missing failed: the tests that need them will fail or skip" >&2
+    else
+      echo "setup:$missing missing and not installable here (needs root and apt-get): install them for the tests" >&2
+    fi
   fi
 fi
 python -c "import velotune, torch; print('velotune', velotune.__version__, 'torch', torch.__version__)"

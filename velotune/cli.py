@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_parser(sub)
     from .studio.cli import add_studio_parser
     add_studio_parser(sub)
+    from .convert.cli import add_convert_parser
+    add_convert_parser(sub)
     return parser
 
 
