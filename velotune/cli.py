@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_studio_parser(sub)
     from .convert.cli import add_convert_parser
     add_convert_parser(sub)
+    from .infer.transcribe_cli import add_transcribe_parser
+    add_transcribe_parser(sub)
     return parser
 
 

@@ -3,8 +3,9 @@ token a step, with its self-attention keys and values cached and each layer's cr
 projected from the encoder's output once per utterance.
 
 Ids only: turning audio into features and ids into text belongs to the data pipeline and the tokenizer. No
-token is forced or suppressed (transformers' Whisper generate() adds language, task and timestamp logic on top):
-the prompt carries whatever start, language and task tokens the caller wants.
+token is forced: the prompt carries whatever start, language and task tokens the caller wants. Tokens are
+suppressed only when asked (`suppress_ids` at every step, `begin_suppress_ids` at the first), as a checkpoint's
+generation_config.json lists them for transformers' generate().
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _prompt_rows(prompt_ids, batch: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def transcribe_ids(model, input_features: torch.Tensor, prompt_ids, max_new_tokens: int,
-                   eos_id: int | None = None, pad_id: int | None = None) -> torch.Tensor:
+                   eos_id: int | None = None, pad_id: int | None = None, suppress_ids=(),
+                   begin_suppress_ids=()) -> torch.Tensor:
     """Greedy decoding: the new ids [batch, steps] after the prompt, steps <= max_new_tokens.
 
     input_features: log-mel frames [batch, num_mel_bins, 2 * max_source_positions] (or one utterance without the
@@ -61,8 +63,16 @@ def transcribe_ids(model, input_features: torch.Tensor, prompt_ids, max_new_toke
         hidden = model.decode(prompt, model.encode(features), cache=cache)
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         steps = []
+        suppress = torch.as_tensor(list(suppress_ids), dtype=torch.long, device=prompt.device)
+        begin = torch.as_tensor(list(begin_suppress_ids), dtype=torch.long, device=prompt.device)
         for step in range(max_new_tokens):
-            ids = model.logits(hidden[:, -1]).argmax(dim=-1)
+            logits = model.logits(hidden[:, -1])
+            if suppress.numel() or (step == 0 and begin.numel()):
+                logits = logits.clone()
+                logits[:, suppress] = float("-inf")
+                if step == 0:
+                    logits[:, begin] = float("-inf")
+            ids = logits.argmax(dim=-1)
             if eos_id is not None:
                 ids = torch.where(finished, torch.full_like(ids, pad if pad is not None else eos_id), ids)
                 finished |= ids == eos_id
