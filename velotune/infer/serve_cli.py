@@ -71,10 +71,25 @@ def add_serve_parser(subparsers):
                    help="a default sampling setting for requests that do not give it, e.g. temperature=0.2")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     add_embedding_args(p)
+    add_speech_args(p)
     p.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return p
+
+
+def add_speech_args(p):
+    p.add_argument("--speech-model", dest="speech", action="append", default=[], metavar="NAME=PATH",
+                   type=lambda item: ("model", item),
+                   help="a Whisper model served on /v1/audio/transcriptions as NAME (repeatable)")
+    p.add_argument("--speech-adapter", dest="speech", action="append", metavar="NAME=DIR",
+                   type=lambda item: ("adapter", item),
+                   help="a LoRA adapter of the --speech-model given before it, served as NAME (a copy of the model "
+                        "with the adapter applied)")
+    p.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=positive_int, default=25 * 1024 * 1024,
+                   help="audio files larger than this are refused with 413 (default: 25 MiB, as OpenAI)")
+    p.add_argument("--max-audio-seconds", dest="max_audio_seconds", type=positive_int, default=600,
+                   help="longer audio is refused (default: 600)")
 
 
 def add_embedding_args(p):
@@ -132,8 +147,8 @@ def run_serve(ns):
     from ..extras import require_extra
     require_extra("serve", "velotune serve")   # before minutes of loading, not after
     from .server_embeddings import EmbeddingLimits, load_embedding_service, parse_embedding_options
-    if ns.model is None and not ns.embedding:
-        raise ConfigError("nothing to serve: give a chat MODEL, --embedding-model PATH, or both")
+    if ns.model is None and not ns.embedding and not ns.speech:
+        raise ConfigError("nothing to serve: give a chat MODEL, --embedding-model PATH or --speech-model PATH")
     if ns.model is None and ns.adapter:
         raise ConfigError("--adapter applies to the chat MODEL; for an embedding model use --embedding-adapter")
     adapters = parse_adapters(ns.adapter)
@@ -157,8 +172,13 @@ def run_serve(ns):
     limits = EmbeddingLimits(ns.max_embedding_inputs, ns.max_embedding_input_tokens,
                              ns.max_embedding_request_tokens, ns.embedding_batch_size)
     embeddings = load_embedding_service(embedding_specs, limits, ns.dtype, ns.device)
+    speech = None
+    if ns.speech:
+        require_extra("audio", "velotune serve --speech-model")
+        from .server_speech import SpeechLimits, load_speech_service
+        speech = load_speech_service(ns.speech, SpeechLimits(ns.max_upload_bytes, ns.max_audio_seconds), ns.device)
     server = build_server(model, tokenizer, ns.name or ns.model, adapters, api_key=ns.api_key,
                           sampling_config=settings, max_batch_size=ns.max_batch_size,
                           max_body_bytes=ns.max_body_bytes, max_tokens_limit=ns.max_tokens_limit,
-                          chat_template=ns.chat_template, embeddings=embeddings)
+                          chat_template=ns.chat_template, embeddings=embeddings, speech=speech)
     serve(server, ns.host, ns.port, ns.log_level, allow_hosts=ns.allow_hosts)

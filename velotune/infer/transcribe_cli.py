@@ -51,25 +51,29 @@ def decoder_prompt(model_dir: Path, tokenizer, language: str | None = None, task
             "suppress": gc.get("suppress_tokens") or [], "begin_suppress": gc.get("begin_suppress_tokens") or []}
 
 
-def transcribe_files(model, tokenizer, model_dir: Path, paths, *, language=None, task=None,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+def transcribe_audio(model, tokenizer, model_dir: Path, audio, *, language=None, task=None,
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+    """The text of 16 kHz mono samples, 30-second windows decoded as one batch and joined."""
     import torch
 
-    from ..audio import load_audio, log_mel_spectrogram
+    from ..audio import log_mel_spectrogram
     from ..models.whisper import transcribe_ids
     how = decoder_prompt(model_dir, tokenizer, language, task)
     window = WINDOW_S * 16000
-    texts = []
-    for path in paths:
-        audio, _ = load_audio(path)
-        pieces = [audio[i:i + window] for i in range(0, len(audio), window)]
-        features = log_mel_spectrogram(pieces, n_mels=model.args.num_mel_bins)
-        with torch.no_grad():
-            ids = transcribe_ids(model, features, how["prompt"], max_new_tokens, eos_id=how["eos"],
-                                 suppress_ids=how["suppress"], begin_suppress_ids=how["begin_suppress"])
-        words = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        texts.append(" ".join(w.strip() for w in words if w.strip()))
-    return texts
+    pieces = [audio[i:i + window] for i in range(0, len(audio), window)]
+    features = log_mel_spectrogram(pieces, n_mels=model.args.num_mel_bins)
+    with torch.no_grad():
+        ids = transcribe_ids(model, features, how["prompt"], max_new_tokens, eos_id=how["eos"],
+                             suppress_ids=how["suppress"], begin_suppress_ids=how["begin_suppress"])
+    words = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return " ".join(w.strip() for w in words if w.strip())
+
+
+def transcribe_files(model, tokenizer, model_dir: Path, paths, *, language=None, task=None,
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    from ..audio import load_audio
+    return [transcribe_audio(model, tokenizer, model_dir, load_audio(path)[0], language=language, task=task,
+                             max_new_tokens=max_new_tokens) for path in paths]
 
 
 def run_transcribe(ns):
