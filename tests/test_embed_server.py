@@ -257,7 +257,7 @@ def test_embedding_options_pair_adapters_with_the_model_before_them():
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "nothing to serve: give a chat MODEL, --embedding-model PATH, or both"),
+    ([], "nothing to serve: give a chat MODEL, --embedding-model PATH or --speech-model PATH"),
     (["--adapter", "a=/x", "--embedding-model", "/m"], "--adapter applies to the chat MODEL"),
     (["--embedding-adapter", "a=/x", "--embedding-model", "/m"], "--embedding-adapter 'a=/x': give it after"),
     (["/chat", "--name", "same", "--embedding-model", "same=/m"], "--embedding-model 'same=/m': the served model "
