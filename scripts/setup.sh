@@ -27,7 +27,7 @@ constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
 extras="quant,export,data,serve,studio,audio"
 if [ "${1:-}" = "--test" ]; then
-  extras="test,quant,export,data,serve,studio,audio"
+  extras="test,quant,export,data,serve,studio,audio,tts"
   # triton runs our kernels under TRITON_INTERPRET=1 in the tests; 3.8.0 is the version known to install offline here.
   quiet_pip -c "$constraints" "triton==3.8.0"
 fi

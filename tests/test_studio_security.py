@@ -654,3 +654,17 @@ def test_saving_a_chat_under_an_unknown_id_does_not_lose_it(app):
     client, _ = app
     r = post(client, "/api/chats", {"id": "gone", "title": "t", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 or client.get(f"/api/chats/{r.json()['id']}").status_code == 200
+
+
+def test_a_speech_manifest_may_name_audio_only_inside_its_root(world, app, no_jobs, tmp_path):
+    client, studio = app
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(b"RIFF")
+    manifest = world["datasets"] / "speech.jsonl"
+    manifest.write_text(json.dumps({"audio": str(outside), "text": "hello"}) + "\n")
+    r = start_run(client, {**QUICK_RUN, "objective": "asr"}, data="datasets:speech.jsonl")
+    assert r.status_code == 403 and "outside the datasets root" in r.text, r.text
+    manifest.write_text(json.dumps({"audio": "../elsewhere.wav", "text": "hello"}) + "\n")
+    r = start_run(client, {**QUICK_RUN, "objective": "asr"}, data="datasets:speech.jsonl")
+    assert r.status_code == 403
+    assert no_jobs == []

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     from .infer.transcribe_cli import add_transcribe_parser
     add_transcribe_parser(sub)
+    from .infer.speak_cli import add_speak_parser
+    add_speak_parser(sub)
     return parser
 
 

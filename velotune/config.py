@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_fields import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bound, is_number, setting
-from .config_objectives import EmbeddingConfig, GRPOConfig, PreferenceConfig
+from .config_objectives import EmbeddingConfig, GRPOConfig, PreferenceConfig, SpeechConfig, TTSConfig
 from .errors import ConfigError
 
 log = logging.getLogger("velotune")
@@ -126,8 +126,8 @@ class Config:
                                     "assistant turns or all tokens), pretrain (raw text, every token), dpo, orpo, "
                                     "simpo (preference pairs), kto (rows labelled desirable or not), "
                                     "grpo (sampled completions scored by reward functions), contrastive, triplet, "
-                                    "cosent (embedding models), or a name given to "
-                                    "velotune.register_objective")
+                                    "cosent (embedding models), asr (speech recognition, Whisper), tts (speech "
+                                    "from codec tokens), or a name given to velotune.register_objective")
     model: ModelConfig = _section(ModelConfig, "the base model and how it is loaded")
     finetune: FinetuneConfig = _section(FinetuneConfig, "what is trained")
     lora: LoraConfig = _section(LoraConfig, "LoRA adapters (finetune.method: lora)")
@@ -136,6 +136,8 @@ class Config:
     preference: PreferenceConfig = _section(PreferenceConfig, "preference objectives (dpo, orpo, simpo, kto)")
     grpo: GRPOConfig = _section(GRPOConfig, "reinforcement learning with group-relative advantages (objective grpo)")
     embedding: EmbeddingConfig = _section(EmbeddingConfig, "embedding models (objectives contrastive, triplet, cosent)")
+    speech: SpeechConfig = _section(SpeechConfig, "speech recognition with Whisper (objective asr)")
+    tts: TTSConfig = _section(TTSConfig, "text-to-speech with audio-codec tokens (objective tts)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,9 +1,9 @@
-"""The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto), `grpo` and `embedding`
-(contrastive, triplet, cosent)."""
+"""The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto), `grpo`, `embedding`
+(contrastive, triplet, cosent) and `speech` (asr)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 from .config_fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, setting
 
@@ -78,3 +78,47 @@ class EmbeddingConfig:
                                                "qrels.tsv): NDCG@10, MRR@10, recall@k measured before training and "
                                                "at each evaluation")
     eval_batch_size: int = setting(64, "texts per batch when embedding the retrieval set", AT_LEAST_ONE)
+
+
+@dataclass
+class SpeechConfig:
+    audio_column: str = setting("audio", "the manifest column holding each clip's audio file (relative to the "
+                                         "manifest's folder)")
+    text_column: str = setting("text", "the manifest column holding each clip's transcript")
+    language: str | None = setting("en", "the language token of the transcripts (a code: en, de, fr ...); null for "
+                                         "an English-only (.en) model, which takes no language or task token")
+    task: Literal["transcribe", "translate"] = setting(
+        "transcribe", "transcribe (text in the spoken language) or translate (English text from other speech)")
+    timestamps: bool = setting(False, "train with timestamp tokens; only false is supported: transcripts are "
+                                      "trained after <|notimestamps|>")
+    long_clips: Literal["refuse", "skip"] = setting(
+        "refuse", "a clip over 30 s (or a transcript over the decoder's length): an error naming its row, or left "
+                  "out and counted")
+    skip_silent: bool = setting(True, "leave out (and count) clips whose loudest 25 ms is below -60 dBFS")
+    freeze_encoder: bool = setting(False, "the audio encoder runs without gradients and keeps its weights: only "
+                                          "the decoder trains (faster, less memory)")
+    lora_targets: Union[str, list] = setting(
+        ["q_proj", "v_proj"], "LoRA targets of the Whisper model while lora.targets is left at all-linear (the "
+                              "language models' default); all-linear: every linear layer but the output head")
+    eval_samples: int | None = setting(200, "clips of the eval split transcribed for WER / CER (the first ones); "
+                                            "null: all", AT_LEAST_ONE)
+    eval_max_new_tokens: int = setting(128, "tokens generated per clip at most when transcribing for WER / CER",
+                                       AT_LEAST_ONE)
+    eval_batch_size: int = setting(16, "clips per batch when transcribing for WER / CER", AT_LEAST_ONE)
+
+
+@dataclass
+class TTSConfig:
+    codec_dir: str | None = setting(None, "the audio codec (objective tts): a directory with its config.json, "
+                                          "and model.safetensors when rows name audio files; snac_24khz when every "
+                                          "row holds precomputed codes")
+    text_column: str = setting("text", "the column holding each row's text")
+    audio_column: str = setting("audio", "the column holding each row's audio file (relative to the data file)")
+    codes_column: str = setting("codes", "the column holding a row's precomputed codes, one list per codec level")
+    speaker_column: str = setting("speaker", "the column holding a row's speaker name (optional), prompted as "
+                                             "'speaker: text'")
+    long_clips: Literal["refuse", "skip"] = setting(
+        "refuse", "a row whose text and codes exceed max_seq_length: an error naming its row, or left out and "
+                  "counted")
+    eval_samples: int | None = setting(64, "eval rows whose code accuracy is measured (the first ones); null: all",
+                                       AT_LEAST_ONE)

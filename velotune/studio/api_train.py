@@ -38,11 +38,12 @@ def router(studio) -> APIRouter:
     @api.post("/data/preview")
     async def preview(request: Request):
         from .data_preview import preview_data
-        from .run_policy import data_inside
+        from .run_policy import audio_inside, data_inside
         body = await json_body(request, studio)
         model = studio.roots.resolve(field(body, "model"))
         data = studio.roots.resolve(field(body, "data"))
         data_inside(data, studio.roots)
+        await studio.work(audio_inside, data, studio.roots, field(body, "values", dict, False, {}))
         values, errors = await studio.work(_checked_form, studio, field(body, "values", dict, False, {}))
         if errors:
             return _refused(errors)
@@ -58,12 +59,13 @@ def router(studio) -> APIRouter:
     async def start_run(request: Request):
         """Creates a run from the form's values (model and data picked inside the roots; the output directory
         is the run's own) and starts its job."""
-        from .run_policy import check_built_config, data_inside
+        from .run_policy import audio_inside, check_built_config, data_inside
         from .train_forms import form_to_yaml
         body = await json_body(request, studio)
         model = studio.roots.resolve(field(body, "model"))
         data = studio.roots.resolve(field(body, "data"))
         data_inside(data, studio.roots)
+        await studio.work(audio_inside, data, studio.roots, field(body, "values", dict, False, {}))
         values, errors = await studio.work(_checked_form, studio, field(body, "values", dict, False, {}),
                                            model.path, data.path)
         if errors:

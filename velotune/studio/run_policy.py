@@ -103,6 +103,33 @@ def data_inside(picked, roots: Roots):
             roots.resolve(f"{picked.root}:{relative}")   # PathRefused names the entry that leads out
 
 
+# objectives whose data rows name audio files (relative to the manifest): each must lie inside the data's root
+AUDIO_OBJECTIVES = {"asr": "speech", "speech-recognition": "speech", "tts": "tts"}
+
+
+def audio_inside(picked, roots: Roots, values: dict):
+    """A speech manifest's audio paths are files the job will read: each must lie inside the manifest's root."""
+    from ..data.readers import read_records
+    from .train_forms import _canonical
+    given = {_canonical(k): v for k, v in values.items()}
+    section = AUDIO_OBJECTIVES.get(str(given.get("objective") or ""))
+    if section is None or picked.path.is_dir():
+        return
+    column = str(given.get(f"{section}.audio_column") or "audio")
+    records = read_records(picked.path)
+    base = picked.path.parent
+    root = roots.roots[picked.root]
+    for record, origin in zip(records, records.origins):
+        audio = record.get(column) if isinstance(record, dict) else None
+        if not isinstance(audio, str) or not audio:
+            continue
+        import os
+        target = os.path.realpath(base / audio)
+        if not (target == str(root) or target.startswith(str(root) + os.sep)):
+            raise PathRefused(f"{origin}: audio {audio!r} lies outside the {picked.root} root; a Studio run reads "
+                              "audio files inside it only")
+
+
 def check_built_config(config, model_path: str, data_path: str):
     """The config the job will run, as the Studio set it (nothing in the form moved the paths)."""
     if str(config.model.path) != model_path or config.data.path != data_path \

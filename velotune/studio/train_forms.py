@@ -29,7 +29,8 @@ REQUIRED = {"model.path": "model.path: required (a Hugging Face model directory 
 # The objectives each objective-specific section is read by (None: every objective), so the page can hide a
 # section that the chosen objective ignores. grpo reads preference.reference as well.
 SECTION_OBJECTIVES = {"preference": ["dpo", "orpo", "simpo", "kto", "grpo"], "grpo": ["grpo"],
-                      "embedding": ["contrastive", "mnrl", "triplet", "cosent"]}
+                      "embedding": ["contrastive", "mnrl", "triplet", "cosent"],
+                      "speech": ["asr", "speech-recognition"], "tts": ["tts"]}
 
 _FORM_ORIGIN = "<dict>"  # what load_config puts before its messages for a dict: not a place the user can look at
 

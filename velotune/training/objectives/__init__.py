@@ -12,10 +12,15 @@ from .grpo import GRPO
 from .kto import KTO
 from .preference import DPO, ORPO, Preference, SimPO
 from .sft import SFT, Pretrain
+from .speech import SpeechRecognition
+from .tts import TextToSpeech
 
 _REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO,
                                "grpo": GRPO, "contrastive": Contrastive, "mnrl": Contrastive, "triplet": Triplet,
-                               "cosent": CoSENT}
+                               "cosent": CoSENT, "asr": SpeechRecognition, "speech-recognition": SpeechRecognition}
+
+
+_REGISTRY["tts"] = TextToSpeech
 
 
 def register_objective(name: str, factory) -> None:
