@@ -4,6 +4,7 @@ and left); gradient checkpointing and dropout; LoRA on q_proj / v_proj against P
 against a plain greedy loop over transformers' forward and against generate(); save -> reload both ways; errors.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +428,38 @@ def test_bad_inputs_are_refused(checkpoint):
         transcribe_ids(ours, features(2), torch.zeros(3, 2, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(TypeError, match="velotune Whisper"):
         transcribe_ids(torch.nn.Linear(2, 2), features(1), [START], max_new_tokens=2)
+
+
+def test_a_merged_export_of_a_whisper_adapter_loads_in_transformers_with_the_adapters_generation_config(
+        checkpoint, tmp_path):
+    """`velotune export BASE --adapter DIR --format merged`: transformers reads the merged Whisper and gives the
+    adapted model's logits; the adapter's generation_config.json (a speech run's language and task) and the
+    base's preprocessor_config.json come along; GGUF is refused for a speech model."""
+    import subprocess
+    import sys
+
+    from transformers import WhisperForConditionalGeneration
+
+    from velotune.lora import save_adapter
+    path, _ = checkpoint
+    (path / "preprocessor_config.json").write_text(json.dumps({"feature_size": TINY["num_mel_bins"]}))
+    model = load_whisper(path)
+    vt.add_lora(model, r=4, alpha=8, targets=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.2)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    (Path(adapter) / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": START,
+                                                                       "language": "en", "task": "transcribe"}))
+    run = subprocess.run([sys.executable, "-m", "velotune", "export", str(path), "--adapter", str(adapter),
+                          "--format", "merged", "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    merged = WhisperForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    x, ids = features(2), torch.tensor([[START, 5, 6], [START, 7, 8]])
+    with torch.no_grad():
+        assert rel_err(merged(input_features=x, decoder_input_ids=ids).logits, model.eval()(x, ids).logits) < 1e-5
+    assert json.loads((tmp_path / "merged" / "generation_config.json").read_text())["task"] == "transcribe"
+    assert (tmp_path / "merged" / "preprocessor_config.json").is_file()
+    run = subprocess.run([sys.executable, "-m", "velotune", "export", str(path), "--format", "gguf", "--out",
+                          str(tmp_path / "w.gguf")], capture_output=True, text=True)
+    assert run.returncode != 0 and "GGUF export is for language models" in run.stderr

@@ -57,7 +57,7 @@ def run_export(ns):
     model, tokenizer = _load(ns)
     from . import export
     path = export(model, tokenizer, ns.out, format=ns.format, dtype=ns.dtype, quant=ns.quant,
-                  overwrite=ns.overwrite)
+                  overwrite=ns.overwrite, adapter_dir=ns.adapter)
     print(f"wrote {path}")
 
 
@@ -67,6 +67,13 @@ def _load(ns):
     from ..models.checkpoint import resolve_model_dir
     from ..models.loader import load
     model_dir = resolve_model_dir(ns.model)
+    if _model_type(model_dir) == "whisper":   # a speech encoder-decoder: our Whisper, not the causal-LM loader
+        from ..models.tokenizer import load_tokenizer
+        from ..models.whisper import load_whisper
+        model = load_whisper(model_dir, dtype=_source_dtype(model_dir), device=ns.device)
+        if ns.adapter:
+            load_adapter(model, ns.adapter, trainable=False)
+        return model, load_tokenizer(Path(ns.adapter) if ns.adapter and _has_tokenizer(ns.adapter) else model_dir)
     model, tokenizer = load(model_dir, dtype=_source_dtype(model_dir), quantize=ns.quantize, device=ns.device)
     if ns.adapter:
         load_adapter(model, ns.adapter, trainable=False)  # names and shapes checked here: nothing written yet
@@ -83,3 +90,14 @@ def _source_dtype(model_dir: Path) -> str:
         return "float32"
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in DTYPE_CHOICES else "float32"
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _has_tokenizer(directory) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))

@@ -25,9 +25,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def export_merged(model, tokenizer, out, dtype=None, overwrite: bool = False,
-                  max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES) -> Path:
+                  max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES, adapter_dir=None) -> Path:
     """Writes config.json, the merged safetensors (sharded above `max_shard_bytes`), generation_config.json
-    and the tokenizer files into `out`, atomically; returns `out`."""
+    and the tokenizer files into `out`, atomically; returns `out`. A speech model also gets its feature
+    extractor's files; the generation config and those files come from `adapter_dir` when it has them (a speech
+    adapter records the language and task it was trained for), else from the source."""
     out = Path(out)
     check_output(out, overwrite)
     target = export_dtype(model, dtype)
@@ -35,9 +37,24 @@ def export_merged(model, tokenizer, out, dtype=None, overwrite: bool = False,
     with ckpt.atomic_dir(out, overwrite=overwrite) as tmp:
         write_config(model, tmp, target)
         ckpt.save_safetensors(state, tmp, max_shard_bytes)
-        write_generation_config(model, tokenizer, tmp)
+        write_generation_config(model, tokenizer, tmp, adapter_dir)
         write_tokenizer(model, tokenizer, tmp)
+        if getattr(model, "task", None) == "speech-seq2seq":
+            copy_first(SPEECH_FILES, [adapter_dir, model.source_dir], tmp)
     return out
+
+
+# What a speech checkpoint needs beside its weights for transformers' processor (feature extractor, normaliser).
+SPEECH_FILES = ("preprocessor_config.json", "normalizer.json")
+
+
+def copy_first(names, sources, out_dir: Path):
+    """Each of `names` copied from the first of `sources` (directories, None skipped) that holds it."""
+    for name in names:
+        for source in sources:
+            if source is not None and (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, out_dir / name)
+                break
 
 
 def export_dtype(model, dtype) -> torch.dtype:
@@ -81,13 +98,14 @@ def write_config(model, out_dir: Path, dtype: torch.dtype):
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def write_generation_config(model, tokenizer, out_dir: Path):
-    """The source's generation_config.json when it has one; else one naming BOS, PAD and every id that ends a
-    reply (EOS and the chat template's end-of-turn token), so that generation stops where the model does."""
-    source = model.source_dir
-    if source is not None and (source / GENERATION_CONFIG).is_file():
-        shutil.copy2(source / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
-        return
+def write_generation_config(model, tokenizer, out_dir: Path, adapter_dir=None):
+    """The adapter's generation_config.json, else the source's, when one has it; else one naming BOS, PAD and
+    every id that ends a reply (EOS and the chat template's end-of-turn token), so that generation stops where
+    the model does."""
+    for source in (adapter_dir, model.source_dir):
+        if source is not None and (Path(source) / GENERATION_CONFIG).is_file():
+            shutil.copy2(Path(source) / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
+            return
     config = default_generation_config(model, tokenizer)
     (out_dir / GENERATION_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
