@@ -33,7 +33,11 @@ NOT_RUN = {
 # text in the README -> its stand-in here (the model stand-ins are built by the fixture)
 STAND_INS = {"--nproc_per_node 4": "--nproc_per_node 2",
              # an epoch of the embedding example is minutes on this CPU: two small steps show the same path
-             "data.path=docstrings/train.jsonl": "data.path=docstrings/train.jsonl train.max_steps=2 train.batch_size=16"}
+             "data.path=docstrings/train.jsonl": "data.path=docstrings/train.jsonl train.max_steps=2 train.batch_size=16",
+             # the speech examples: two small steps on a few espeak clips, the real tiny.en; a random tiny codec
+             "data.eval_path=clips/eval.jsonl": "data.eval_path=clips/eval.jsonl train.max_steps=2 train.batch_size=2",
+             "data.path=speech.jsonl": "data.path=speech.jsonl train.max_steps=2 train.batch_size=2",
+             "--out hello.wav": "--out hello.wav --max-new-tokens 21"}
 MODELS = {"/models/Llama-3.2-1B": ("llama", {}), "/models/Qwen2.5-7B": ("qwen2", {}),
           "/models/gemma-2-2b": ("gemma2", {"num_hidden_layers": 4})}  # full_pretrain trains the last 4 blocks
 
@@ -83,12 +87,27 @@ def workdir(tmp_path_factory):
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": " ".join(texts[i:i + 4])}) + "\n"
                                                for i in range(0, 16, 2)) * 4, encoding="utf-8")
     (root / "examples").symlink_to(REPO / "examples")
+    speech_files(root)
     (root / "cfg.yaml").write_text(
         f"model: {{path: {stand_ins['/models/Llama-3.2-1B']}, dtype: float32}}\n"
         "data: {path: chats.jsonl, max_seq_length: 64}\n"
         "lora: {r: 4, alpha: 8}\n"
         "train: {output_dir: runs/ddp, max_steps: 2, batch_size: 2, progress: false}\n", encoding="utf-8")
     return root, stand_ins
+
+
+def speech_files(root: Path):
+    """What the speech lines read: espeak-ng clips with train/eval manifests, and a codec directory (SNAC with
+    random weights: no codec weights ship offline) with a text-to-speech data set of those clips."""
+    from speech_fixtures import make_clips
+    clips = make_clips(root / "clips", [q for q, _ in FACTS[:4]])
+    for name, part in (("train.jsonl", clips[:3]), ("eval.jsonl", clips[3:])):
+        (root / "clips" / name).write_text("".join(json.dumps({"audio": c.path.name, "text": c.text}) + "\n"
+                                                   for c in part), encoding="utf-8")
+    (root / "speech.jsonl").write_text("".join(json.dumps({"text": c.text, "audio": f"clips/{c.path.name}"}) + "\n"
+                                               for c in clips), encoding="utf-8")
+    from velotune.audio.codecs.snac import SnacCodec
+    SnacCodec.from_config(seed=0).save(root / "codecs" / "snac_24khz")
 
 
 def substitute(text: str, stand_ins: dict) -> str:
@@ -121,6 +140,8 @@ def run_server(line: str, cwd: Path):
     args = shlex.split(line) + ["--port", str(port), "--threads", "1"]
     if "--embedding-model" in args:
         return ask_embeddings(args, port, cwd)
+    if "--speech-model" in args:
+        return ask_speech(args, port, cwd)
     with serving(args, port, cwd=cwd, env=env()) as url:
         key = args[args.index("--api-key") + 1]
         model = args[args.index("--adapter") + 1].partition("=")[0]
@@ -129,6 +150,18 @@ def run_server(line: str, cwd: Path):
                                   "max_tokens": 4})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+    return answer.text
+
+
+def ask_speech(args: list, port: int, cwd: Path):
+    """Starts a speech server line, asks it to transcribe a clip, stops it."""
+    import httpx
+    model = args[args.index("--speech-model") + 1].partition("=")[0]
+    with serving(args, port, cwd=cwd, env=env()) as url:
+        clip = (cwd / "clips" / "clip_00.wav").read_bytes()
+        answer = httpx.post(url + "/v1/audio/transcriptions", timeout=120, data={"model": model},
+                            files={"file": ("clip_00.wav", clip, "audio/wav")})
+    assert answer.status_code == 200 and isinstance(answer.json()["text"], str), answer.text
     return answer.text
 
 
