@@ -142,6 +142,8 @@ def run_server(line: str, cwd: Path):
         return ask_embeddings(args, port, cwd)
     if "--speech-model" in args:
         return ask_speech(args, port, cwd)
+    if "--tts-model" in args:
+        return ask_tts(args, port, cwd)
     with serving(args, port, cwd=cwd, env=env()) as url:
         key = args[args.index("--api-key") + 1]
         model = args[args.index("--adapter") + 1].partition("=")[0]
@@ -163,6 +165,17 @@ def ask_speech(args: list, port: int, cwd: Path):
                             files={"file": ("clip_00.wav", clip, "audio/wav")})
     assert answer.status_code == 200 and isinstance(answer.json()["text"], str), answer.text
     return answer.text
+
+
+def ask_tts(args: list, port: int, cwd: Path):
+    """Starts a text-to-speech server line, asks it to say a few words, stops it."""
+    import httpx
+    model = args[args.index("--tts-model") + 1].partition("=")[0]
+    with serving(args + ["--tts-max-new-tokens", "21"], port, cwd=cwd, env=env()) as url:
+        answer = httpx.post(url + "/v1/audio/speech", timeout=120, json={"model": model, "input": "Hello there.",
+                                                                        "voice": ""})
+    assert answer.status_code == 200 and answer.content[:4] == b"RIFF", answer.text[:300]
+    return ""
 
 
 def ask_embeddings(args: list, port: int, cwd: Path):

@@ -268,3 +268,30 @@ def test_full_fine_tuning_writes_a_model_that_reloads(trained, tmp_path):
     with pytest.raises(ConfigError, match="embeddings and output head do not train"):
         vt.train(tts_config(model_dir, data, tmp_path / "frozen", codec_dir(tmp_path),
                             finetune={"method": "full", "freeze_embeddings": True}, train={"max_steps": 1}))
+
+
+def test_serve_speaks_on_v1_audio_speech_to_the_openai_client(trained):
+    """/v1/audio/speech in `velotune serve`: the official openai client gets the WAV of the trained utterance;
+    what the endpoint does not do (formats, speeds, long inputs) is refused, not ignored."""
+    pytest.importorskip("snac")
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from velotune.audio.codecs import SnacCodec
+    from velotune.infer.server import build_server, create_app
+    from velotune.infer.server_tts import TTSService
+    result, rows, tmp = trained
+    SnacCodec.from_config(TINY_SNAC, seed=0).save(tmp / "served_codec")
+    service = TTSService(max_new_tokens=60)
+    service.add_model("voice", result.adapter_dir, codec=str(tmp / "served_codec"))
+    http = TestClient(create_app(build_server(None, None, None, tts=service)), base_url="http://127.0.0.1:8000")
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", http_client=http)
+    answer = client.audio.speech.create(model="voice", voice=rows[1].get("speaker") or "", input=rows[1]["text"],
+                                        response_format="wav")
+    import io
+    with wave.open(io.BytesIO(answer.content)) as w:
+        assert w.getnframes() == len(rows[1]["codes"][0]) * 16 and w.getframerate() == 24000
+    for body, words in (({"response_format": "mp3"}, "wav only"), ({"speed": 1.5}, "only 1.0"),
+                        ({"input": "x" * 5000}, "at most 4096"), ({"model": "other"}, "does not exist")):
+        r = http.post("/v1/audio/speech", json={"model": "voice", "input": "hi", **body})
+        assert r.status_code in (400, 404) and words in r.text, (body, r.text)

@@ -8,7 +8,7 @@ from .errors import VelotuneError
 
 # extra -> the modules it provides (pyproject.toml's optional-dependencies)
 EXTRAS = {"serve": ("fastapi", "uvicorn"), "studio": ("fastapi", "uvicorn", "pypdf", "docx"),
-          "audio": ("soundfile", "soxr"), "export": ("gguf",), "quant": ("bitsandbytes",),
+          "audio": ("soundfile", "soxr"), "tts": ("snac",), "export": ("gguf",), "quant": ("bitsandbytes",),
           "data": ("datasets", "pyarrow"), "triton": ("triton",)}
 
 

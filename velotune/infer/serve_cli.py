@@ -90,6 +90,13 @@ def add_speech_args(p):
                    help="audio files larger than this are refused with 413 (default: 25 MiB, as OpenAI)")
     p.add_argument("--max-audio-seconds", dest="max_audio_seconds", type=positive_int, default=600,
                    help="longer audio is refused (default: 600)")
+    p.add_argument("--tts-model", dest="tts", action="append", default=[], metavar="NAME=PATH",
+                   help="a model (or adapter) trained with objective tts, served on /v1/audio/speech as NAME "
+                        "(repeatable)")
+    p.add_argument("--tts-codec", dest="tts_codec", metavar="DIR",
+                   help="the codec directory (default: the one each model's tts_config.json names)")
+    p.add_argument("--tts-max-new-tokens", dest="tts_max_new_tokens", type=positive_int, default=1200,
+                   help="speech codes one request may generate (default: 1200, about 14 s of SNAC 24 kHz)")
 
 
 def add_embedding_args(p):
@@ -147,7 +154,7 @@ def run_serve(ns):
     from ..extras import require_extra
     require_extra("serve", "velotune serve")   # before minutes of loading, not after
     from .server_embeddings import EmbeddingLimits, load_embedding_service, parse_embedding_options
-    if ns.model is None and not ns.embedding and not ns.speech:
+    if ns.model is None and not ns.embedding and not ns.speech and not ns.tts:
         raise ConfigError("nothing to serve: give a chat MODEL, --embedding-model PATH or --speech-model PATH")
     if ns.model is None and ns.adapter:
         raise ConfigError("--adapter applies to the chat MODEL; for an embedding model use --embedding-adapter")
@@ -177,8 +184,13 @@ def run_serve(ns):
         require_extra("audio", "velotune serve --speech-model")
         from .server_speech import SpeechLimits, load_speech_service
         speech = load_speech_service(ns.speech, SpeechLimits(ns.max_upload_bytes, ns.max_audio_seconds), ns.device)
+    tts = None
+    if ns.tts:
+        require_extra("tts", "velotune serve --tts-model")
+        from .server_tts import load_tts_service
+        tts = load_tts_service(ns.tts, ns.tts_codec, ns.device, ns.tts_max_new_tokens)
     server = build_server(model, tokenizer, ns.name or ns.model, adapters, api_key=ns.api_key,
                           sampling_config=settings, max_batch_size=ns.max_batch_size,
                           max_body_bytes=ns.max_body_bytes, max_tokens_limit=ns.max_tokens_limit,
-                          chat_template=ns.chat_template, embeddings=embeddings, speech=speech)
+                          chat_template=ns.chat_template, embeddings=embeddings, speech=speech, tts=tts)
     serve(server, ns.host, ns.port, ns.log_level, allow_hosts=ns.allow_hosts)

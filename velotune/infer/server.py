@@ -1,12 +1,13 @@
 """`velotune serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one base model and its adapters.
 
     POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings   POST /v1/audio/transcriptions
-    GET /v1/models
+    POST /v1/audio/speech   GET /v1/models
     GET /health (not OpenAI's)
 
 The request's `model` field picks the base (its served name) or an adapter (the name given with
 `--adapter NAME=DIR`); for /v1/embeddings, an embedding model or one of its adapters (server_embeddings.py); for
-/v1/audio/transcriptions, a Whisper model (server_speech.py).
+/v1/audio/transcriptions, a Whisper model (server_speech.py); for /v1/audio/speech, a model trained with objective
+tts (server_tts.py).
 A server may hold a chat model, embedding models, or both.
 
 Answers and `stream: true` chunks (server-sent events ending with `data: [DONE]`) have
@@ -107,23 +108,25 @@ class Server:
 
     def __init__(self, builder: JobBuilder | None, scheduler: Scheduler | None, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, embeddings: EmbeddingService | None = None,
-                 speech=None):
+                 speech=None, tts=None):
         self.builder, self.scheduler, self.api_key = builder, scheduler, api_key
         self.embeddings = embeddings or EmbeddingService()
         self.speech = speech   # server_speech.SpeechService, or None
+        self.tts = tts         # server_tts.TTSService, or None
         self.max_body_bytes = max_body_bytes
         self.preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="velotune-prepare")
         self.created = int(time.time())
 
     def model_ids(self) -> list[str]:
         return ((self.builder.model_ids() if self.builder else []) + self.embeddings.model_ids()
-                + (self.speech.model_ids() if self.speech else []))
+                + (self.speech.model_ids() if self.speech else []) + (self.tts.model_ids() if self.tts else []))
 
     def models(self) -> dict:
         chat = self.builder.model_ids() if self.builder else []
         roots = {name: self.builder.base_name for name in chat}
         roots.update({name: self.embeddings.root_of(name) for name in self.embeddings.model_ids()})
         roots.update({name: name for name in (self.speech.model_ids() if self.speech else [])})
+        roots.update({name: name for name in (self.tts.model_ids() if self.tts else [])})
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "velotune",
              "root": root, "parent": None if name == root else root} for name, root in roots.items()]}
@@ -220,8 +223,9 @@ class Server:
     def close(self):
         self.preparing.shutdown(wait=False, cancel_futures=True)
         self.embeddings.close()
-        if self.speech is not None:
-            self.speech.close()
+        for service in (self.speech, self.tts):
+            if service is not None:
+                service.close()
         if self.scheduler is not None:
             self.scheduler.close()
 
@@ -289,6 +293,13 @@ def create_app(server: Server, allowed_hosts: frozenset | None = None):
                            "invalid_request_error", "model", "model_not_found")
         return await server.speech.respond(request)
 
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request):
+        if server.tts is None or not server.tts.model_ids():
+            raise APIError(404, "this server has no text-to-speech model (serve one with --tts-model NAME=PATH)",
+                           "invalid_request_error", "model", "model_not_found")
+        return await server.tts.respond(request, server.max_body_bytes)
+
     return app
 
 
@@ -296,7 +307,7 @@ def build_server(model, tokenizer, base_name: str | None, adapters: dict | None 
                  api_key: str | None = None, sampling_config: dict | None = None, max_batch_size: int = 16,
                  max_body_bytes: int | None = None, max_tokens_limit: int | None = None,
                  chat_template: str | None = None, embeddings: EmbeddingService | None = None,
-                 speech=None) -> Server:
+                 speech=None, tts=None) -> Server:
     """A Server over a loaded model and tokenizer; `adapters` maps served names to adapter directories.
     `chat_template` (a name, a file or Jinja text) renders the chat requests of every served model; without
     it each adapter uses the template saved with it, else the base's (see server_jobs.chat_templates_for).
@@ -306,9 +317,9 @@ def build_server(model, tokenizer, base_name: str | None, adapters: dict | None 
     from .server_adapters import AdapterSet
     embeddings = embeddings or EmbeddingService()
     if model is None:
-        if not embeddings.model_ids() and not (speech and speech.model_ids()):
+        if not embeddings.model_ids() and not (speech and speech.model_ids()) and not (tts and tts.model_ids()):
             raise ConfigError("nothing to serve: give a chat model, embedding models or speech models")
-        return Server(None, None, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings, speech)
+        return Server(None, None, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings, speech, tts)
     model = require_model(model, "serving")
     adapter_set = AdapterSet(model)
     for name, path in (adapters or {}).items():
@@ -323,7 +334,7 @@ def build_server(model, tokenizer, base_name: str | None, adapters: dict | None 
                          max_tokens_limit=max_tokens_limit, chat_templates=templates)
     embeddings.serve_beside(builder.model_ids())   # one namespace: a name may not be both
     scheduler = Scheduler(model, tokenizer, adapter_set, max_batch_size=max_batch_size)
-    return Server(builder, scheduler, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings, speech)
+    return Server(builder, scheduler, api_key, max_body_bytes or DEFAULT_MAX_BODY_BYTES, embeddings, speech, tts)
 
 
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", allow_hosts=()):

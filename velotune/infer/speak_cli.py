@@ -147,15 +147,23 @@ def speak(model, tokenizer, text: str, codec, *, speaker: str | None = None, max
 
 def write_wav(path, waveform, sample_rate: int) -> Path:
     """Mono 16-bit PCM WAV (samples clipped to [-1, 1])."""
+    path = Path(path)
+    path.write_bytes(wav_bytes(waveform, sample_rate))
+    return path
+
+
+def wav_bytes(waveform, sample_rate: int) -> bytes:
+    """The bytes of a mono 16-bit PCM WAV file (samples clipped to [-1, 1])."""
+    import io
     samples = torch.as_tensor(waveform, dtype=torch.float32).reshape(-1).clamp(-1.0, 1.0)
     pcm = (samples * 32767.0).round().to(torch.int16).numpy().tobytes()
-    path = Path(path)
-    with wave.open(str(path), "wb") as out:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(int(sample_rate))
         out.writeframes(pcm)
-    return path
+    return buffer.getvalue()
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
@@ -179,19 +187,27 @@ def add_speak_parser(subparsers):
     return p
 
 
-def run_speak(ns):
+def load_speaker(path, *, base=None, codec=None, dtype=None, device=None):
+    """(model, tokenizer, tts, codec) ready to speak: the run's output and its codec (`codec`, default the
+    directory tts_config.json names), checked to be the codec the model was trained with."""
     from ..audio.codecs import load_codec
-    model, tokenizer, tts = load_speech_model(ns.model, base=ns.base, dtype=ns.dtype, device=ns.device)
-    source = ns.codec or tts["codec_source"]
+    model, tokenizer, tts = load_speech_model(path, base=base, dtype=dtype, device=device)
+    source = codec or tts["codec_source"]
     if not source:
-        raise ConfigError(f"{ns.model}: tts_config.json names no codec directory: pass --codec")
-    codec = load_codec(source, device=next(model.parameters()).device)
+        raise ConfigError(f"{path}: tts_config.json names no codec directory: pass --codec")
+    loaded = load_codec(source, device=next(model.parameters()).device)
     trained = tts["spec"]
-    if (codec.spec.level_strides, codec.codebook_size) != (trained.level_strides, trained.codebook_size):
+    if (loaded.spec.level_strides, loaded.codebook_size) != (trained.level_strides, trained.codebook_size):
         from ..audio.tts_data import VocabularyMismatch
-        raise VocabularyMismatch(f"codec {source}: levels {list(codec.spec.level_strides)} x codebook "
-                                 f"{codec.codebook_size}, but {ns.model} was trained on levels "
+        raise VocabularyMismatch(f"codec {source}: levels {list(loaded.spec.level_strides)} x codebook "
+                                 f"{loaded.codebook_size}, but {path} was trained on levels "
                                  f"{list(trained.level_strides)} x codebook {trained.codebook_size}")
+    return model, tokenizer, tts, loaded
+
+
+def run_speak(ns):
+    model, tokenizer, tts, codec = load_speaker(ns.model, base=ns.base, codec=ns.codec, dtype=ns.dtype,
+                                                device=ns.device)
     speech = speak(model, tokenizer, ns.text, codec, speaker=ns.speaker, max_new_tokens=ns.max_new_tokens,
                    tokens=tts["tokens"], temperature=ns.temperature, top_p=ns.top_p,
                    repetition_penalty=ns.repetition_penalty, seed=ns.seed)
