@@ -15,14 +15,17 @@ def add_bench_parser(subparsers):
                    help="the embeddings benchmark: velotune's contrastive objective vs sentence-transformers' trainer "
                         "(MNRL, and GradCache at a 1024 batch), the real all-MiniLM-L6-v2; --cases among full,lora,"
                         "gradcache")
+    p.add_argument("--whisper", action="store_true",
+                   help="the Whisper benchmark: velotune's asr objective vs transformers' Seq2SeqTrainer + PEFT, LoRA "
+                        "r=32 on q/v of the real tiny.en, espeak-ng clips")
     p.set_defaults(func=run_bench_command)
     return p
 
 
 def run_bench_command(ns):
-    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings)) > 1:
+    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings, ns.whisper)) > 1:
         from ..errors import ConfigError
-        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo and --embeddings")
+        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo, --embeddings and --whisper")
     if ns.loop:
         from .loop import run
     elif ns.preference:
@@ -31,6 +34,8 @@ def run_bench_command(ns):
         from .grpo import run
     elif ns.embeddings:
         from .embeddings import run
+    elif ns.whisper:
+        from .whisper import run
     else:
         from .train import run
     run(ns)
