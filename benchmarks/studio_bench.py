@@ -70,6 +70,35 @@ def while_training(client, url: str, world: dict, chat_body: dict, headers: dict
             "studio_ttft_ms_training_median": statistics.median(busy_chat)}
 
 
+def arena_round(client, url: str, world: dict, headers: dict, rounds: int = 5) -> dict:
+    """Two panes of an arena round (two engines: each its own model copy and worker thread), each request's
+    whole answer timed alone and then both at once, as the page sends them."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    if not (world["models"] / "tiny2").exists():
+        shutil.copytree(world["models"] / "tiny", world["models"] / "tiny2")
+    bodies = [{"model": ref, "messages": [{"role": "user", "content": "Who rules Vell?"}],
+               "settings": {"max_new_tokens": 64, "temperature": 0}} for ref in ("models:tiny", "models:tiny2")]
+
+    def whole(body) -> float:
+        started = time.perf_counter()
+        with client.stream("POST", url + "/api/chat", json=body, headers=headers) as response:
+            for _ in response.iter_lines():
+                pass
+        return (time.perf_counter() - started) * 1000
+    for body in bodies:   # load both engines
+        whole(body)
+    alone, together = [], []
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(rounds):
+            alone.append(sum(whole(b) for b in bodies))
+            started = time.perf_counter()
+            list(pool.map(whole, bodies))
+            together.append((time.perf_counter() - started) * 1000)
+    return {"arena_two_panes_one_after_another_ms": statistics.median(alone),
+            "arena_two_panes_at_once_ms": statistics.median(together)}
+
+
 def chart_frame_ms(url: str) -> float | None:
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -113,6 +142,7 @@ def main():
         for _ in range(ns.requests):
             serve_ms.append(first_token_ms(client, serve_url + "/v1/chat/completions", serve_body, {}))
             studio_ms.append(first_token_ms(client, studio_url + "/api/chat", studio_body, studio_headers))
+        arena = arena_round(client, studio_url, world, studio_headers)
         busy = while_training(client, studio_url, world, studio_body, studio_headers, ns.requests)
         frame = chart_frame_ms(studio_url)
     import torch
@@ -123,7 +153,7 @@ def main():
         "added_ms_median": statistics.median(studio_ms) - statistics.median(serve_ms),
         "serve_ttft_ms_p90": sorted(serve_ms)[int(0.9 * len(serve_ms))],
         "studio_ttft_ms_p90": sorted(studio_ms)[int(0.9 * len(studio_ms))],
-        "chart_10k_points_frame_ms": frame, **busy, "command": "python benchmarks/studio_bench.py " + " ".join(sys.argv[1:])}
+        "chart_10k_points_frame_ms": frame, **busy, **arena, "command": "python benchmarks/studio_bench.py " + " ".join(sys.argv[1:])}
     lines = ["| | serve | studio | added |", "|---|---|---|---|",
              f"| time to first token, median (ms) | {result['serve_ttft_ms_median']:.1f} | "
              f"{result['studio_ttft_ms_median']:.1f} | {result['added_ms_median']:+.1f} |",
@@ -133,6 +163,8 @@ def main():
              f"(idle {busy['api_ms_idle_median']:.1f}) | |",
              f"| while a training job runs: time to first token, median (ms) | | "
              f"{busy['studio_ttft_ms_training_median']:.1f} | |",
+             f"| an arena round of two panes, 64 tokens each (ms) | one after another "
+             f"{arena['arena_two_panes_one_after_another_ms']:.0f} | at once {arena['arena_two_panes_at_once_ms']:.0f} | |",
              "", f"chart frame with 10,000 points: {frame:.1f} ms (median of 20, chromium)" if frame is not None
              else "chart frame: chromium not installed"]
     print("\n".join(lines))
