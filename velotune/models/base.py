@@ -183,10 +183,19 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
     reduction "mean" / "sum" over the target tokens, or "none": the loss of each position [B, T] (0 where there
     is no target), for objectives that weigh sequences (preference and RL training sum it per row).
     """
+    # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return position_loss(targets, reduction, logits=logits, hidden=hidden, weight=weight, softcap=softcap,
+                         logits_fn=logits_fn)
+
+
+def position_loss(targets, reduction="mean", *, logits=None, hidden=None, weight=None, softcap=None,
+                  logits_fn=None):
+    """Cross-entropy of position t against targets[t] (-100: no target), as next_token_loss describes; an
+    encoder-decoder's labels are already aligned with its decoder positions and come here unshifted."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    # Position t predicts token t+1: shift the labels, not the (large) hidden states or logits.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    shape, targets = targets.shape, targets.reshape(-1)
     keep = targets != IGNORE_INDEX
     num_tokens = keep.sum()
     per_row = "none" if reduction == "none" else "sum"
@@ -194,7 +203,7 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
                                reduction=per_row)
         if reduction == "none":
-            return loss.view(labels.shape), num_tokens
+            return loss.view(shape), num_tokens
         return _reduced(loss, num_tokens, reduction), num_tokens
     # Only the rows with a target go through the head (hidden rows, not logits, are what gets gathered).
     rows = hidden.reshape(-1, hidden.shape[-1])[keep]
@@ -204,7 +213,7 @@ def next_token_loss(labels, reduction="mean", *, logits=None, hidden=None, weigh
         loss = F.cross_entropy(logits_fn(rows).float(), targets[keep], reduction=per_row)
     if reduction == "none":
         full = loss.new_zeros(targets.shape[0]).index_put((keep.nonzero().squeeze(1),), loss)
-        return full.view(labels.shape), num_tokens
+        return full.view(shape), num_tokens
     return _reduced(loss, num_tokens, reduction), num_tokens
 
 

@@ -16,13 +16,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
 from ..errors import CheckpointError
-from ..kernels import linear_cross_entropy
+from .base import position_loss
 from ..kernels.offload import offloaded_checkpoint
 from .encoders.base import activation
 from .interface import VelotuneModel, check_checkpointing_mode
@@ -142,29 +141,8 @@ def seq2seq_loss(labels, reduction: str = "mean", *, logits=None, hidden=None, w
     From `logits` [B, T, V] when given; else from `hidden` [B, T, H] with the head `weight` (fused and chunked,
     never building the full logits), or with `logits_fn` for a head that is not a plain Linear. reduction "mean" /
     "sum" over the target tokens, or "none": the loss of each position [B, T] (0 where the label is -100)."""
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    targets = labels.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    num_tokens = keep.sum()
-    per_row = "none" if reduction == "none" else "sum"
-    if logits is not None:
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
-                               reduction=per_row)
-        return (loss.view(labels.shape) if reduction == "none" else _reduced(loss, num_tokens, reduction)), num_tokens
-    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
-    if weight is not None:
-        loss = linear_cross_entropy(rows, weight, targets[keep], reduction=per_row)
-    else:
-        loss = F.cross_entropy(logits_fn(rows).float(), targets[keep], reduction=per_row)
-    if reduction == "none":
-        full = loss.new_zeros(targets.shape[0]).index_put((keep.nonzero().squeeze(1),), loss)
-        return full.view(labels.shape), num_tokens
-    return _reduced(loss, num_tokens, reduction), num_tokens
+    return position_loss(labels, reduction, logits=logits, hidden=hidden, weight=weight, logits_fn=logits_fn)
 
-
-def _reduced(loss_sum, num_tokens, reduction):
-    return loss_sum / num_tokens.clamp(min=1) if reduction == "mean" else loss_sum
 
 
 class Whisper(VelotuneModel):
