@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
 from ..errors import CheckpointError
-from .base import position_loss
 from ..kernels.offload import offloaded_checkpoint
+from .base import position_loss
 from .encoders.base import activation
 from .interface import VelotuneModel, check_checkpointing_mode
 from .whisper_blocks import DecodingCache, WhisperBackbone, decoder_self_mask
