@@ -229,8 +229,12 @@ def test_a_module_that_is_not_a_velotune_model_gets_one_clear_error(tmp_path, pa
         vt.generate(nn.Linear(2, 2), None, "hi")
     with pytest.raises(UnsupportedError, match=f"generation: {type(hf).__name__} .*it lacks hidden_states"):
         vt.infer.generate_ids(hf, torch.tensor([[1, 2]]), max_new_tokens=1)
-    with pytest.raises(UnsupportedError, match="vt.export: Linear " + lacks):
+    # merged and adapter exports take any velotune family (a Whisper too); GGUF a language model
+    with pytest.raises(UnsupportedError, match=r"vt.export: Linear is not a velotune model "
+                                               r"\(velotune\.models\.interface\.VelotuneModel\): it lacks blocks"):
         vt.export(nn.Linear(2, 2), None, tmp_path / "out")
+    with pytest.raises(UnsupportedError, match="vt.export: Linear " + lacks):
+        vt.export(nn.Linear(2, 2), None, tmp_path / "out.gguf", format="gguf")
     with pytest.raises(UnsupportedError, match="vt.save: Linear " + lacks):
         vt.save(nn.Linear(2, 2), None, tmp_path / "out")
     any_family = r"is not a velotune model \(velotune\.models\.interface\.VelotuneModel\): it lacks blocks, "

@@ -29,7 +29,8 @@ class MemoryMeter:
     def stop(self) -> dict:
         peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         mb = 1 / 1024
-        out = {"peak_rss_mb": round(max(peak_now, self.process_peak_before) * mb, 1),
+        # The kernel's peak counter is read from per-CPU approximations; the peak is never below an RSS we read.
+        out = {"peak_rss_mb": round(max(peak_now, self.process_peak_before, self.rss_before) * mb, 1),
                "rss_before_train_mb": round(self.rss_before * mb, 1),
                "train_peak_rss_mb": round(_status_kb("VmHWM") * mb, 1) if self.reset else None}
         if self.cuda:
