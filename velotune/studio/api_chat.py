@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import VelotuneError
-from .app import field, json_body
+from .requests import field, json_body
 
 SETTING_NAMES = {   # the page's names (SamplingParams') -> the OpenAI request's
     "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",

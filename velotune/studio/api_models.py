@@ -3,7 +3,7 @@ from fastapi import APIRouter, Request
 
 from .. import __version__
 from ..errors import VelotuneError
-from .app import field, json_body
+from .requests import field, json_body
 
 # the page's inputs whose values the Studio remembers across restarts
 PAGE_SETTINGS = ("train-model", "train-data", "chat-model", "chat-adapter", "chat-system", "tpl-model", "tpl-adapter")

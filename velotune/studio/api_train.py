@@ -6,8 +6,8 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .app import field, json_body
 from .jobs import RUNNING, EventTail, JobError
+from .requests import field, json_body
 
 EVENT_POLL_S = 0.2     # how often a live event stream looks for new lines in events.jsonl
 KEEPALIVE_S = 15.0     # a comment line that keeps proxies and the browser from closing an idle stream

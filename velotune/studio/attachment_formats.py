@@ -10,7 +10,21 @@ from __future__ import annotations
 import io
 import zipfile
 
-from velotune.studio.attachments import AttachmentError
+from velotune.errors import VelotuneError
+
+
+class AttachmentError(VelotuneError):
+    """An uploaded file the Studio will not use; the message names the file and says why.
+
+    `code` sorts the refusal for the HTTP layer: "too_large", "unsupported" (type not allowed) or "invalid"
+    (the content is not what the extension claims, or does not parse)."""
+
+    def __init__(self, name: str, reason: str, *, code: str = "invalid"):
+        super().__init__(f'Attachment "{name}": {reason}')
+        self.name = name
+        self.reason = reason
+        self.code = code
+
 
 # Bounds on what a file may unpack to; a real document stays far below them, a crafted one hits them.
 MAX_EXTRACTED_CHARS = 32_000_000

@@ -22,7 +22,11 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from velotune.errors import VelotuneError
+from velotune.studio.attachment_formats import (
+    AttachmentError,
+    read_docx_text,
+    read_pdf_text,
+)
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 
@@ -47,19 +51,6 @@ _MAX_NAME_CHARS = 255
 # Characters that would let a name break out of the `<file name="...">` label in the prompt, or that no
 # file system allows in a name anyway.
 _UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f"<>]')
-
-
-class AttachmentError(VelotuneError):
-    """An uploaded file the Studio will not use; the message names the file and says why.
-
-    `code` sorts the refusal for the HTTP layer: "too_large", "unsupported" (type not allowed) or "invalid"
-    (the content is not what the extension claims, or does not parse)."""
-
-    def __init__(self, name: str, reason: str, *, code: str = "invalid"):
-        super().__init__(f'Attachment "{name}": {reason}')
-        self.name = name
-        self.reason = reason
-        self.code = code
 
 
 @dataclass
@@ -111,10 +102,8 @@ def read_attachment(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTE
                                      f"{', '.join(allowed_extensions())}", code="unsupported")
     details = {"extension": extension, "bytes": len(data)}
     if kind == "pdf":
-        from velotune.studio.attachment_formats import read_pdf_text
         text, extra = read_pdf_text(label, data)
     elif kind == "docx":
-        from velotune.studio.attachment_formats import read_docx_text
         text, extra = read_docx_text(label, data)
     else:
         text = decode_text(label, data)

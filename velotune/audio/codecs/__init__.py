@@ -5,7 +5,8 @@
     codec = load_codec("codecs/snac_24khz")             # config.json + model.safetensors
     codec.decode(spec.tokens_to_codes(tokens, base_id))  # -> float32 samples at codec.sample_rate
 """
-from .base import AudioCodec, CodecSpec, frames_for, load_codec, read_codec_spec
+from .base import AudioCodec, CodecSpec, frames_for
+from .loading import load_codec, read_codec_spec
 from .snac import SNAC_24KHZ_CONFIG, SnacCodec
 
 __all__ = ["AudioCodec", "CodecSpec", "SNAC_24KHZ_CONFIG", "SnacCodec", "frames_for", "load_codec",
