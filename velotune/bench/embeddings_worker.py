@@ -49,6 +49,19 @@ class StepClock:
         if len(self.times) == self.total + 1:
             self.memory = self.meter.stop()
 
+    def timed(self, warmup: int, ran: dict) -> tuple[float, int, dict]:
+        """(seconds of the steps after the warm-up, their target tokens, the fields every worker reports) for a run
+        that returned its per-step `losses` and `tokens` and its `trainable` count; refuses a run cut short."""
+        if len(self.times) != self.total + 1 or self.memory is None:
+            raise RuntimeError(f"{len(self.times) - 1} steps timed, expected {self.total}")
+        losses, tokens = ran["losses"], ran["tokens"]
+        seconds = self.times[-1] - self.times[warmup]
+        fields = dict(timed_seconds=round(seconds, 3),
+                      step_seconds=[round(b - a, 3) for a, b in zip(self.times, self.times[1:])],
+                      losses=[round(v, 6) for v in losses], first_loss=losses[0] if losses else None,
+                      step_target_tokens=tokens, trainable_params=ran["trainable"], memory=self.memory, tflops=None)
+        return seconds, sum(tokens[warmup:]), fields
+
 
 def run_velotune(spec: dict, clock: StepClock) -> dict:
     """Losses, real tokens per step, trainable parameters (velotune runs its token-wise work on real tokens only:
@@ -150,19 +163,10 @@ def run_system(spec: dict) -> dict:
         raise ValueError(f"system {spec['system']!r}: expected one of {', '.join(runners)}")
     clock = StepClock(spec)
     ran = runners[spec["system"]](spec, clock)
-    losses, tokens = ran["losses"], ran["tokens"]
-    if len(clock.times) != clock.total + 1 or clock.memory is None:
-        raise RuntimeError(f"{len(clock.times) - 1} steps timed, expected {clock.total}")
-    warm = spec["warmup"]
-    seconds = clock.times[-1] - clock.times[warm]
-    timed_tokens = sum(tokens[warm:])
+    seconds, timed_tokens, fields = clock.timed(spec["warmup"], ran)
     pairs = spec["batch"] * spec["steps"]
     return dict(pairs_per_s=round(pairs / seconds, 3), input_tokens_per_s=round(timed_tokens / seconds, 2),
-                target_tokens_per_s=round(timed_tokens / seconds, 2), timed_seconds=round(seconds, 3),
-                step_seconds=[round(b - a, 3) for a, b in zip(clock.times, clock.times[1:])],
-                losses=[round(v, 6) for v in losses], first_loss=losses[0] if losses else None,
-                step_target_tokens=tokens, step_padded_tokens=ran["padded"],
-                trainable_params=ran["trainable"], memory=clock.memory, tflops=None)
+                target_tokens_per_s=round(timed_tokens / seconds, 2), step_padded_tokens=ran["padded"], **fields)
 
 
 def main(argv=None):

@@ -145,21 +145,13 @@ def run_system(spec: dict) -> dict:
         raise ValueError(f"system {spec['system']!r}: expected one of {', '.join(runners)}")
     clock = StepClock(spec)
     ran = runners[spec["system"]](spec, clock)
-    losses, tokens = ran["losses"], ran["tokens"]
-    if len(clock.times) != clock.total + 1 or clock.memory is None:
-        raise RuntimeError(f"{len(clock.times) - 1} steps timed, expected {clock.total}")
-    warm = spec["warmup"]
-    seconds = clock.times[-1] - clock.times[warm]
-    timed_tokens = sum(tokens[warm:])
+    seconds, timed_tokens, fields = clock.timed(spec["warmup"], ran)
     # hf's collator counts the clips of each batch; velotune's batches are whole by the plan (clips % batch == 0).
-    clips = sum(ran["samples"][warm:]) if ran["samples"] else spec["batch"] * spec["steps"]
+    clips = sum(ran["samples"][spec["warmup"]:]) if ran["samples"] else spec["batch"] * spec["steps"]
     rate = round(timed_tokens / seconds, 2)
     return dict(samples_per_s=round(clips / seconds, 4), target_tokens_per_s=rate, input_tokens_per_s=rate,
-                timed_samples=clips, timed_tokens=timed_tokens, timed_seconds=round(seconds, 3),
-                step_seconds=[round(b - a, 3) for a, b in zip(clock.times, clock.times[1:])],
-                losses=[round(v, 6) for v in losses], first_loss=losses[0] if losses else None,
-                step_target_tokens=tokens, trainable_params=ran["trainable"], memory=clock.memory,
-                collate_s_per_batch=None if ran["collate_s"] is None else round(ran["collate_s"], 4), tflops=None)
+                timed_samples=clips, timed_tokens=timed_tokens,
+                collate_s_per_batch=None if ran["collate_s"] is None else round(ran["collate_s"], 4), **fields)
 
 
 def main(argv=None):
