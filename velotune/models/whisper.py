@@ -24,6 +24,7 @@ from ..errors import CheckpointError
 from ..kernels.offload import offloaded_checkpoint
 from .base import position_loss
 from .encoders.base import activation
+from .field_checks import check_fields
 from .interface import VelotuneModel, check_checkpointing_mode
 from .whisper_blocks import DecodingCache, WhisperBackbone, decoder_self_mask
 from .whisper_decode import transcribe_ids
@@ -78,22 +79,8 @@ class WhisperArgs:
         return args
 
     def validate(self, source: str):
-        for name in self.SIZES:
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise CheckpointError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
-        for name in self.RATES:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise CheckpointError(f"{source}: field '{name}' must be a probability in [0, 1), got {value!r}")
-        for name in self.FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise CheckpointError(f"{source}: field '{name}' must be true or false, got {getattr(self, name)!r}")
-        for name in self.TOKEN_IDS:
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not 0 <= value < self.vocab_size):
-                raise CheckpointError(f"{source}: field '{name}' must be null or a token id below vocab_size "
-                                      f"({self.vocab_size}), got {value!r}")
+        check_fields(self, source, positive_ints=self.SIZES, probabilities=self.RATES, flags=self.FLAGS,
+                     token_ids=self.TOKEN_IDS)
         for heads in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, heads):
                 raise CheckpointError(f"{source}: d_model ({self.d_model}) is not a multiple of {heads} "
@@ -109,10 +96,6 @@ class WhisperArgs:
     def to_dict(self) -> dict:
         """config.json as read: keys this file does not use included, untouched."""
         return dict(self.raw)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass

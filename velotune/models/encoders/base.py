@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...errors import CheckpointError, UnsupportedError
 from ...kernels.offload import offloaded_checkpoint
+from ..field_checks import check_fields
 from ..interface import VelotuneModel, check_checkpointing_mode
 from ..registry import ENCODER
 
@@ -54,29 +55,12 @@ class EncoderArgs:
         return args
 
     def validate(self, source: str):
-        for name in self.POSITIVE_INTS:
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise CheckpointError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
-        for name in self.PROBABILITIES:
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < 1:
-                raise CheckpointError(f"{source}: field '{name}' must be a probability in [0, 1), got {value!r}")
-        for name in self.POSITIVE_FLOATS:
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 < value < float("inf"):
-                raise CheckpointError(f"{source}: field '{name}' must be a positive number, got {value!r}")
-        for name in self.FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise CheckpointError(f"{source}: field '{name}' must be true or false, "
-                                      f"got {getattr(self, name)!r}")
+        check_fields(self, source, positive_ints=self.POSITIVE_INTS, probabilities=self.PROBABILITIES,
+                     positive_floats=self.POSITIVE_FLOATS, flags=self.FLAGS)
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(f"{source}: hidden_size ({self.hidden_size}) is not a multiple of "
                                   f"num_attention_heads ({self.num_attention_heads})")
-        pad = self.pad_token_id
-        if pad is not None and (not _is_int(pad) or not 0 <= pad < self.vocab_size):
-            raise CheckpointError(f"{source}: field 'pad_token_id' must be null or a token id below vocab_size "
-                                  f"({self.vocab_size}), got {pad!r}")
+        check_fields(self, source, token_ids=("pad_token_id",))
 
     @property
     def head_dim(self) -> int:
@@ -85,14 +69,6 @@ class EncoderArgs:
     def to_dict(self) -> dict:
         """config.json as read: keys this file does not use included, untouched."""
         return dict(self.raw)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # config.json activation name -> the function. transformers' "gelu" is the exact (erf) form; "gelu_new" and
