@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,25 +61,34 @@ def wait_for_status(client, run_id: str, statuses, timeout: float = 180) -> dict
 
 @contextlib.contextmanager
 def studio_process(world: dict, port: int, *extra, wait_s: float = 60):
-    """`velotune studio` as a real process on `port`; yields its base URL."""
+    """`velotune studio` as a real process on `port`; yields (the origin it answers on, the URL it printed) once it
+    answers. Its output is read all along (a full pipe would stall the server) and shown when it fails to start."""
     import httpx
     args = [sys.executable, "-m", "velotune", "studio", "--port", str(port), "--models-dir", str(world["models"]),
             "--datasets-dir", str(world["datasets"]), "--home", str(world["home"]), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    output: list[str] = []
     try:
+        printed = ""
+        for line in proc.stdout:   # the URL is printed before the server starts
+            output.append(line)
+            if line.startswith("velotune studio: "):
+                printed = line.split(": ", 1)[1].strip()
+                break
+        assert printed, f"no URL printed (exit {proc.poll()}):\n{''.join(output)}"
+        threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
+        origin = printed.split("?")[0].rstrip("/")
         deadline = time.monotonic() + wait_s
         while True:
-            assert proc.poll() is None, proc.stdout.read()
             try:
-                if httpx.get(url + "/api/info", timeout=2).status_code in (200, 401):
-                    break
+                httpx.get(origin + "/api/info", timeout=2)
+                break
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"no answer from {url} after {wait_s:.0f} s"
-            time.sleep(0.3)
-        yield url, proc
+                assert proc.poll() is None, "".join(output)
+                assert time.monotonic() < deadline, f"no answer from {origin} after {wait_s:.0f} s"
+                time.sleep(0.3)
+        yield origin, printed
     finally:
         proc.terminate()
         try:

@@ -33,7 +33,7 @@ def page(world):
     if CHROMIUM is None:   # scripts/setup.sh --test installs it (apt); without it this is a broken setup
         pytest.fail("chromium is not installed: run `apt-get install -y chromium` (scripts/setup.sh --test does)")
     from playwright.sync_api import sync_playwright
-    with studio_process(world, free_port()) as (url, proc):
+    with studio_process(world, free_port()) as (url, _):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
