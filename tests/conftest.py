@@ -18,3 +18,10 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny LLaVA checkpoint with random weights (tests/vision_fixtures.py), written once per session."""
+    from vision_fixtures import make_tiny_llava_dir
+    return make_tiny_llava_dir(tmp_path_factory.mktemp("tiny-llava"))

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .config_fields import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Bound, is_number, setting
-from .config_objectives import EmbeddingConfig, GRPOConfig, PreferenceConfig, SpeechConfig, TTSConfig
+from .config_objectives import (EmbeddingConfig, GRPOConfig, PreferenceConfig, SpeechConfig, TTSConfig,
+                                VisionConfig)
 from .errors import ConfigError
 
 log = logging.getLogger("velotune")
@@ -138,6 +139,7 @@ class Config:
     embedding: EmbeddingConfig = _section(EmbeddingConfig, "embedding models (objectives contrastive, triplet, cosent)")
     speech: SpeechConfig = _section(SpeechConfig, "speech recognition with Whisper (objective asr)")
     tts: TTSConfig = _section(TTSConfig, "text-to-speech with audio-codec tokens (objective tts)")
+    vision: VisionConfig = _section(VisionConfig, "vision-language models (sft with images): what trains")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

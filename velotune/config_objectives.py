@@ -1,5 +1,5 @@
 """The config sections of the objectives beyond SFT: `preference` (dpo, orpo, simpo, kto), `grpo`, `embedding`
-(contrastive, triplet, cosent) and `speech` (asr)."""
+(contrastive, triplet, cosent), `speech` (asr), `tts` and `vision` (sft of a vision-language model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,3 +122,15 @@ class TTSConfig:
                   "counted")
     eval_samples: int | None = setting(64, "eval rows whose code accuracy is measured (the first ones); null: all",
                                        AT_LEAST_ONE)
+
+
+@dataclass
+class VisionConfig:
+    vision_layers: bool = setting(True, "train the vision tower (LoRA on its layers, or its weights in full "
+                                        "fine-tuning)")
+    language_layers: bool = setting(True, "train the language model's layers")
+    attention_modules: bool = setting(True, "LoRA on the attention projections of the chosen layers")
+    mlp_modules: bool = setting(True, "LoRA on the MLP projections of the chosen layers")
+    projector: Literal["lora", "full", "frozen"] = setting(
+        "lora", "the projector between the vision tower and the language model: LoRA on its linears, trained in "
+                "full (saved with the adapter), or kept as it is")

@@ -34,6 +34,8 @@ def export_merged(model, tokenizer, out, dtype=None, overwrite: bool = False,
     check_output(out, overwrite)
     target = export_dtype(model, dtype)
     state = merged_weights(model, target)
+    if getattr(model, "task", None) == "image-text-to-text":   # our module paths -> the family's file names
+        state = model.checkpoint_names(state)
     with ckpt.atomic_dir(out, overwrite=overwrite) as tmp:
         write_config(model, tmp, target)
         ckpt.save_safetensors(state, tmp, max_shard_bytes)
@@ -41,11 +43,15 @@ def export_merged(model, tokenizer, out, dtype=None, overwrite: bool = False,
         write_tokenizer(model, tokenizer, tmp)
         if getattr(model, "task", None) == "speech-seq2seq":
             copy_first(SPEECH_FILES, [adapter_dir, model.source_dir], tmp)
+        if getattr(model, "task", None) == "image-text-to-text":
+            copy_first(VISION_FILES, [adapter_dir, model.source_dir], tmp)
     return out
 
 
 # What a speech checkpoint needs beside its weights for transformers' processor (feature extractor, normaliser).
 SPEECH_FILES = ("preprocessor_config.json", "normalizer.json")
+# ... and a vision-language one (image processor, the processor's image-token settings).
+VISION_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def copy_first(names, sources, out_dir: Path):

@@ -32,6 +32,9 @@ class KVCache:
         self.values: dict[int, torch.Tensor] = {}
         self._lengths: dict[int, int] = {i: 0 for i in range(num_layers)} if num_layers else {}
         self.reallocations = 0  # growths past the first allocation (a test and a tuning aid)
+        # What a model keeps about its prompt beyond keys and values: Qwen2-VL's offset of text positions past
+        # the prompt's images ([batch, 1]), set at prefill and read at each decoding step. None otherwise.
+        self.rope_deltas: torch.Tensor | None = None
 
     @classmethod
     def for_model(cls, model, capacity: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "KVCache":
@@ -82,6 +85,8 @@ class KVCache:
         for store in (self.keys, self.values):
             for layer_idx, buf in store.items():
                 store[layer_idx] = buf.index_select(0, rows.to(buf.device))
+        if self.rope_deltas is not None:
+            self.rope_deltas = self.rope_deltas.index_select(0, rows.to(self.rope_deltas.device))
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())

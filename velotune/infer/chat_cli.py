@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import VelotuneError
 
-HELP = ("commands: /reset (clear history)  /params (sampling settings and their sources)  /system TEXT  /quit  "
-        "/help\n(to send a message that starts with /, double the slash: //text sends /text)")
+HELP = ("commands: /reset (clear history)  /params (sampling settings and their sources)  /system TEXT  "
+        "/image FILE (vision models)  /quit  /help\n(to send a message that starts with /, double the slash: //text sends /text)")
 
 
 def add_model_args(p):
@@ -42,6 +42,9 @@ def add_chat_parsers(subparsers):
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image for the first message (vision-language models; repeat for several; /image FILE "
+                        "attaches one later)")
     p.set_defaults(func=run_chat)
 
     p = subparsers.add_parser("generate", help="generate a reply to one prompt, for scripts")
@@ -50,6 +53,8 @@ def add_chat_parsers(subparsers):
     p.add_argument("--prompt", help="user message (or raw text with --raw)")
     p.add_argument("--messages", help="a JSON file holding a list of {role, content} messages")
     p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image the prompt is about (vision-language models; repeat for several)")
     p.set_defaults(func=run_generate)
 
 
@@ -85,6 +90,10 @@ def run_generate(ns):
             prompt = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise VelotuneError(f"{path}: cannot read a JSON list of messages ({exc})") from None
+    elif ns.prompt is not None and ns.image:
+        if ns.raw:
+            raise VelotuneError("--image needs the chat template (images go in a user message): drop --raw")
+        prompt = [{"role": "user", "content": with_images(ns.prompt, image_files(ns.image))}]
     elif ns.prompt is not None:
         prompt = [{"role": "user", "content": ns.prompt}] if tokenizer.chat_template and not ns.raw else ns.prompt
     else:
@@ -100,7 +109,7 @@ def run_chat(ns, input_fn=input, out=sys.stdout):
     print(f"velotune chat - {ns.model}" + (f" + adapter {ns.adapter}" if ns.adapter else ""), file=out)
     print(resolve_sampling(request, None, model).describe(), file=out)
     print(HELP, file=out)
-    session = {"system": ns.system, "history": []}
+    session = {"system": ns.system, "history": [], "images": image_files(getattr(ns, "image", []))}
     while True:
         try:
             line = input_fn("> ")
@@ -117,6 +126,22 @@ def run_chat(ns, input_fn=input, out=sys.stdout):
         reply_to(model, tokenizer, message, session, resolve_sampling(request, None, model).values, out)
 
 
+def image_files(paths) -> list[str]:
+    """--image / /image arguments as absolute paths, each checked to be a file now (before any model work)."""
+    found = []
+    for path in paths:
+        file = Path(path).expanduser()
+        if not path or not file.is_file():
+            raise VelotuneError(f"--image {path}: no such file")
+        found.append(str(file.resolve()))
+    return found
+
+
+def with_images(text: str, images: list[str]) -> list:
+    """A user message's content parts: the images, then the text."""
+    return [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+
+
 def run_command(line: str, session: dict, sampling, out) -> str | None:
     """One chat command; "quit" to end the chat. An unknown one is reported, never sent to the model."""
     command, argument = (line.split(None, 1) + [""])[:2]
@@ -129,6 +154,12 @@ def run_command(line: str, session: dict, sampling, out) -> str | None:
         print("(history cleared)", file=out)
     elif command == "/params":
         print(sampling().describe(), file=out)
+    elif command == "/image":
+        try:
+            session.setdefault("images", []).extend(image_files([argument.strip()]))
+            print(f"(image attached to your next message: {argument.strip()})", file=out)
+        except VelotuneError as exc:
+            print(f"error: {exc}", file=out)
     elif command == "/system":
         session["system"], session["history"] = argument.strip() or None, []
         print(f"(system prompt {'set' if session['system'] else 'cleared'}; history cleared)", file=out)
@@ -140,7 +171,8 @@ def run_command(line: str, session: dict, sampling, out) -> str | None:
 def reply_to(model, tokenizer, message: str, session: dict, sampling: dict, out):
     """Streams the model's reply to `message` and adds both to the history."""
     from .generation import stream
-    session["history"].append({"role": "user", "content": message})
+    images, session["images"] = session.get("images") or [], []
+    session["history"].append({"role": "user", "content": with_images(message, images) if images else message})
     system = session["system"]
     messages = ([{"role": "system", "content": system}] if system else []) + session["history"]
     reply, start = "", time.perf_counter()

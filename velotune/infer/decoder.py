@@ -56,7 +56,7 @@ class Decoder:
     def __init__(self, model, input_ids, attention_mask=None, params: SamplingParams | None = None, *,
                  eos_token_ids=(), pad_token_id: int | None = None, generator: torch.Generator | None = None,
                  prefill_chunk_size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 return_logits: bool = False, compact: bool = True):
+                 return_logits: bool = False, compact: bool = True, image_inputs: dict | None = None):
         self.model = require_model(model, "generation")
         self.params = params or SamplingParams()
         device = model_device(model)
@@ -100,6 +100,8 @@ class Decoder:
         self.step_logits: list = []
         self.rows = list(range(B))   # batch position -> original row (rows are dropped as they finish)
         self.cache = None
+        # A vision-language prompt's pixel tensors (transformers' names), read by the prefill's one forward.
+        self.image_inputs = {k: v.to(device) for k, v in (image_inputs or {}).items()}
 
     # ---- control -------------------------------------------------------------------------------------------
     def finish(self, row: int, reason: str, token: int | None = None):
@@ -175,12 +177,15 @@ class Decoder:
     def _mask(self, width):
         return None if self.mask is None else self.mask[:, :width]
 
-    def _forward(self, ids, mask):
+    def _forward(self, ids, mask, **image_inputs):
         keep = 1 if self.model.supports_logits_to_keep else 0
-        return self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep).logits[:, -1]
+        return self.model(ids, attention_mask=mask, cache=self.cache, logits_to_keep=keep,
+                          **image_inputs).logits[:, -1]
 
     def _prefill(self):
         B, P = self.input_ids.shape
+        if self.image_inputs:  # the images' features go over the prompt's image tokens: one forward holds them all
+            return self._forward(self.input_ids, self._mask(P), **self.image_inputs)
         chunk = self.prefill_chunk_size
         if chunk is None:
             chunk = P if self.model.supports_logits_to_keep else max(MIN_PREFILL_CHUNK, PREFILL_TOKEN_BUDGET // B)

@@ -155,6 +155,25 @@ def encode_prompt(tokenizer, prompt, chat_template: str | None = None) -> list[i
                     + (" (for several prompts use generate_batch)" if isinstance(prompt, (list, tuple)) else ""))
 
 
+def _encode_prompts(model, tokenizer, prompts) -> tuple[list, dict | None]:
+    """Each prompt's token ids, and the pixel tensors of the images chat prompts hold (None without images)."""
+    from .vision_prompt import encode_image_prompt, has_images, is_vision_model
+    with_images = [has_images(p) for p in prompts]
+    if not any(with_images):
+        return [encode_prompt(tokenizer, p) for p in prompts], None
+    if not is_vision_model(model):
+        raise VelotuneError("this model reads text only, and the prompt holds images: use a vision-language model "
+                            "(a LLaVA, Qwen2-VL or Idefics3 / SmolVLM checkpoint)")
+    from ..data.vision_data import collate_images
+    encoded, images = [], []
+    for i, (prompt, has) in enumerate(zip(prompts, with_images)):
+        ids, tensors = (encode_image_prompt(model, tokenizer, prompt, where=f"prompt {i}") if has
+                        else (encode_prompt(tokenizer, prompt), {}))
+        encoded.append(ids)
+        images.append(tensors)
+    return encoded, collate_images(images)
+
+
 def chat_text(tokenizer, messages, chat_template: str | None = None) -> str:
     """Chat messages as `chat_template` (default: the tokenizer's own) writes them, with the generation prompt;
     its special tokens are in the text (encode it with add_special_tokens=False)."""
@@ -187,7 +206,7 @@ def left_pad(rows: list, pad_token_id: int):
     return ids, mask
 
 
-ENGINE_OPTIONS = ("prefill_chunk_size", "skip_special_tokens", "eos_token_ids", "block_size")
+ENGINE_OPTIONS = ("prefill_chunk_size", "skip_special_tokens", "eos_token_ids", "block_size", "image_inputs")
 
 
 def _split_options(sampling: dict):
@@ -218,7 +237,9 @@ class TextGeneration:
         if prompts and all(_is_chat(p) for p in prompts):   # replies end with their turn, whatever the EOS
             extra_eos += end_of_turn_ids(tokenizer)
         self.eos_token_ids = find_eos_token_ids(model, tokenizer, read_generation_config(model), extra=extra_eos)
-        self.encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        self.encoded, self.image_inputs = _encode_prompts(model, tokenizer, prompts)
+        if options.get("image_inputs"):   # prompts already encoded with their image tokens (the server's jobs)
+            self.image_inputs = options["image_inputs"]
         self.pad_token_id = _pad_id(tokenizer, self.eos_token_ids)
         self.options = options
         self.decoder: Decoder | None = None
@@ -234,7 +255,7 @@ class TextGeneration:
         decoder = self.decoder = Decoder(
             self.model, input_ids, attention_mask, self.params, eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id, prefill_chunk_size=self.options.get("prefill_chunk_size"),
-            block_size=self.options.get("block_size") or DEFAULT_BLOCK_SIZE)
+            block_size=self.options.get("block_size") or DEFAULT_BLOCK_SIZE, image_inputs=self.image_inputs)
         skip_special = self.options.get("skip_special_tokens", True)
         texts = self.texts = [_TextRow(self.tokenizer, ids, self.params.stop, skip_special) for ids in self.encoded]
         announced = [False] * len(texts)

@@ -82,22 +82,38 @@ class JobBuilder:
             prompt_ids = self.completion_ids(request.prompt)
             return Job(adapter, prompt_ids, self.sampling(request, len(prompt_ids), "prompt"), deliver)
         template, end_ids = self.chat.get(adapter, self.chat[None])
-        prompt_ids = self.chat_ids(request, template)
+        prompt_ids, images = self.chat_ids(request, template)
         sampling = self.sampling(request, len(prompt_ids), "messages")
         if end_ids:   # an engine option (generate.ENGINE_OPTIONS): more ids that end the reply
             sampling["eos_token_ids"] = end_ids
-        return Job(adapter, prompt_ids, sampling, deliver)
+        return Job(adapter, prompt_ids, sampling, deliver, images=images)
 
     # ---- the prompt --------------------------------------------------------------------------------------
-    def chat_ids(self, request, template: str | None = None) -> list[int]:
-        messages = chat_messages(request)
+    def chat_ids(self, request, template: str | None = None) -> tuple[list[int], dict | None]:
+        """The prompt's token ids, and its images' pixel tensors (None without images)."""
+        from .vision_prompt import encode_image_prompt, has_images, is_vision_model
+        messages = chat_messages(request, images=is_vision_model(self.model))
+        if has_images(messages):
+            try:
+                ids, images = encode_image_prompt(self.model, self.tokenizer, messages, chat_template=template,
+                                                  where="messages", allow_files=False)
+            except VelotuneError as exc:   # an unreadable image, a template that drops image tokens
+                raise bad_request(str(exc), param="messages") from None
+            self.check_length(len(ids))
+            return ids, images
         try:
             text = chat_text(self.tokenizer, messages, template)
         except VelotuneError as exc:
             raise bad_request(f"{exc}; use /v1/completions with a plain prompt", param="messages") from None
         except Exception as exc:   # the template's own checks (role order, ...) raise from Jinja
             raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages") from None
-        return self._encode(text, "messages", special_tokens=False)
+        return self._encode(text, "messages", special_tokens=False), None
+
+    def check_length(self, tokens: int):
+        if tokens > self.context_length:
+            raise bad_request(f"This model's maximum context length is {self.context_length} tokens. However, the "
+                              f"messages (with their images' tokens) hold {tokens}. Please send fewer or smaller "
+                              "images, or shorter messages.", param="messages", code="context_length_exceeded")
 
     def completion_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

@@ -39,9 +39,10 @@ class Job:
     sampling: dict                # every SamplingParams field, resolved
     deliver: Callable[[tuple], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    images: dict | None = None    # a vision-language prompt's pixel tensors (transformers' names)
 
     def batch_key(self):
-        if self.sampling.get("seed") is not None:
+        if self.sampling.get("seed") is not None or self.images:
             return ("alone", id(self))
         return (self.adapter, _freeze(self.sampling))
 
@@ -152,7 +153,9 @@ class Scheduler:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         self.batch_sizes.append(len(jobs))
-        run = TextGeneration(self.model, self.tokenizer, [job.prompt_ids for job in jobs], **jobs[0].sampling)
+        extra = {"image_inputs": jobs[0].images} if jobs[0].images else {}   # a job with images runs alone
+        run = TextGeneration(self.model, self.tokenizer, [job.prompt_ids for job in jobs], **jobs[0].sampling,
+                             **extra)
         for event in run.events():
             decoder = run.decoder
             for row, job in enumerate(jobs):   # clients that went away: end their rows now

@@ -155,19 +155,39 @@ def sampling_fields(request) -> dict:
     return out
 
 
-def chat_messages(request: ChatRequest) -> list[dict]:
-    """The messages as the chat template takes them: text content only (parts joined), extra keys dropped."""
-    messages = []
+MAX_IMAGES_PER_REQUEST = 8   # each image costs its processor's tokens and a vision-tower pass
+
+
+def chat_messages(request: ChatRequest, images: bool = False) -> list[dict]:
+    """The messages as the chat template takes them: text content (parts joined), extra keys dropped. With
+    `images` (a vision-language model), image_url parts with a data: URI are kept as parts, up to
+    MAX_IMAGES_PER_REQUEST; remote URLs are refused (the server fetches nothing)."""
+    messages, seen = [], 0
     for i, message in enumerate(request.messages):
         content = message.content
         if isinstance(content, list):
-            texts = []
+            parts, has_image = [], False
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported "
-                                      f"(got type {part.type!r})", param=f"messages.{i}.content.{j}")
-                texts.append(part.text)
-            content = "".join(texts)
+                where = f"messages[{i}].content[{j}]"
+                if part.type == "image_url" and images:
+                    url = (part.model_extra or {}).get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url.startswith("data:"):
+                        raise bad_request(f"{where}: image_url.url must be a data: URI (base64 image bytes); this "
+                                          "server fetches no URLs", param=f"messages.{i}.content.{j}")
+                    seen += 1
+                    if seen > MAX_IMAGES_PER_REQUEST:
+                        raise bad_request(f"{where}: at most {MAX_IMAGES_PER_REQUEST} images per request",
+                                          param=f"messages.{i}.content.{j}")
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                    has_image = True
+                elif part.type != "text" or part.text is None:
+                    hint = "" if images else " (this model reads text only)" if part.type == "image_url" else ""
+                    raise bad_request(f"{where}: only text parts are supported{hint} (got type {part.type!r})",
+                                      param=f"messages.{i}.content.{j}")
+                else:
+                    parts.append({"type": "text", "text": part.text})
+            content = parts if has_image else "".join(p["text"] for p in parts)
         messages.append({"role": message.role, "content": content or ""})
     return messages
 

@@ -34,6 +34,17 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
     if quantize not in (None, "nf4", "int8"):
         raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or 'int8'")
     module = architecture(config["model_type"])
+    from .vision.files import is_vision_config
+    if is_vision_config(config):
+        from .vision.files import load_vision_model
+        model = load_vision_model(model_dir, dtype, device)
+        if quantize:
+            from .quantize import quantize_model
+            model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
+        tokenizer = load_tokenizer(model_dir) if load_tokenizer_files else None
+        if max_seq_length:
+            model.max_seq_length = max_seq_length
+        return model, tokenizer
     if module is None:
         from .generic import load_generic
         model = load_generic(model_dir, config, dtype, device, quantize)
@@ -146,6 +157,10 @@ def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFA
          overwrite: bool = False):
     """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer), atomically."""
     model = require_model(model, "vt.save")
+    from .vision.base import VisionLanguageModel
+    if isinstance(model, VisionLanguageModel):
+        from .vision.files import save_vision_model
+        return save_vision_model(model, out_dir, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer)
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise UnsupportedError("this model carries LoRA adapters: use vt.save_adapter(model, dir) for the "
                                "adapter, or vt.export(model, tokenizer, dir, format='merged') for merged weights")

@@ -7,6 +7,7 @@ from importlib import import_module
 CAUSAL_LM = "causal-lm"
 ENCODER = "encoder"   # bidirectional encoders (BERT, RoBERTa, ModernBERT): hidden states, pooled by velotune.embeddings
 SPEECH_SEQ2SEQ = "speech-seq2seq"   # speech-to-text encoder-decoders (Whisper)
+IMAGE_TEXT = "image-text-to-text"   # decoders that read images (LLaVA, Qwen2-VL, Idefics3 / SmolVLM)
 
 ARCHITECTURES = {
     ("llama", CAUSAL_LM): "velotune.models.llama",
@@ -21,6 +22,11 @@ ARCHITECTURES = {
     ("xlm-roberta", ENCODER): "velotune.models.encoders.roberta",
     ("modernbert", ENCODER): "velotune.models.encoders.modernbert",
     ("whisper", SPEECH_SEQ2SEQ): "velotune.models.whisper",
+    ("llava", IMAGE_TEXT): "velotune.models.vision.llava",
+    ("qwen2_vl", IMAGE_TEXT): "velotune.models.vision.qwen2_vl",
+    ("qwen2_5_vl", IMAGE_TEXT): "velotune.models.vision.qwen2_vl",
+    ("idefics3", IMAGE_TEXT): "velotune.models.vision.idefics3",
+    ("smolvlm", IMAGE_TEXT): "velotune.models.vision.idefics3",
 }
 
 

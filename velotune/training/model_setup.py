@@ -28,9 +28,9 @@ def load_model(cfg):
     return model
 
 
-def prepare_for_training(model, cfg) -> dict:
+def prepare_for_training(model, cfg, adjust=None) -> dict:
     """Adds LoRA (or trains the LoRA layers the model already carries) or sets up full fine-tuning per
-    `cfg.finetune`; returns parameter counts."""
+    `cfg.finetune`, then `adjust(model, cfg)` (the objective's own freezing) when given; returns parameter counts."""
     from ..lora import lora_layers
     has_lora = bool(lora_layers(model))
     if cfg.finetune.method == "lora" and has_lora:
@@ -53,6 +53,8 @@ def prepare_for_training(model, cfg) -> dict:
             log.info("full fine-tuning with %s weights: the optimizer updates them in that dtype (no fp32 master "
                      "copy); for fp32 master weights set model.dtype: float32 and train.precision: bf16",
                      str(half.pop()).replace("torch.", ""))
+    if adjust is not None:
+        adjust(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

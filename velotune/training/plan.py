@@ -97,6 +97,10 @@ def plan_run(config, overrides=None, *, model=None, tokenizer=None, dist=None, o
         objective.check_model(model)
     check_settings(cfg)
     model_dirs = _input_model_dirs(cfg, model)
+    chosen = objective.for_model_dir(model_dirs[0] if model_dirs else None)
+    if chosen is not objective and model is not None:
+        chosen.check_model(model)
+    objective = chosen
     out_dir, outputs = Path(cfg.train.output_dir), output_names(cfg, objective)
     for model_dir in model_dirs:
         check_not_input_model(model_dir, out_dir, outputs)

@@ -83,7 +83,7 @@ def _train(cfg: Config, dist, model, tokenizer, objective, callbacks, stop) -> T
     torch.manual_seed(cfg.train.seed)
     if model is None:
         model = plan.objective.load_model(cfg)
-    params = prepare_for_training(model, cfg)
+    params = prepare_for_training(model, cfg, plan.objective.adjust_trainable)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{params['trainable_params']:,}",
              f"{params['total_params']:,}", 100 * params["trainable_params"] / max(1, params["total_params"]))
     dist.on_main(write_run_file, plan.output.path, {**plan.run_info(), "params": params})

@@ -14,6 +14,7 @@ from .preference import DPO, ORPO, Preference, SimPO
 from .sft import SFT, Pretrain
 from .speech import SpeechRecognition
 from .tts import TextToSpeech
+from .vision import VisionSFT
 
 _REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO,
                                "grpo": GRPO, "contrastive": Contrastive, "mnrl": Contrastive, "triplet": Triplet,
@@ -21,6 +22,7 @@ _REGISTRY: dict[str, type] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "orp
 
 
 _REGISTRY["tts"] = TextToSpeech
+_REGISTRY["vision"] = VisionSFT
 
 
 def register_objective(name: str, factory) -> None:

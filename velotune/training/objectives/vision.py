@@ -1,0 +1,146 @@
+"""Supervised fine-tuning of a vision-language model (objective sft on a LLaVA, Qwen2-VL or Idefics3 checkpoint, or
+objective vision): conversations with images, the loss on the assistant's answers only.
+
+    objective: sft                         # a vision-language model.path picks this objective
+    model: {path: my-vlm}
+    data: {path: train.jsonl}              # rows {"messages": [... {"type": "image", "image": "a.png"} ...]}
+    vision: {vision_layers: true, language_layers: true, attention_modules: true, mlp_modules: true,
+             projector: lora}
+
+What trains is chosen by the `vision` switches, as Unsloth's are: LoRA goes on the attention and / or MLP linears of
+the vision tower and / or the language model, and the projector takes LoRA, trains in full (saved beside the adapter)
+or stays as it is. With finetune.method full the switches freeze the parts left out. Records, image places and masks
+are described in data/vision_data.py; each batch carries its images' pixel tensors under transformers' names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from ...errors import ConfigError
+from .sft import SFT
+
+log = logging.getLogger("velotune")
+
+# Leaf names of attention and MLP linears across the families (q/k/v/o and fused qkv; fc1/fc2, gate/up/down).
+_ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention)\.")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward)\.")
+
+
+class VisionSFT(SFT):
+    name = "vision"
+    sample_name = "sample"
+
+    def __init__(self):
+        self.processor = None
+        self.stats = None
+        self.passed_model_dir = None   # the directory of a model given to vt.train(model=...)
+
+    # ---- the model ----------------------------------------------------------------------------------------------
+    def load_model(self, cfg):
+        from ..model_setup import load_model
+        model = load_model(cfg)
+        self.check_model(model)
+        if cfg.finetune.method == "lora":
+            cfg.lora.targets, saved = self.lora_choice(model, cfg)
+            cfg.lora.modules_to_save = sorted(set(cfg.lora.modules_to_save or []) | set(saved))
+        return model
+
+    def check_model(self, model) -> None:
+        from ...models.vision.base import VisionLanguageModel
+        if not isinstance(model, VisionLanguageModel):
+            raise ConfigError(f"objective vision trains a vision-language model; got a {type(model).__name__} "
+                              "(text-only models train with objective sft on text data)")
+        self.passed_model_dir = model.source_dir
+
+    def lora_choice(self, model, cfg) -> tuple[list[str], list[str]]:
+        """(LoRA target module names, modules trained in full) per the vision switches. lora.targets other than
+        all-linear narrows the choice to the linears it names."""
+        from ...lora import ALL_LINEAR, resolve_targets
+        switches = cfg.vision
+        allowed = set(resolve_targets(model, cfg.lora.targets))
+        names = []
+        for name in resolve_targets(model, ALL_LINEAR):
+            part = model.part_of(name)
+            if part == "projector":
+                keep = switches.projector == "lora"
+            else:
+                keep = switches.vision_layers if part == "vision" else switches.language_layers
+                kind_ok = ((switches.attention_modules and _ATTENTION.search(name))
+                           or (switches.mlp_modules and _MLP.search(name)))
+                keep = keep and bool(kind_ok)
+            if keep and (cfg.lora.targets == ALL_LINEAR or name in allowed):
+                names.append(name)
+        saved = [p.rstrip(".") for p in model.projector_prefixes] if switches.projector == "full" else []
+        if not names and not saved:
+            raise ConfigError("vision: these switches leave nothing to train (no LoRA target and a frozen "
+                              "projector): turn on vision_layers or language_layers, and attention_modules or "
+                              "mlp_modules")
+        return names, saved
+
+    def adjust_trainable(self, model, cfg) -> None:
+        """Full fine-tuning: the parts the switches leave out keep their weights."""
+        if cfg.finetune.method != "full":
+            return
+        switches = cfg.vision
+        keep = {"vision": switches.vision_layers, "language": switches.language_layers,
+                "projector": switches.projector != "frozen"}
+        for name, param in model.named_parameters():
+            if not keep[model.part_of(name)]:
+                param.requires_grad_(False)
+
+    # ---- records -> examples -> batches ----------------------------------------------------------------------------
+    def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
+        from ...data.vision_prepare import prepare_vision_data
+        from ...models.checkpoint import resolve_model_dir
+        from ...vision.processor import image_processor_for
+        if config.data.packing:
+            log.info("data.packing: vision samples are not packed (one sample per row)")
+        model_dir = self.passed_model_dir or (resolve_model_dir(config.model.path) if config.model.path else None)
+        if model_dir is None:
+            raise ConfigError("objective vision: the image processor is read from the model's directory; set "
+                              "model.path (or pass a model loaded from a directory)")
+        self.processor = image_processor_for(model_dir)
+        data = prepare_vision_data(config.data, tokenizer, self.processor, max_seq_length=max_seq_length, seed=seed)
+        self.stats = data.stats
+        return data
+
+    def epoch_line(self, stats) -> str:
+        line = super().epoch_line(stats)
+        extra = f", {stats.images} images"
+        if stats.resized:
+            extra += f" ({stats.resized} shrunk to the processor's maximum)"
+        return line + extra
+
+    def epoch_rows(self, examples, *, packing: bool, **kwargs) -> list:
+        return super().epoch_rows(examples, packing=False, **kwargs)
+
+    def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+        from ...data import collate
+        from ...data.vision_data import collate_images
+        batch = collate(rows, pad_id=pad_id, packing=False, max_width=max_width)
+        batch.update(collate_images([example.images for row in rows for example in row]))
+        return batch
+
+    # ---- batches -> loss ----------------------------------------------------------------------------------------
+    def loss(self, model, batch):
+        from ...models.vision.base import IMAGE_INPUTS
+        images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
+        out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                    return_logits=False, reduction="sum", **images)
+        return out.loss, out.num_tokens
+
+    # ---- outputs ------------------------------------------------------------------------------------------------
+    def write_outputs(self, model, tokenizer, out_dir: Path, lora: bool) -> dict:
+        written = super().write_outputs(model, tokenizer, out_dir, lora)
+        if lora and self.processor is not None:  # the adapter directory is usable on its own with its processor
+            for name, settings in (("preprocessor_config.json", self.processor.to_dict()),
+                                   ("processor_config.json", self.processor.processor_dict())):
+                text = json.dumps(settings, indent=2) + "\n"
+                (written["adapter_dir"] / name).write_text(text, encoding="utf-8")
+        return written
+
+
+__all__ = ["VisionSFT"]
