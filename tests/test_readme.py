@@ -88,6 +88,7 @@ def workdir(tmp_path_factory):
                                                for i in range(0, 16, 2)) * 4, encoding="utf-8")
     (root / "examples").symlink_to(REPO / "examples")
     speech_files(root)
+    stand_ins["/models/Qwen2-VL-2B-Instruct"] = str(vision_files(root))
     (root / "cfg.yaml").write_text(
         f"model: {{path: {stand_ins['/models/Llama-3.2-1B']}, dtype: float32}}\n"
         "data: {path: chats.jsonl, max_seq_length: 64}\n"
@@ -108,6 +109,15 @@ def speech_files(root: Path):
                                                for c in clips), encoding="utf-8")
     from velotune.audio.codecs.snac import SnacCodec
     SnacCodec.from_config(seed=0).save(root / "codecs" / "snac_24khz")
+
+
+def vision_files(root: Path) -> Path:
+    """What the vision lines read: digit images with their conversations, and a tiny Qwen2-VL (random weights)."""
+    from velotune.bench.tiny_vlm_families import make_tiny_qwen2_vl
+    from vision_fixtures import QUESTION, digit_pngs, digit_records, write_jsonl
+    items = digit_pngs(root / "digits", 8, size=24)
+    write_jsonl(root / "digits" / "train.jsonl", digit_records(items, root / "digits"))
+    return make_tiny_qwen2_vl(root / "models" / "qwen2_vl", [QUESTION, " ".join("0123456789")] * 30)
 
 
 def substitute(text: str, stand_ins: dict) -> str:

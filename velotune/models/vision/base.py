@@ -136,8 +136,9 @@ class VisionLanguageModel(LanguageModel):
         KV cache and FSDP's per-decoder-block wrapping read)."""
         return []
 
-    def positions(self, input_ids, position_ids, attention_mask, cache, image_inputs) -> torch.Tensor | None:
-        """Position ids for the language model, or None for its own defaults."""
+    def positions(self, input_ids, position_ids, attention_mask, cache, image_inputs,
+                  document_ids=None) -> torch.Tensor | None:
+        """Position ids for the language model, or None for its own defaults (packed rows: `document_ids`)."""
         return position_ids
 
     # ---- images into the embeddings ----------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class VisionLanguageModel(LanguageModel):
         image_inputs = _image_inputs(image_inputs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_inputs)
-        position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs)
+        position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
         return self.language_model.hidden_states(None, position_ids=position_ids, document_ids=document_ids,
                                                  attention_mask=attention_mask, cache=cache,
                                                  inputs_embeds=inputs_embeds)
@@ -177,7 +178,7 @@ class VisionLanguageModel(LanguageModel):
         image_inputs = _image_inputs(image_inputs)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_inputs)
-        position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs)
+        position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
         return self.language_model(None, labels=labels, position_ids=position_ids, document_ids=document_ids,
                                    attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
                                    return_logits=return_logits, reduction=reduction, logits_to_keep=logits_to_keep,

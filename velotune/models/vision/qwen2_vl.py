@@ -158,13 +158,20 @@ class Model(VisionLanguageModel):
     def vision_blocks(self) -> list:
         return list(self.visual.blocks)
 
-    def positions(self, input_ids, position_ids, attention_mask, cache, image_inputs) -> torch.Tensor | None:
+    def positions(self, input_ids, position_ids, attention_mask, cache, image_inputs,
+                  document_ids=None) -> torch.Tensor | None:
         """3-D positions. A prompt (no cache, or an empty one): from the image placeholders and image_grid_thw, the
-        rope deltas kept in `cache.rope_deltas`; a decoding step: past length + delta on all three axes."""
+        rope deltas kept in `cache.rope_deltas`; a decoding step: past length + delta on all three axes. Packed rows
+        (`document_ids`, training): positions restart at each document, images placed as in a prompt of their own."""
+        grid = image_inputs.get("image_grid_thw")
+        if document_ids is not None and input_ids is not None and cache is None:
+            if grid is None and position_ids is not None:
+                return position_ids
+            return rope_index(input_ids, self.image_token_id, grid, self.args.tower.spatial_merge_size,
+                              attention_mask, document_ids)[0]
         if position_ids is not None or input_ids is None:
             return position_ids  # embeddings alone: the text model places them (with the cache's deltas)
         past = cache.past_length if cache is not None else 0
-        grid = image_inputs.get("image_grid_thw")
         if past == 0:
             if grid is None:  # text alone: the text model's positions, nothing to offset later
                 if cache is not None:

@@ -96,8 +96,6 @@ class VisionSFT(SFT):
         from ...data.vision_prepare import prepare_vision_data
         from ...models.checkpoint import resolve_model_dir
         from ...vision.processor import image_processor_for
-        if config.data.packing:
-            log.info("data.packing: vision samples are not packed (one sample per row)")
         model_dir = self.passed_model_dir or (resolve_model_dir(config.model.path) if config.model.path else None)
         if model_dir is None:
             raise ConfigError("objective vision: the image processor is read from the model's directory; set "
@@ -114,13 +112,12 @@ class VisionSFT(SFT):
             extra += f" ({stats.resized} shrunk to the processor's maximum)"
         return line + extra
 
-    def epoch_rows(self, examples, *, packing: bool, **kwargs) -> list:
-        return super().epoch_rows(examples, packing=False, **kwargs)
-
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+        """Text as any SFT batch (packed rows carry document_ids: attention stays within each sample, positions
+        restart), and the images of the batch's samples in the order their tokens appear."""
         from ...data import collate
         from ...data.vision_data import collate_images
-        batch = collate(rows, pad_id=pad_id, packing=False, max_width=max_width)
+        batch = collate(rows, pad_id=pad_id, packing=packing, max_width=max_width)
         batch.update(collate_images([example.images for row in rows for example in row]))
         return batch
 
@@ -129,6 +126,7 @@ class VisionSFT(SFT):
         from ...models.vision.base import IMAGE_INPUTS
         images = {k: batch[k] for k in IMAGE_INPUTS if k in batch}
         out = model(batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
                     return_logits=False, reduction="sum", **images)
         return out.loss, out.num_tokens
 
