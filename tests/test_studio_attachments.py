@@ -122,7 +122,8 @@ def test_refusals_name_the_file_and_the_reason():
     assert unknown.code == "unsupported" and ".exe" in unknown.reason and ".pdf" in unknown.reason \
         and ".docx" in unknown.reason and ".txt" in unknown.reason
     assert "extension" in _refusal("Makefile", b"all:\n").reason
-    assert "vision model" in _refusal("photo.JPG", b"\xff\xd8\xff").reason
+    assert "not a usable image" in _refusal("photo.JPG", b"\xff\xd8\xff").reason
+    assert ".svg" in _refusal("logo.svg", b"<svg/>").reason   # a vector image is no image the models read
     assert "binary" in _refusal("secret.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR").reason
     assert "UTF-8" in _refusal("latin.txt", b"caf\xe9\n").reason
     assert "empty" in _refusal("blank.md", b"  \n\n").reason

@@ -91,7 +91,7 @@ def router(studio) -> APIRouter:
                                 status_code=ATTACHMENT_STATUS.get(exc.code, 422))
         upload_id = secrets.token_hex(8)
         record = {"id": upload_id, "name": attachment.name, "kind": attachment.kind, "text": attachment.text,
-                  "bytes": size}
+                  "bytes": size, "image": attachment.image}
         path = studio.uploads / f"{upload_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record), encoding="utf-8")
@@ -166,6 +166,21 @@ def _bounded_render(template, messages: list):
                             f"({tried.error['kind']})")
 
 
+def _with_images(engine, messages: list, images: list, template):
+    """The last user message with the uploaded images before its text (OpenAI image_url parts: the engine's server
+    reads them as `velotune serve` does); returns the prompt as the model reads it and its token count."""
+    from ..infer.vision_prompt import encode_image_prompt, is_vision_model
+    if not is_vision_model(engine.model):
+        names = ", ".join(r["name"] for r in images)
+        raise VelotuneError(f"attachments: {names}: images need a vision-language model (LLaVA, Qwen2-VL, "
+                            "Idefics3 / SmolVLM); this model reads text only")
+    parts = [{"type": "image_url", "image_url": {"url": r["image"]}} for r in images]
+    messages[-1] = {"role": "user", "content": parts + [{"type": "text", "text": messages[-1]["content"]}]}
+    ids, _ = encode_image_prompt(engine.model, engine.tokenizer, messages, chat_template=template,
+                                 where="the chat", allow_files=False)
+    return engine.tokenizer.decode(ids), len(ids)
+
+
 def _build(studio, engine, body: dict) -> dict:
     """The chat body -> the messages the model gets (system prompt, files in the last user message), the
     settings the user changed, and what the page shows about them."""
@@ -193,27 +208,36 @@ def _build(studio, engine, body: dict) -> dict:
     tokenizer, template = engine.tokenizer, engine.template()
     _bounded_render(template or getattr(tokenizer, "chat_template", None), messages)
     files = []
-    if upload_ids:
-        if not messages or messages[-1]["role"] != "user":
-            raise VelotuneError("attachments: the last message must be the user's (the files go with it)")
+    records = [_uploaded(studio, u) for u in upload_ids]
+    images = [r for r in records if r.get("kind") == "image"]
+    records = [r for r in records if r.get("kind") != "image"]
+    if upload_ids and (not messages or messages[-1]["role"] != "user"):
+        raise VelotuneError("attachments: the last message must be the user's (the files go with it)")
+    if records:
         question = messages[-1]["content"]
         bare = chat_text(tokenizer, messages, template)
         used = len(tokenizer(bare, add_special_tokens=False).input_ids)
         max_new = min(max_new, max(1, engine.context_length - used - 1))
         budget = attachment_budget(engine.context_length, used, max_new)
-        records = [_uploaded(studio, u) for u in upload_ids]
         made_plain = [inert_text(r["text"], tokenizer) for r in records]
         attachments = [Attachment(name=r["name"], kind=r["kind"], text=text, details={})
                        for r, (text, _) in zip(records, made_plain)]
         fitted = fit_attachments(attachments, tokenizer, budget)
         messages[-1] = {"role": "user", "content": attachments_prompt(fitted, question)}
-        files = [{"name": f.name, "tokens": f.tokens, "original_tokens": f.original_tokens,
+        files = [{"id": r["id"], "name": f.name, "tokens": f.tokens, "original_tokens": f.original_tokens,
                   "truncated": f.truncated, "dropped": f.dropped, "notice": _notice(f, changed)}
-                 for f, (_, changed) in zip(fitted, made_plain)]
-    text = chat_text(tokenizer, messages, template)
-    prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+                 for r, f, (_, changed) in zip(records, fitted, made_plain)]
+    if images:
+        text, prompt_tokens = _with_images(engine, messages, images, template)
+        files += [{"id": r["id"], "name": r["name"], "kind": "image", "tokens": None, "notice": None}
+                  for r in images]
+        order = {upload_id: i for i, upload_id in enumerate(upload_ids)}   # the page lists them as uploaded
+        files.sort(key=lambda f: order[f["id"]])
+    else:
+        text = chat_text(tokenizer, messages, template)
+        prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
     request_settings = {SETTING_NAMES[k]: v for k, v in given.items()}
-    if upload_ids and "max_new_tokens" not in given:
+    if records and "max_new_tokens" not in given:
         request_settings["max_tokens"] = max(1, min(max_new, engine.context_length - prompt_tokens))
     return {"messages": messages, "prompt": text, "prompt_tokens": prompt_tokens, "files": files,
             "context_length": engine.context_length, "max_new_tokens": max_new, "rule": FIT_RULE,

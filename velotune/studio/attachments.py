@@ -5,12 +5,13 @@
 this order, so a refusal never costs a parse:
 
 1. size: more than `max_bytes` is refused before anything else looks at the bytes;
-2. type: the extension picks the kind (`KIND_BY_EXTENSION`); images are refused as needing a vision model,
-   anything else off the list is refused with the list in the message;
+2. type: the extension picks the kind (`KIND_BY_EXTENSION`; images by `IMAGE_MIME`); anything else off the list is
+   refused with the list in the message;
 3. content: the bytes must be what the extension claims (a PDF starts with ``%PDF-``, a DOCX is a zip holding
    ``word/document.xml``, text decodes as UTF-8 or BOM-marked UTF-16 and holds no NUL);
 4. parse: CSV/TSV must parse with the csv module, JSON/JSONL with the json module (errors give line and
-   column); PDF and DOCX text is extracted by `velotune.studio.attachment_formats`.
+   column); PDF and DOCX text is extracted by `velotune.studio.attachment_formats`; an image must decode (within
+   velotune.vision's pixel cap) and is kept as a data: URI for a vision-language model (`Attachment.image`).
 
 The file name is only a label: its directory part is dropped and it never reaches the filesystem.
 """
@@ -42,8 +43,9 @@ KIND_BY_EXTENSION: dict[str, str] = {
     ".pdf": "pdf",
     ".docx": "docx",
 }
-IMAGE_EXTENSIONS = frozenset((".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic",
-                              ".svg"))
+# Raster images a vision-language model reads, by extension -> the data: URI's type.
+IMAGE_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+              ".webp": "image/webp", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 # The kinds whose bytes are text; PDF and DOCX are binary containers read by their own parsers.
 TEXT_KINDS = frozenset(("text", "markdown", "csv", "json", "code"))
 
@@ -65,11 +67,12 @@ class Attachment:
     kind: str
     text: str
     details: dict = field(default_factory=dict)
+    image: str | None = None   # kind "image": the file as a data: URI (its text is empty)
 
 
 def allowed_extensions() -> list[str]:
     """The extensions read_attachment accepts, sorted (for the page's file picker and for error messages)."""
-    return sorted(KIND_BY_EXTENSION)
+    return sorted([*KIND_BY_EXTENSION, *IMAGE_MIME])
 
 
 def clean_name(name: str | None) -> str:
@@ -92,11 +95,10 @@ def read_attachment(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTE
         raise AttachmentError(label, f"the file is {_human_size(len(data))}, over the {_human_size(max_bytes)} "
                                      "limit for attachments", code="too_large")
     extension = _extension(label)
+    if extension in IMAGE_MIME:
+        return _read_image(label, extension, data)
     kind = KIND_BY_EXTENSION.get(extension)
     if kind is None:
-        if extension in IMAGE_EXTENSIONS:
-            raise AttachmentError(label, "images need a vision model, which the Studio does not support yet",
-                                  code="unsupported")
         shown = f"type {extension!r}" if extension else "a file without an extension"
         raise AttachmentError(label, f"{shown} is not supported; supported types: "
                                      f"{', '.join(allowed_extensions())}", code="unsupported")
@@ -111,6 +113,22 @@ def read_attachment(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTE
         extra["lines"] = text.count("\n") + (0 if text.endswith("\n") else 1)
     details.update(extra)
     return Attachment(name=label, kind=kind, text=text, details=details)
+
+
+def _read_image(label: str, extension: str, data: bytes) -> Attachment:
+    """An image that decodes (PIL, within the pixel cap; the bytes, not the name, decide the format)."""
+    import base64
+
+    from ..errors import DataError
+    from ..vision.images import load_image
+    try:
+        image = load_image(data, source=label, allow_files=False)
+    except DataError as exc:
+        raise AttachmentError(label, f"is not a usable image: {exc}") from None
+    uri = f"data:{IMAGE_MIME[extension]};base64," + base64.b64encode(data).decode("ascii")
+    return Attachment(name=label, kind="image", text="", image=uri,
+                      details={"extension": extension, "bytes": len(data), "width": image.width,
+                               "height": image.height})
 
 
 def decode_text(label: str, data: bytes) -> str:

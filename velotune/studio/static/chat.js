@@ -46,7 +46,7 @@ function showFiles(fitted) {
   const list = $("chat-file-list"); list.replaceChildren();
   files.forEach((f, i) => {
     const fit = fitted ? fitted[i] : null;
-    const counts = fit ? `${fit.tokens}${fit.truncated ? ` of ${fit.original_tokens}` : ""} tokens of ${contextLength}` : `${f.chars} characters`;
+    const counts = f.kind === "image" ? `${f.bytes} bytes` : fit ? `${fit.tokens}${fit.truncated ? ` of ${fit.original_tokens}` : ""} tokens of ${contextLength}` : `${f.chars} characters`;
     const row = el("div", { class: "file", "data-file": f.name }, `${f.name} (${f.kind}) · ${counts} `,
       el("button", { text: "remove", onclick: () => { files.splice(i, 1); refreshPrompt(); } }));
     if (fit && fit.notice) row.append(el("span", { class: "notice", text: fit.notice }));
