@@ -122,3 +122,49 @@ def test_an_unknown_vision_family_is_named(tiny_llava, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(VelotuneError, match="paligemma"):
         vt.load(str(copy))
+
+
+def test_adapters_cross_to_peft_on_transformers_model_and_back(tiny_llava, data, tmp_path):
+    """velotune's adapter (LoRA on both parts, the projector in full) loads with PEFT onto transformers' LLaVA with
+    the same logits; PEFT's own adapter loads into velotune's model with the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from velotune.config import load_config
+    from velotune.training.objectives.vision import VisionSFT
+    from velotune.vision.processor import image_processor_for
+    _, items = data
+    pixels = image_processor_for(tiny_llava)([Image.open(items[0][0])]).tensors
+    ids = torch.tensor([[1, 2] + [model_image_id(tiny_llava)] * 4 + [5, 6, 7]])
+
+    ours, _ = vt.load(str(tiny_llava), dtype="float32")
+    targets, saved = VisionSFT().lora_choice(ours, load_config({"vision": {"projector": "full"}}))
+    vt.add_lora(ours, r=4, alpha=8, targets=targets, modules_to_save=saved)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name or name.startswith("multi_modal_projector."):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    vt.save_adapter(ours, tmp_path / "ours")
+    hf = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval(),
+                                   str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        want = ours(ids, pixel_values=pixels["pixel_values"]).logits
+        got = hf(input_ids=ids, pixel_values=pixels["pixel_values"]).logits
+    assert (want - got).abs().max() < 1e-5
+
+    base = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava)).eval()
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    loaded, _ = vt.load(str(tiny_llava), dtype="float32")
+    vt.load_adapter(loaded, tmp_path / "peft")
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, pixel_values=pixels["pixel_values"]).logits
+        got = loaded(ids, pixel_values=pixels["pixel_values"]).logits
+    assert (want - got).abs().max() < 1e-5
+
+
+def model_image_id(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["image_token_index"]

@@ -29,17 +29,18 @@ _OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "l
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (the live parameters) under PEFT's file names."""
+    """The adapter's tensors (the live parameters) under PEFT's file names (transformers' module names)."""
     settings = _settings(model)
     out = {}
     for name, layer in lora_layers(model).items():
+        name = model.peft_name(name)
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     for name in settings.modules_to_save:
         for pname, p in model.get_submodule(name).named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = p
+            out[f"{PREFIX}{model.peft_name(name)}.{pname}"] = p
     return out
 
 
@@ -57,7 +58,8 @@ def adapter_config(model: nn.Module) -> dict:
         "peft_type": "LORA", "task_type": _peft_task(model), "base_model_name_or_path": _base_name(model),
         "r": s.r, "lora_alpha": int(s.alpha) if float(s.alpha).is_integer() else s.alpha,
         "lora_dropout": s.dropout, "target_modules": _peft_targets(model, s),
-        "use_rslora": s.rslora, "use_dora": s.dora, "modules_to_save": s.modules_to_save or None,
+        "use_rslora": s.rslora, "use_dora": s.dora,
+        "modules_to_save": [model.peft_name(n) for n in s.modules_to_save] or None,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "exclude_modules": None, "revision": None,
@@ -90,7 +92,7 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
         load_adapter(root, adapter_dir, trainable)
         return model
     adapter_dir = Path(adapter_dir)
-    kwargs = settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME)
+    kwargs = _our_names(model, settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME))
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         also = " (adapter_model.bin is there: only safetensors adapters are read)" \
@@ -150,6 +152,16 @@ def settings_from_config(config: dict, source) -> dict:
                 dora=bool(config.get("use_dora")), modules_to_save=config.get("modules_to_save") or None)
 
 
+def _our_names(model, kwargs: dict) -> dict:
+    """Full module names in an adapter config (transformers' names) -> ours; leaf names and regexes stay."""
+    targets = kwargs["targets"]
+    if isinstance(targets, list):
+        kwargs["targets"] = [model.name_from_peft(t) if "." in t else t for t in targets]
+    if kwargs.get("modules_to_save"):
+        kwargs["modules_to_save"] = [model.name_from_peft(n) for n in kwargs["modules_to_save"]]
+    return kwargs
+
+
 def _check_compatible(model, kwargs, source):
     s = _settings(model)
     ours = dict(r=s.r, alpha=float(s.alpha), rslora=s.rslora, dora=s.dora, targets=sorted(s.targets))
@@ -166,7 +178,7 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path):
     layers, before any LoRA layer is built: a tampered `r` would otherwise allocate r x features per layer."""
     source, weights = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     check_hyperparameters(kwargs["r"], kwargs["alpha"], kwargs["dropout"])
-    found = {_normalize(name): shape for name, (shape, _) in header_shapes([weights]).items()}
+    found = {_normalize(name, model): shape for name, (shape, _) in header_shapes([weights]).items()}
     ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape}
     if ranks and ranks != {kwargs["r"]}:
         raise CheckpointError(f"{source}: r is {kwargs['r']} but {weights} holds rank-"
@@ -198,10 +210,10 @@ def _wrong_shapes(expected: dict, found: dict) -> list[str]:
 
 @torch.no_grad()
 def _copy_tensors(model, weights: Path):
-    expected = adapter_state_dict(model)
+    expected = {_normalize(k, model): v for k, v in adapter_state_dict(model).items()}
     found = {}
     for name, tensor, _ in ckpt.iter_tensors([weights]):
-        found[_normalize(name)] = tensor
+        found[_normalize(name, model)] = tensor
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = _wrong_shapes({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()})
@@ -214,13 +226,15 @@ def _copy_tensors(model, weights: Path):
         p.copy_(found[k])
 
 
-def _normalize(name: str) -> str:
-    """Names as PEFT versions write them -> ours: no adapter-name segment, DoRA magnitude without `.weight`."""
+def _normalize(name: str, model) -> str:
+    """Names as PEFT versions write them -> ours: no adapter-name segment, DoRA magnitude without `.weight`,
+    transformers' module path as ours (`PREFIX` kept)."""
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     for old in (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
         if name.endswith(old):
             name = name[: -len(old)] + ".lora_magnitude_vector"
-    return name if name.startswith(PREFIX) else PREFIX + name
+    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return PREFIX + model.name_from_peft(name)
 
 
 def _few(items, n=4) -> str:
@@ -242,4 +256,4 @@ def _peft_targets(model, settings) -> list[str]:
     """The shortest PEFT `target_modules` that selects exactly our targets: leaf names when they suffice."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in settings.targets})
     chosen = [n for n in linear_names(model) if any(name_matches(n, leaf) for leaf in leaves)]
-    return leaves if sorted(chosen) == sorted(settings.targets) else list(settings.targets)
+    return leaves if sorted(chosen) == sorted(settings.targets) else [model.peft_name(n) for n in settings.targets]

@@ -57,6 +57,15 @@ class VelotuneModel(nn.Module, metaclass=ABCMeta):
     def model_type(self) -> str:
         return self.args.model_type
 
+    def peft_name(self, name: str) -> str:
+        """Our module name -> the name transformers' model has for it in memory, which PEFT's adapter files use.
+        The same by default (a family whose module tree differs from transformers' maps it)."""
+        return name
+
+    def name_from_peft(self, name: str) -> str:
+        """The inverse of `peft_name`."""
+        return name
+
     def adapter_root(self) -> nn.Module:
         """The module LoRA adapts and whose names adapter files use: the model itself, or the backbone a
         wrapper (a sentence embedder) carries."""

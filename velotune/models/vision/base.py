@@ -118,6 +118,8 @@ class VisionLanguageModel(LanguageModel):
     saved_prefixes: tuple[tuple[str, str], ...] = ()
     # Other on-disk spellings of the same tensors that load also accepts (older or newer transformers layouts).
     load_prefixes: tuple[tuple[str, str], ...] = ()
+    # (our prefix, transformers 5's in-memory prefix): the module names PEFT adapter files use.
+    memory_prefixes: tuple[tuple[str, str], ...] = ()
     hf_architecture = ""                      # config.json "architectures" entry for an export
 
     def __init__(self, args, language_model: LanguageModel):
@@ -237,6 +239,12 @@ class VisionLanguageModel(LanguageModel):
         state.update({k: v for k, v in self.state_dict().items() if not k.startswith("language_model.")})
         return self.checkpoint_names(state)
 
+    def peft_name(self, name: str) -> str:
+        return checkpoint_name(name + ".", self.memory_prefixes)[:-1]
+
+    def name_from_peft(self, name: str) -> str:
+        return self.our_name(name + ".")[:-1]
+
     def checkpoint_names(self, state: dict) -> dict:
         """A state dict under our names -> under the names transformers writes for the family."""
         return {checkpoint_name(k, self.saved_prefixes): v for k, v in state.items()}
@@ -245,7 +253,7 @@ class VisionLanguageModel(LanguageModel):
     def our_name(cls, checkpoint_key: str) -> str:
         """The name of ours for a tensor name in a checkpoint file (any spelling the family accepts)."""
         # The longest spelling that matches: `model.visual.` before `model.` (Qwen2-VL writes its text at `model.`).
-        matches = [(ours, theirs) for ours, theirs in (*cls.saved_prefixes, *cls.load_prefixes)
+        matches = [(ours, theirs) for ours, theirs in (*cls.saved_prefixes, *cls.load_prefixes, *cls.memory_prefixes)
                    if checkpoint_key.startswith(theirs)]
         if not matches:
             return checkpoint_key

@@ -106,6 +106,7 @@ class Model(VisionLanguageModel):
                       ("vision_model.", "model.vision_model."),
                       ("connector.", "model.connector."))
     load_prefixes = ()
+    memory_prefixes = saved_prefixes   # transformers keeps these names in memory too
     hf_architecture = ARCHITECTURES["idefics3"]
 
     def __init__(self, args: Args):

@@ -160,6 +160,9 @@ class Model(VisionLanguageModel):
                      ("language_model.model.", "model.language_model."),
                      ("language_model.lm_head.", "lm_head."),
                      ("multi_modal_projector.", "model.multi_modal_projector."))
+    memory_prefixes = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                       ("vision_tower.", "model.vision_tower."),
+                       ("multi_modal_projector.", "model.multi_modal_projector."))
     hf_architecture = "LlavaForConditionalGeneration"
 
     def __init__(self, args: Args):

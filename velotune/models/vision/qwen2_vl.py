@@ -141,6 +141,8 @@ class Model(VisionLanguageModel):
     saved_prefixes = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                       ("visual.", "visual."))
     load_prefixes = (("language_model.model.", "model.language_model."), ("visual.", "model.visual."))
+    memory_prefixes = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                       ("visual.", "model.visual."))
     hf_architecture = HF_ARCHITECTURES[QWEN2_VL]
 
     def __init__(self, args: Args):
