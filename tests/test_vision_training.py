@@ -168,3 +168,22 @@ def test_adapters_cross_to_peft_on_transformers_model_and_back(tiny_llava, data,
 
 def model_image_id(model_dir) -> int:
     return json.loads((model_dir / "config.json").read_text())["image_token_index"]
+
+
+def test_image_data_for_a_text_only_model_is_refused_by_record(data, tmp_path):
+    from hf_reference import make_checkpoint
+    from tiny_tokenizer import make_tokenizer
+    from velotune.data.templates import CHATML
+    from velotune.errors import DataError
+    tokenizer = make_tokenizer(chat_template=CHATML)
+    base, _ = make_checkpoint(tmp_path, "llama", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(str(base))
+    with pytest.raises(DataError, match=r"train.jsonl:1.*images train a vision-language model"):
+        vt.train(_config(base, data[0], tmp_path / "run"))
+
+
+def test_qlora_trains_a_vision_model_with_its_language_blocks_in_nf4(tiny_llava, data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    result = vt.train(_config(tiny_llava, data[0], tmp_path / "run", steps=2,
+                              model={"path": str(tiny_llava), "dtype": "float32", "quantize": "nf4"}))
+    assert result.adapter_dir is not None and result.final_loss == result.final_loss   # finite
