@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
+from .checkpoint_io import cast_state, dtype_name, write_model_dir
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
 from .dtypes import default_dtype, parse_dtype
 from .interface import require_model
@@ -165,24 +164,12 @@ def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFA
         raise UnsupportedError("this model carries LoRA adapters: use vt.save_adapter(model, dir) for the "
                                "adapter, or vt.export(model, tokenizer, dir, format='merged') for merged weights")
     target = parse_dtype(dtype) if dtype is not None else None
-    state = model.state_for_saving()
-    if target is not None:
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    out_dir = Path(out_dir)
-    with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        config = dict(model.args.to_dict())
-        if target is not None or "torch_dtype" in config or "dtype" in config:
-            name = str(target or next(iter(state.values())).dtype).replace("torch.", "")
-            config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        ckpt.save_safetensors(state, tmp, max_shard_bytes)
-        source = model.source_dir
-        for name in SIDE_FILES:
-            if source is not None and (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return out_dir
+    state = cast_state(model.state_for_saving(), target)
+    config = dict(model.args.to_dict())
+    if target is not None or "torch_dtype" in config or "dtype" in config:
+        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name(state)
+    return write_model_dir(out_dir, state, config, source_dir=model.source_dir, side_files=SIDE_FILES,
+                           tokenizer=tokenizer, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
 __all__ = ["load", "save", "supported_model_types"]

@@ -7,10 +7,8 @@ through the registry, (model_type, "speech-seq2seq"), so this file and whisper.p
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
 from .dtypes import default_dtype, parse_dtype
+from .checkpoint_io import cast_state, dtype_name, tensors_to_load, write_model_dir
 from .header_check import check_positive_sizes, header_shapes, warn_if_not_finite
 from .interface import VelotuneModel
 from .loader import parameters_on_meta, skip_weight_init
@@ -89,24 +88,14 @@ def _check_layer_counts(config: dict, shapes: dict, source: Path):
 
 
 def _tensors_to_load(model, shapes: dict, model_dir: Path) -> set[str]:
-    """Every tensor the model needs is there with its shape (a tied head may be left out); the error names the
-    tensor and its file. Tensors the model does not use are reported and skipped."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Every tensor the model needs is there with its shape (a tied head may be left out)."""
     tied = model.args.tie_word_embeddings
-    needed = {name for name in expected if not (tied and name == HEAD)}
-    for name, (shape, file) in shapes.items():
-        if name in needed and shape != expected[name]:
-            raise CheckpointError(f"{file}: tensor '{name}' has shape {list(shape)} but config.json implies "
-                                  f"{list(expected[name])} (does the config belong to these weights?)")
-    missing = sorted(needed - set(shapes))
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        extra = " (tie_word_embeddings is false: the head must be stored)" if HEAD in missing else ""
-        raise CheckpointError(f"{model_dir}: tensor {shown} missing from the checkpoint{extra}")
-    unused = sorted(set(shapes) - set(expected))
-    if unused:
-        log.warning("%s: ignoring %d tensor(s) Whisper does not use, e.g. %s", model_dir, len(unused), unused[0])
-    return needed
+    try:
+        return tensors_to_load(model, shapes, model_dir, skipped=lambda name: tied and name == HEAD)
+    except CheckpointError as exc:
+        if not tied and f"'{HEAD}'" in str(exc) and "missing" in str(exc):
+            raise CheckpointError(f"{exc} (tie_word_embeddings is false: the head must be stored)") from None
+        raise
 
 
 def save_whisper(model, out_dir, overwrite: bool = False, dtype=None) -> Path:
@@ -119,23 +108,12 @@ def save_whisper(model, out_dir, overwrite: bool = False, dtype=None) -> Path:
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise UnsupportedError("this Whisper model carries LoRA adapters: save them with vt.save_adapter(model, "
                                "dir), or merge them first (velotune.lora.merge_and_unload(model))")
-    state = model.state_for_saving()
-    if dtype is not None:
-        target = parse_dtype(dtype)
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    state = cast_state(model.state_for_saving(), dtype)
     config = model.args.to_dict()
     config["architectures"] = [model.hf_architecture]
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(state[next(iter(state))].dtype
-                                                                         ).replace("torch.", "")
-    out_dir = Path(out_dir)
-    with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        ckpt.save_safetensors(state, tmp)
-        source = model.source_dir
-        for name in SIDE_FILES:
-            if source is not None and (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-    return out_dir
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name(state)
+    return write_model_dir(out_dir, state, config, source_dir=model.source_dir, side_files=SIDE_FILES,
+                           overwrite=overwrite)
 
 
 __all__ = ["SPEECH_SEQ2SEQ", "load_whisper", "save_whisper"]

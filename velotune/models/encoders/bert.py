@@ -165,7 +165,7 @@ class Model(EncoderModel):
         """Hidden states [batch, seq, hidden]. With padding, the blocks run on the real tokens only (unpadded.py):
         padding positions come out as zeros, real ones as transformers computes them."""
         self.check_length(input_ids.shape[1])
-        mask = key_padding_mask(attention_mask, input_ids.shape)
+        key_padding_mask(attention_mask, input_ids.shape)  # refuses a mask whose shape is not the input's
         h = self.embeddings(input_ids, token_type_ids)
         if not has_padding(attention_mask):
             return self.run_blocks(h, None)

@@ -8,15 +8,14 @@ and velotune both load.
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
-from ...errors import CheckpointError, UnsupportedError
+from ...errors import UnsupportedError
 from .. import checkpoint as ckpt
+from ..checkpoint_io import cast_state, dtype_name, tensors_to_load, write_model_dir
 from ..dtypes import default_dtype, parse_dtype
 from ..header_check import check_positive_sizes, header_shapes, warn_if_not_finite
 from ..loader import _rebuild_buffers, parameters_on_meta, skip_weight_init
@@ -57,7 +56,9 @@ def load_vision_model(directory, dtype=None, device=None):
     args = module.Args.from_dict(config, source=str(config_path))
     with parameters_on_meta(), skip_weight_init():
         model = model_class(args)
-    wanted = _tensors_to_load(model, shapes, model_dir)
+    tied = args.tie_word_embeddings
+    wanted = tensors_to_load(model, shapes, model_dir,
+                             skipped=lambda n: (tied and n == HEAD) or n.endswith(".inv_freq"))
     loaded = {}
     for name, tensor, file in ckpt.iter_tensors(files):
         ours = model_class.our_name(name)
@@ -73,27 +74,6 @@ def load_vision_model(directory, dtype=None, device=None):
     return model.eval()
 
 
-def _tensors_to_load(model, shapes: dict, model_dir: Path) -> set[str]:
-    """Every tensor the model needs is there with its shape (a tied head may be left out); the error names the
-    tensor and its file. Tensors the model does not use are reported and skipped."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = model.args.tie_word_embeddings
-    derived = ("rotary_emb.inv_freq", ".inv_freq")
-    needed = {n for n in expected if not (tied and n == HEAD) and not n.endswith(derived)}
-    for name, (shape, file) in shapes.items():
-        if name in needed and shape != expected[name]:
-            raise CheckpointError(f"{file}: tensor '{name}' has shape {list(shape)} but config.json implies "
-                                  f"{list(expected[name])} (does the config belong to these weights?)")
-    missing = sorted(needed - set(shapes))
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{model_dir}: tensor {shown} missing from the checkpoint")
-    unused = sorted(set(shapes) - set(expected))
-    if unused:
-        log.warning("%s: ignoring %d tensor(s) the model does not use, e.g. %s", model_dir, len(unused), unused[0])
-    return needed
-
-
 def save_vision_model(model, out_dir, overwrite: bool = False, dtype=None, tokenizer=None) -> Path:
     """Writes config.json + safetensors under transformers' names for the family, atomically (an overwrite replaces
     only files velotune wrote there), with the source directory's processor, template and generation files (and
@@ -104,26 +84,13 @@ def save_vision_model(model, out_dir, overwrite: bool = False, dtype=None, token
     if any("lora_" in name for name, _ in model.named_parameters()):
         raise UnsupportedError("this model carries LoRA adapters: save them with vt.save_adapter(model, dir), or "
                                "export merged weights with vt.export(model, tokenizer, dir, format='merged')")
-    state = model.state_for_saving()
-    if dtype is not None:
-        target = parse_dtype(dtype)
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    state = cast_state(model.state_for_saving(), dtype)
     config = model.args.to_dict()
     if model.hf_architecture:
         config["architectures"] = [model.hf_architecture]
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(next(iter(state.values())).dtype
-                                                                         ).replace("torch.", "")
-    out_dir = Path(out_dir)
-    with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        ckpt.save_safetensors(state, tmp)
-        source = model.source_dir
-        for name in SIDE_FILES:
-            if source is not None and (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    return out_dir
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name(state)
+    return write_model_dir(out_dir, state, config, source_dir=model.source_dir, side_files=SIDE_FILES,
+                           tokenizer=tokenizer, overwrite=overwrite)
 
 
 __all__ = ["SIDE_FILES", "is_vision_config", "load_vision_model", "save_vision_model"]
