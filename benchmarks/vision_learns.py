@@ -132,15 +132,19 @@ def write_report(out: Path, args, rows, n_train: int, n_held: int):
              "Model: velotune.bench.tiny_vlm `small` (CLIP tower 96 wide x 3 layers on 8x8 patches = 16 image "
              "tokens, projector, Llama 128 wide x 3 layers), random weights, seed 0.  ",
              f"Training: {args.steps} steps of {args.batch_size} samples, AdamW, cosine schedule, 20 warm-up steps; "
-             "loss on the answer only. Accuracy: greedy answer == digit, on the held-out images.", "",
+             "loss on the answer only. Accuracy: greedy answer == digit, on the held-out images. The LoRA runs keep "
+             "the random output head and final norm as they are, so their logits stay small: the right answer wins "
+             "the argmax while the loss stays near 3 (full fine-tuning trains the head).", "",
              "| run | accuracy before | accuracy after | training s | last logged loss |", "|---|---|---|---|---|"]
     for name, before, after, seconds, loss in rows:
         shown = f"{loss:.4f}" if isinstance(loss, float) else "—"
         lines.append(f"| {name} | {before:.3f} | {after:.3f} | {seconds:.0f} | {shown} |")
-    lines += ["", "## Machine", "",
+    lines += ["", "Training seconds are wall time on a machine shared with other work (the load average moves them "
+              "several-fold); speed is measured side by side by `velotune bench --vision`.", "", "## Machine", "",
               f"- cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), {args.threads} torch "
               f"thread(s); python {platform.python_version()}",
-              f"- torch {torch.__version__}, transformers {transformers.__version__}",
+              f"- torch {torch.__version__}, transformers {transformers.__version__}; load average at the end "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
               f"- {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
