@@ -104,7 +104,7 @@ def test_construction_patches_are_undone_even_on_errors():
     import torch
     from torch import nn
 
-    from velotune.models.loader import parameters_on_meta, skip_weight_init
+    from velotune.models.build import parameters_on_meta, skip_weight_init
     register, normal = nn.Module.register_parameter, nn.init.normal_
     with pytest.raises(RuntimeError, match="boom"):
         with parameters_on_meta(), skip_weight_init():

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import VelotuneError
 from ..models.interface import require_model
+from .chat_render import chat_text  # noqa: F401  (velotune.infer.generation.chat_text, as before)
 from .defaults import eos_token_ids as find_eos_token_ids
 from .defaults import read_generation_config, resolve_sampling
 
@@ -172,16 +173,6 @@ def _encode_prompts(model, tokenizer, prompts) -> tuple[list, dict | None]:
         encoded.append(ids)
         images.append(tensors)
     return encoded, collate_images(images)
-
-
-def chat_text(tokenizer, messages, chat_template: str | None = None) -> str:
-    """Chat messages as `chat_template` (default: the tokenizer's own) writes them, with the generation prompt;
-    its special tokens are in the text (encode it with add_special_tokens=False)."""
-    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
-        raise VelotuneError("the tokenizer has no chat template: pass a plain string prompt, or set "
-                            "tokenizer.chat_template")
-    return tokenizer.apply_chat_template(list(messages), chat_template=chat_template, add_generation_prompt=True,
-                                         tokenize=False)
 
 
 def end_of_turn_ids(tokenizer, template: str | None = None) -> list[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 
 from ..errors import DataError
-from .generation import chat_text as render_chat
+from .chat_render import chat_text as render_chat
 
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

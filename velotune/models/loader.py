@@ -1,15 +1,14 @@
 """`vt.load` and `vt.save`: Hugging Face checkpoint directory <-> our model, plus its tokenizer."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
 from . import checkpoint as ckpt
+from .build import parameters_on_meta, rebuild_buffers, skip_weight_init
 from .checkpoint_io import cast_state, dtype_name, write_model_dir
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
 from .dtypes import default_dtype, parse_dtype
@@ -77,7 +76,7 @@ def _load_native(module, model_dir: Path, config: dict, dtype, device):
     model.load_state_dict(loaded, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.tie_weights()
-    _rebuild_buffers(model, device)
+    rebuild_buffers(model, device)
     return model.eval()
 
 
@@ -101,55 +100,6 @@ def _tensors_to_load(expected: dict, shapes: dict, tied: bool, model_dir: Path) 
         log.warning("%s: ignoring %d tensor(s) this architecture does not use, e.g. %s",
                     model_dir, len(unexpected), unexpected[0])
     return set(needed)
-
-
-# The torch.nn.init functions modules call from reset_parameters().
-_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
-                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def skip_weight_init():
-    """Module constructors skip their random initialisation: every weight is about to be replaced."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
-    for name in saved:
-        setattr(nn.init, name, _keep)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def _keep(tensor, *args, **kwargs):
-    return tensor
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Every parameter a module registers goes to the meta device as it is registered: building the model costs
-    no memory. Unlike `with torch.device("meta")`, ops in constructors (RoPE tables, small buffers) run on the
-    CPU, not through PyTorch's Python meta decompositions, whose first use imports torch._dynamo: ~150 MB of RSS
-    for nothing."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-    nn.Module.register_parameter = to_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def _rebuild_buffers(model: nn.Module, device):
-    """Non-persistent buffers (RoPE tables) are built again on the target device, after the weights were loaded."""
-    from .rope import RotaryEmbedding
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.rebuild(device)
 
 
 def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES,

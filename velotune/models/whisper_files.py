@@ -19,7 +19,7 @@ from .dtypes import default_dtype, parse_dtype
 from .checkpoint_io import cast_state, dtype_name, tensors_to_load, write_model_dir
 from .header_check import check_positive_sizes, header_shapes, warn_if_not_finite
 from .interface import VelotuneModel
-from .loader import parameters_on_meta, skip_weight_init
+from .build import parameters_on_meta, skip_weight_init
 from .registry import SPEECH_SEQ2SEQ, architecture, supported_model_types
 
 log = logging.getLogger("velotune")

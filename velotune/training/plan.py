@@ -11,7 +11,7 @@ from ..config import Config, load_config
 from ..data.dataset import DEFAULT_MAX_SEQ_LENGTH, PreparedData
 from ..data.encode import TRAINED_CLOSE, TRAINED_OPEN
 from ..errors import ConfigError, DataError
-from .objectives import Objective, make_objective
+from .objectives import Objective, for_model_dir, make_objective
 from .outputs import OutputDir, check_not_input_model, inspect_output_dir, output_names, probe_writable
 from .model_setup import check_settings
 
@@ -97,7 +97,7 @@ def plan_run(config, overrides=None, *, model=None, tokenizer=None, dist=None, o
         objective.check_model(model)
     check_settings(cfg)
     model_dirs = _input_model_dirs(cfg, model)
-    chosen = objective.for_model_dir(model_dirs[0] if model_dirs else None)
+    chosen = for_model_dir(objective, model_dirs[0] if model_dirs else None)
     if chosen is not objective and model is not None:
         chosen.check_model(model)
     objective = chosen

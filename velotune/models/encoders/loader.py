@@ -17,7 +17,7 @@ from ...errors import CheckpointError, UnsupportedError
 from .. import checkpoint as ckpt
 from ..dtypes import default_dtype, parse_dtype
 from ..header_check import check_layer_count, check_positive_sizes, header_shapes, warn_if_not_finite
-from ..loader import parameters_on_meta, skip_weight_init
+from ..build import parameters_on_meta, skip_weight_init
 from ..registry import ENCODER, architecture, supported_model_types
 from ..rope import RotaryEmbedding
 from .base import EncoderModel

@@ -18,7 +18,7 @@ from .. import checkpoint as ckpt
 from ..checkpoint_io import cast_state, dtype_name, tensors_to_load, write_model_dir
 from ..dtypes import default_dtype, parse_dtype
 from ..header_check import check_positive_sizes, header_shapes, warn_if_not_finite
-from ..loader import _rebuild_buffers, parameters_on_meta, skip_weight_init
+from ..build import parameters_on_meta, rebuild_buffers, skip_weight_init
 from ..registry import IMAGE_TEXT, architecture, supported_model_types
 
 log = logging.getLogger("velotune")
@@ -68,7 +68,7 @@ def load_vision_model(directory, dtype=None, device=None):
     model.load_state_dict(loaded, strict=False, assign=True)  # assign keeps each parameter's requires_grad
     if args.tie_word_embeddings:
         model.tie_weights()
-    _rebuild_buffers(model, device)
+    rebuild_buffers(model, device)
     model.to(device)  # buffers a family builds in its constructor (rotary tables of the vision tower)
     model.set_source(model_dir, args.max_position_embeddings)
     return model.eval()

@@ -32,6 +32,20 @@ def register_objective(name: str, factory) -> None:
     _REGISTRY[name] = factory
 
 
+def for_model_dir(objective: Objective, model_dir) -> Objective:
+    """The objective that trains the model in `model_dir`: plain SFT of a vision-language checkpoint is the vision
+    objective (images in the conversations); anything else as given."""
+    if type(objective) is not SFT or model_dir is None:
+        return objective
+    from pathlib import Path
+
+    from ...models.checkpoint import read_config
+    from ...models.vision.files import is_vision_config
+    if (Path(model_dir) / "config.json").is_file() and is_vision_config(read_config(Path(model_dir))):
+        return VisionSFT()
+    return objective
+
+
 def objective_names() -> list[str]:
     return sorted(_REGISTRY)
 

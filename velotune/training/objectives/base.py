@@ -69,11 +69,6 @@ class Objective:
         """Called once LoRA or full fine-tuning is set up, before the optimizer is built: an objective may freeze
         parts of the model here (a vision-language model's tower). Nothing by default."""
 
-    def for_model_dir(self, model_dir: Path | None) -> "Objective":
-        """The objective that trains the model in `model_dir` (the plan's first call): itself, unless a kind of
-        model needs its own (SFT of a vision-language model)."""
-        return self
-
     def source_max_length(self, model_dir: Path) -> int | None:
         """The sequence length the model directory asks for beyond config.json's (None: config.json's)."""
         return None

@@ -3,24 +3,12 @@ text, every token trained): next-token cross-entropy, fused and chunked, summed 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from .base import Objective
 
 
 class SFT(Objective):
     name = "sft"
-
-    def for_model_dir(self, model_dir):
-        """A vision-language checkpoint trains through the vision objective (images in the conversations)."""
-        if type(self) is not SFT or model_dir is None:
-            return self
-        from ...models.checkpoint import read_config
-        from ...models.vision.files import is_vision_config
-        if (Path(model_dir) / "config.json").is_file() and is_vision_config(read_config(Path(model_dir))):
-            from .vision import VisionSFT
-            return VisionSFT()
-        return self
 
     def loss(self, model, batch):
         out = model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
