@@ -18,14 +18,18 @@ def add_bench_parser(subparsers):
     p.add_argument("--whisper", action="store_true",
                    help="the Whisper benchmark: velotune's asr objective vs transformers' Seq2SeqTrainer + PEFT, LoRA "
                         "r=32 on q/v of the real tiny.en, espeak-ng clips")
+    p.add_argument("--vision", action="store_true",
+                   help="the vision-language benchmark: velotune's vision objective vs transformers' LLaVA + PEFT, "
+                        "LoRA on the language model of a 224 px LLaVA shape with random weights, generated images")
     p.set_defaults(func=run_bench_command)
     return p
 
 
 def run_bench_command(ns):
-    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings, ns.whisper)) > 1:
+    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings, ns.whisper, ns.vision)) > 1:
         from ..errors import ConfigError
-        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo, --embeddings and --whisper")
+        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo, --embeddings, --whisper and "
+                          "--vision")
     if ns.loop:
         from .loop import run
     elif ns.preference:
@@ -36,6 +40,8 @@ def run_bench_command(ns):
         from .embeddings import run
     elif ns.whisper:
         from .whisper import run
+    elif ns.vision:
+        from .vision import run
     else:
         from .train import run
     run(ns)
