@@ -187,3 +187,10 @@ def test_qlora_trains_a_vision_model_with_its_language_blocks_in_nf4(tiny_llava,
     result = vt.train(_config(tiny_llava, data[0], tmp_path / "run", steps=2,
                               model={"path": str(tiny_llava), "dtype": "float32", "quantize": "nf4"}))
     assert result.adapter_dir is not None and result.final_loss == result.final_loss   # finite
+
+
+def test_images_past_the_cache_are_read_again_with_the_same_losses(tiny_llava, data, tmp_path):
+    kept = vt.train(_config(tiny_llava, data[0], tmp_path / "kept", steps=3))
+    reread = vt.train(_config(tiny_llava, data[0], tmp_path / "reread", steps=3, vision={"image_cache_mb": 0}))
+    assert reread.data_stats["reread"] == len(data[1]) and kept.data_stats["reread"] == 0
+    assert reread.losses == kept.losses

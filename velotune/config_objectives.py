@@ -134,3 +134,6 @@ class VisionConfig:
     projector: Literal["lora", "full", "frozen"] = setting(
         "lora", "the projector between the vision tower and the language model: LoRA on its linears, trained in "
                 "full (saved with the adapter), or kept as it is")
+    image_cache_mb: int = setting(2048, "processed images kept in memory for the run, in MB; past it, images are "
+                                        "read and processed again for each batch (a large data set fits any "
+                                        "memory)", NON_NEGATIVE)

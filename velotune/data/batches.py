@@ -50,10 +50,13 @@ def batch_iterator(examples: list[Encoded], *, batch_size: int, max_seq_length: 
                       max_width=max_seq_length)
 
 
-def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
+def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width: int | None = None,
+            bucket: bool = True) -> dict:
     """A batch from rows of examples (one example per row when not packing), as wide as its longest row rounded
-    up to a bucket length, but no wider than `max_width` (the run's max_seq_length) when given."""
-    width = bucket_length(max(sum(len(e) for e in row) for row in rows), cap=max_width)
+    up to a bucket length (`bucket`; else exactly as wide), but no wider than `max_width` (the run's
+    max_seq_length) when given."""
+    longest = max(sum(len(e) for e in row) for row in rows)
+    width = bucket_length(longest, cap=max_width) if bucket else longest
     B = len(rows)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)

@@ -40,8 +40,34 @@ MARKS = (IMAGE_MARK, BARE_IMAGE_MARK)
 
 @dataclass
 class VisionExample(Encoded):
-    images: dict = field(default_factory=dict)   # transformers' names -> tensors of this sample's images (or empty)
+    images: dict = field(default_factory=dict)   # transformers' names -> tensors of this sample's images; empty
+                                                 # when none, or when they are read again per batch (`reload`)
     num_images: int = 0
+    refs: list = field(default_factory=list)     # the images as the record names them (reload reads them again)
+    base_dir: Path | None = None                 # what relative references are relative to
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.images.values())
+
+    def drop_images(self) -> bool:
+        """Keeps only the references (`images_of` reads and processes them again when a batch needs them); False
+        when the images cannot be read again (given as objects, not paths or data URIs)."""
+        if self.num_images and len(self.refs) != self.num_images:
+            return False
+        self.images = {}
+        return True
+
+
+def images_of(example: VisionExample, processor) -> dict:
+    """The example's image tensors: kept ones, else read and processed again (the same pixels: processing is
+    deterministic)."""
+    if example.images or not example.num_images:
+        return example.images
+    from ..vision.images import load_image
+    where = example.origin or "<sample>"
+    images = [load_image(ref, base_dir=example.base_dir, source=where) for ref in example.refs]
+    return dict(processor(images, source=where).tensors)
 
 
 @dataclass
@@ -49,6 +75,7 @@ class VisionStats(DataStats):
     images: int = 0              # images read (kept samples)
     resized: int = 0             # images over the processor's maximum, shrunk
     cut_in_images: int = 0       # samples dropped: max_seq_length fell inside their image tokens
+    reread: int = 0              # images not kept in memory (vision.image_cache_mb): read again per batch
 
 
 def _part_ref(part: dict, at: str):
@@ -175,7 +202,8 @@ def encode_vision(sample, refs: list, processor, tokenizer, template: str, *, tr
     if image_id is not None:   # never a target, whatever train_on says
         labels = torch.where(example.input_ids == image_id, torch.full_like(labels, IGNORE_INDEX), labels)
     return VisionExample(example.input_ids, labels, example.origin,
-                         images=dict(processed.tensors) if processed else {}, num_images=len(images))
+                         images=dict(processed.tensors) if processed else {}, num_images=len(images),
+                         refs=list(refs) if all(isinstance(r, str) for r in refs) else [], base_dir=base_dir)
 
 
 def processor_image_token_id(processor, tokenizer) -> int:
@@ -230,5 +258,5 @@ def _pad_stacks(tensors: list) -> torch.Tensor:
     return out
 
 
-__all__ = ["IMAGE_MARK", "VisionExample", "VisionStats", "collate_images", "encode_vision", "expand_marks",
+__all__ = ["IMAGE_MARK", "VisionExample", "VisionStats", "collate_images", "encode_vision", "expand_marks", "images_of",
            "processor_image_token_id", "read_vision_record"]

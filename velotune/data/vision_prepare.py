@@ -20,7 +20,9 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 
 
 def prepare_vision_data(data_cfg, tokenizer, processor, *, max_seq_length: int | None = None,
-                        seed: int = 42) -> PreparedData:
+                        seed: int = 42, image_cache_mb: int | None = None) -> PreparedData:
+    """`image_cache_mb`: how much processed image data stays in memory (None: all); the images past it are read
+    and processed again when their batch is made."""
     if not data_cfg.path:
         raise ConfigError("data.path is not set: give a jsonl or json file of conversations with images")
     if tokenizer is None:
@@ -44,9 +46,26 @@ def prepare_vision_data(data_cfg, tokenizer, processor, *, max_seq_length: int |
         eval_stats.records = eval_read
         stats.eval = eval_stats
     _warn_dropped(name, stats)
+    _keep_within(train + eval_examples, image_cache_mb, stats)
     if stats.cut_in_images:
         log.warning("%s: dropped %d sample(s)%s", name, stats.cut_in_images, _cut_note(stats, max_len))
     return PreparedData(train, eval_examples, stats, fmt, data_cfg.format == "auto", template)
+
+
+def _keep_within(examples, budget_mb: int | None, stats: VisionStats):
+    """Processed images stay in memory up to `budget_mb`; the rest keep only their references."""
+    if budget_mb is None:
+        return
+    budget, kept = budget_mb * 2 ** 20, 0
+    for example in examples:
+        size = example.image_bytes
+        if kept + size <= budget or not example.drop_images():
+            kept += size
+        else:
+            stats.reread += example.num_images
+    if stats.reread:
+        log.info("%d image(s) past vision.image_cache_mb=%d are read and processed again for each batch",
+                 stats.reread, budget_mb)
 
 
 def _cut_note(stats: VisionStats, max_len: int) -> str:

@@ -23,6 +23,7 @@ from ..errors import TrainingError
 from . import distributed
 from .callbacks import Callbacks, stop_check
 from .metrics import MetricsLog, Progress, is_finite
+from ..kernels.shape_buckets import shape_keyed_kernels
 from .optim import build_optimizer, build_scheduler
 from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
@@ -108,6 +109,9 @@ class _Loop:
         model_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.amp_dtype = autocast_dtype(self.tcfg.precision, self.device, model_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        # fp32 on the CPU keeps nothing per shape: batches exactly as wide as their longest row (padding is work)
+        self.objective.bucket_widths = self.device.type != "cpu" or shape_keyed_kernels(
+            self.device, self.amp_dtype or model_dtype)
         self.state = TrainState()
         self._evaluated_at = None  # the step of the last evaluation: the final one is not run twice
         self._unread = []          # (loss, grad norm, metrics, record, log step): device values not read yet

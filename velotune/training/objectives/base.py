@@ -53,6 +53,9 @@ class Objective:
     sample_name = "sample"  # what one training example is called in the log ("pair" for preference data)
     row_name = "row"        # what train.batch_size counts
     evaluates_before_training = False  # True: extra_eval runs once before step 1 too (the "before" of before/after)
+    # Batch widths rounded up to a few buckets (kernels/shape_buckets.py): the loop turns it off where the matmuls keep
+    # nothing per shape (fp32 on the CPU), where the padding would only add work.
+    bucket_widths = True
 
     # ---- the model --------------------------------------------------------------------------------------------
     def load_model(self, config):
@@ -117,7 +120,7 @@ class Objective:
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         """A batch of tensors from rows of examples."""
         from ...data import collate
-        return collate(rows, pad_id=pad_id, packing=packing, max_width=max_width)
+        return collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths)
 
     def input_tokens(self, rows) -> int:
         """Real tokens the batch puts through the model (padding excluded): the throughput the bar shows."""

@@ -87,7 +87,7 @@ class KTO(Objective):
         from ...data import collate
         examples = [row[0] for row in rows]
         batch = collate([[e.sequence] for e in examples] + [[e.kl_sequence] for e in examples], pad_id=pad_id,
-                        packing=False, max_width=max_width)
+                        packing=False, max_width=max_width, bucket=self.bucket_widths)
         batch["rows"] = len(examples)
         batch["desirable"] = torch.tensor([e.desirable for e in examples])
         refs = [e.reference for e in examples]

@@ -49,7 +49,7 @@ class Preference(Objective):
         from ...data import collate
         pairs = [row[0] for row in rows]
         batch = collate([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id=pad_id, packing=False,
-                        max_width=max_width)
+                        max_width=max_width, bucket=self.bucket_widths)
         batch["pairs"] = len(pairs)
         refs = [p.reference for p in pairs]
         if all(r is not None for r in refs):

@@ -101,7 +101,8 @@ class VisionSFT(SFT):
             raise ConfigError("objective vision: the image processor is read from the model's directory; set "
                               "model.path (or pass a model loaded from a directory)")
         self.processor = image_processor_for(model_dir)
-        data = prepare_vision_data(config.data, tokenizer, self.processor, max_seq_length=max_seq_length, seed=seed)
+        data = prepare_vision_data(config.data, tokenizer, self.processor, max_seq_length=max_seq_length, seed=seed,
+                                   image_cache_mb=config.vision.image_cache_mb)
         self.stats = data.stats
         return data
 
@@ -110,15 +111,17 @@ class VisionSFT(SFT):
         extra = f", {stats.images} images"
         if stats.resized:
             extra += f" ({stats.resized} shrunk to the processor's maximum)"
+        if stats.reread:
+            extra += f", {stats.reread} read again for each batch (past vision.image_cache_mb)"
         return line + extra
 
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         """Text as any SFT batch (packed rows carry document_ids: attention stays within each sample, positions
         restart), and the images of the batch's samples in the order their tokens appear."""
         from ...data import collate
-        from ...data.vision_data import collate_images
-        batch = collate(rows, pad_id=pad_id, packing=packing, max_width=max_width)
-        batch.update(collate_images([example.images for row in rows for example in row]))
+        from ...data.vision_data import collate_images, images_of
+        batch = collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths)
+        batch.update(collate_images([images_of(example, self.processor) for row in rows for example in row]))
         return batch
 
     # ---- batches -> loss ----------------------------------------------------------------------------------------
