@@ -27,6 +27,17 @@ def apply_rope_reference(q, k, cos, sin):
     return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
 
 
+def rotate(x, cos, sin):
+    """One tensor rotated, x: [B, H, T, D] with cos, sin [B, T, R] (for queries at other positions than the keys)."""
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
 def _triton_fits(q, k, cos, sin) -> bool:
     rot = cos.shape[-1]
     return (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape and rot % 2 == 0

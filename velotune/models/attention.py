@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UnsupportedError
 from ..kernels import apply_rope
+from ..kernels.rope import rotate
 from ..kernels.lora_ops import lora_projections
 from ..kernels.varlen import packed_attention
 from .norms import RMSNorm
@@ -43,6 +44,20 @@ class AttentionMask:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def rows(self, rows: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Boolean [B, 1, K, kv_len] (True = attend) for the queries at positions `rows` [B, K] of a forward
+        without a cache: what `dense` gives those rows, built for them alone."""
+        k_idx = torch.arange(self.kv_len, device=self.device)[None, None, :]
+        q_idx = rows[:, :, None]
+        allowed = k_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - k_idx < window)
+        if self.doc_ids is not None:
+            allowed = allowed & (self.doc_ids.gather(1, rows)[:, :, None] == self.doc_ids[:, None, :])
+        if self.key_padding is not None:
+            allowed = allowed & self.key_padding[:, None, :].bool()
+        return (allowed | (k_idx == q_idx))[:, None]
 
     @property
     def packed_only(self) -> bool:
@@ -101,6 +116,13 @@ def attend(q, k, v, mask: AttentionMask, *, window=None, scale=None, softcap=Non
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, is_causal=dense is None, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
+    return _softcapped_attention(q, k, v, dense, scale, softcap)
+
+
+def attend_rows(q, k, v, dense, *, scale=None, softcap=None):
+    """Queries at some positions only: q [B, Hq, K, D] against every key, `dense` from AttentionMask.rows."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return _softcapped_attention(q, k, v, dense, scale, softcap)
 
 
@@ -171,3 +193,26 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attend(q, k, v, mask, window=self.window, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward_rows(self, x, rows, rope, mask: AttentionMask):
+        """The output at positions `rows` [B, K] only (keys and values from every position; no cache): what
+        forward gives there, for a last layer whose other positions nothing reads."""
+        B, T, _ = x.shape
+        K = rows.shape[1]
+        if self.fused_qkv:
+            q, k, v = self.project(x)
+            q = q.gather(1, rows[..., None].expand(B, K, q.shape[-1]))
+        else:
+            q = self.q_proj(x.gather(1, rows[..., None].expand(B, K, x.shape[-1])))
+            k, v = self.k_proj(x), self.v_proj(x)
+        q = q.view(B, K, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (t.expand(B, *t.shape[1:]) for t in rope)
+        picked = rows[..., None].expand(B, K, cos.shape[-1])
+        q = rotate(q.transpose(1, 2), cos.gather(1, picked), sin.gather(1, picked))
+        k = rotate(k.transpose(1, 2), cos, sin)
+        out = attend_rows(q, k, v, mask.rows(rows, self.window), scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out.transpose(1, 2).reshape(B, K, self.n_heads * self.head_dim))

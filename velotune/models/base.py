@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.encode import IGNORE_INDEX
 from ..kernels import linear_cross_entropy
+from ..kernels.shape_buckets import bucket_length
 from ..kernels.offload import offloaded_checkpoint
 from .attention import Attention, AttentionMask, check_document_ids, document_positions
 from .interface import LanguageModel, check_checkpointing_mode
@@ -43,6 +44,12 @@ class PreNormBlock(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_rows(self, x, rows, rope, mask):
+        """The block's output at positions `rows` [B, K] only (see Attention.forward_rows)."""
+        picked = x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
+        h = picked + self.self_attn.forward_rows(self.input_layernorm(x), rows, rope, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class Backbone(nn.Module):
     """`model.*` in the checkpoints: embeddings, blocks, final norm."""
@@ -57,15 +64,19 @@ class Backbone(nn.Module):
                                           args.partial_rotary_factor, args.max_position_embeddings)
         self.gradient_checkpointing = False  # False, True, or "offload" (block inputs kept on the CPU)
 
-    def forward(self, h, rope, mask, cache=None):
-        for layer in self.layers:
+    def forward(self, h, rope, mask, cache=None, rows=None):
+        """`rows` [B, K]: the last block computes those positions only (the output is [B, K, hidden])."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            run = layer if rows is None or i < last else (lambda x, *_, layer=layer: layer.forward_rows(x, rows, rope,
+                                                                                                         mask))
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 if self.gradient_checkpointing == "offload":
-                    h = offloaded_checkpoint(lambda x, layer=layer: layer(x, rope, mask, cache), h)
+                    h = offloaded_checkpoint(lambda x, run=run: run(x, rope, mask, cache), h)
                 else:
-                    h = checkpoint(layer, h, rope, mask, cache, use_reentrant=False)
+                    h = checkpoint(run, h, rope, mask, cache, use_reentrant=False)
             else:
-                h = layer(h, rope, mask, cache)
+                h = run(h, rope, mask, cache)
         return self.norm(h)
 
 
@@ -129,8 +140,9 @@ class CausalLM(LanguageModel):
         return h
 
     def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
-                      cache=None, inputs_embeds=None):
-        """Packed rows need `document_ids`; their positions then default to restarting at each document."""
+                      cache=None, inputs_embeds=None, rows=None):
+        """Packed rows need `document_ids`; their positions then default to restarting at each document. `rows`
+        [B, K] (no cache): the final states of those positions only, [B, K, hidden]."""
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.past_length if cache is not None else 0
@@ -144,7 +156,7 @@ class CausalLM(LanguageModel):
         mask = AttentionMask(T, past + T, h.device, doc_ids=document_ids,
                              key_padding=_padding_that_matters(attention_mask, cache, T))
         rope = self.model.rotary_emb(position_ids, h.dtype)
-        return self.model(h, rope, mask, cache)
+        return self.model(h, rope, mask, cache, rows)
 
     def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
                 cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
@@ -155,6 +167,11 @@ class CausalLM(LanguageModel):
         `document_ids` (position_ids alone are plain positions, one document per row)."""
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
+        if labels is not None and not return_logits and cache is None and not output_hidden_states \
+                and type(self.model.layers[-1]) is PreNormBlock:
+            return self._target_rows_forward(input_ids, labels, reduction, position_ids=position_ids,
+                                             document_ids=document_ids, attention_mask=attention_mask,
+                                             inputs_embeds=inputs_embeds)
         hidden = self.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids,
                                     attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds)
         out = CausalLMOutput(hidden_states=hidden if output_hidden_states else None)
@@ -165,6 +182,28 @@ class CausalLM(LanguageModel):
             out.loss, out.num_tokens = next_token_loss(labels, reduction, logits=out.logits, hidden=hidden,
                                                        weight=self.head_weight(), softcap=self.final_logit_softcap,
                                                        logits_fn=self.logits)
+        return out
+
+    def _target_rows_forward(self, input_ids, labels, reduction, **inputs) -> CausalLMOutput:
+        """The loss with the last block run only where a position has a target (position t predicts labels[t+1]):
+        no other output of that block is read, so the loss and every gradient are the full forward's, at the cost
+        of the last block for the trained tokens alone (an SFT batch trains its answers, not its prompts)."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        keep = targets != IGNORE_INDEX
+        most = int(keep.sum(dim=1).max()) if keep.numel() else 0
+        # Kept positions first, in order; then other positions, as padding of the rows with fewer (never a kept
+        # position twice, so their losses scatter back without collisions). The width is bucketed: a new shape per
+        # batch would make oneDNN build (and keep) kernels for each on the CPU in half precision.
+        width = min(targets.shape[1], bucket_length(max(most, 1)))
+        rows = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        hidden = self.hidden_states(input_ids, rows=rows, **inputs)
+        row_targets = targets.gather(1, rows)
+        out = CausalLMOutput()
+        loss, out.num_tokens = position_loss(row_targets, reduction, hidden=hidden, weight=self.head_weight(),
+                                             softcap=self.final_logit_softcap, logits_fn=self.logits)
+        if reduction == "none":
+            loss = loss.new_zeros(targets.shape).scatter(1, rows, loss)
+        out.loss = loss
         return out
 
     def logits(self, hidden):
