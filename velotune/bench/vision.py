@@ -30,7 +30,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import assets, report
 from .machine import load_average, machine_markdown, print_and_save
-from .processes import alternating, run_module
+from .processes import run_module
+from .side_by_side import checks, ratios, run_systems, summarise
 from .tiny_vlm import SIZES
 from .train import is_cuda, side_plan
 from .vision_worker import LORA_ALPHA, LORA_RANK, SYSTEMS
@@ -194,67 +195,6 @@ def model_dir(cache: Path, case: dict, plan: dict) -> Path:
 
 # ---- running ------------------------------------------------------------------------------------------------------
 
-def run_systems(plan: dict, model: Path, data: Path, out_root: Path) -> dict:
-    """{system: [worker results]}, the systems in alternating order at each repetition."""
-    spec = dict(model_dir=str(model), data=str(data), batch=plan["batch"], warmup=plan["warmup"],
-                steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
-                precision=plan["precision"], threads=plan["threads"])
-    runs = {s: [] for s in plan["systems"]}
-    for rep in range(plan["reps"]):
-        for system in alternating(plan["systems"], rep):
-            result = run_module("velotune.bench.vision_worker",
-                                dict(spec, system=system, out_dir=str(out_root / f"{system}-{rep}")),
-                                timeout=plan["timeout"], threads=plan["threads"])
-            runs[system].append(result)
-            extra = [f"{result['samples_per_s']:.3f} samples/s"] if result.get("ok") else []
-            print(report.progress_line(rep, "lora", system, result, width=5, extras=extra), flush=True)
-    return runs
-
-
-def summarise(runs: dict) -> dict:
-    systems = {}
-    for name, results in runs.items():
-        s = report.aggregate(results)
-        if s["ok"]:
-            ok = [r for r in results if r.get("ok")]
-            s["samples_per_s"] = report.median(r["samples_per_s"] for r in ok)
-            s["samples_per_s_each"] = [r["samples_per_s"] for r in ok]
-            s["collate_s_per_batch"] = report.median(r.get("collate_s_per_batch") for r in ok)
-            s["setup_s"] = report.median(r.get("setup_s") for r in ok)
-            # The step time without the collator's (hf builds its batches inside the timed steps, velotune before).
-            s["model_samples_per_s"] = report.median(r.get("model_samples_per_s") for r in ok)
-            s["samples_per_cpu_s"] = report.median(r.get("samples_per_cpu_s") for r in ok)
-        systems[name] = s
-    return systems
-
-
-
-def ratios(systems: dict) -> dict:
-    """velotune / hf: speed (samples/s; label tokens/s is the same ratio on the same batches), the speed with hf's
-    collator time taken out, peak memory, and the training's own peak (RSS during training minus RSS before it)."""
-    ours, base = systems.get("velotune", {}), systems.get("hf", {})
-    if not (ours.get("ok") and base.get("ok")):
-        return {}
-    return {"speed": report.ratio(ours["samples_per_s"], base["samples_per_s"]),
-            "tokens_per_s": report.ratio(ours["target_tokens_per_s"], base["target_tokens_per_s"]),
-            "speed_without_collator": report.ratio(ours["model_samples_per_s"], base["model_samples_per_s"]),
-            "speed_per_cpu_s": report.ratio(ours["samples_per_cpu_s"], base["samples_per_cpu_s"]),
-            "memory": report.ratio(ours["peak_memory_mb"], base["peak_memory_mb"]),
-            "train_extra": report.ratio(ours.get("train_extra_mb"), base.get("train_extra_mb"))}
-
-
-def checks(systems: dict) -> dict:
-    """Same label tokens at every step (the same conversations in the same batches, masked the same way), the same
-    trainable parameters, and how far the first losses are apart (same weights and data: only numerics differ)."""
-    ok = [s for s in systems.values() if s.get("ok")]
-    if len(ok) < 2:
-        return {"same_batches": None, "same_trainable_params": None, "first_loss_rel_diff": None}
-    losses = [s["first_loss"] for s in ok]
-    return {"same_batches": len({tuple(s["step_target_tokens"]) for s in ok}) == 1,
-            "same_trainable_params": len({s["trainable_params"] for s in ok}) == 1,
-            "first_loss_rel_diff": float(f"{(max(losses) - min(losses)) / abs(min(losses)):.3g}")}
-
-
 def run(ns) -> dict:
     plan = make_plan(ns)
     case, cache = plan["case"], assets.default_cache_dir()
@@ -267,8 +207,14 @@ def run(ns) -> dict:
           f"r={LORA_RANK} on the language model; {plan['samples']} conversations, {plan['batch']} a step, "
           f"{plan['warmup']} + {plan['steps']} steps; {plan['reps']} process(es) per system", flush=True)
     with tempfile.TemporaryDirectory(prefix="velotune-vision-bench-") as out_root:
-        runs = run_systems(plan, model, data, Path(out_root))
-    systems = summarise(runs)
+        spec = dict(model_dir=str(model), data=str(data), batch=plan["batch"], warmup=plan["warmup"],
+                    steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
+                    precision=plan["precision"], threads=plan["threads"])
+        runs = run_systems(plan, "velotune.bench.vision_worker", spec, Path(out_root), "samples")
+    systems = summarise(runs, ("setup_s", "model_samples_per_s", "samples_per_cpu_s"))
+    for name, s in systems.items():   # each process's, to show how far they spread on a shared machine
+        if s["ok"]:
+            s["samples_per_s_each"] = [r["samples_per_s"] for r in runs[name] if r.get("ok")]
     info = report.run_info({"lora": runs}, {}, load_before, time.time() - started)
     settings = {k: plan[k] for k in ("device", "dtype", "precision", "systems", "reps", "warmup", "steps", "lr",
                                      "threads", "quick", "samples", "batch")}
@@ -279,7 +225,7 @@ def run(ns) -> dict:
                                parameters_mb=round((model / "model.safetensors").stat().st_size / 2**20, 1)),
                     model_dir=str(model), data=str(data), lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
                     lora_targets=LM_TARGETS, scheduler="constant", max_grad_norm=1.0)
-    result = dict(machine=info, settings=settings, systems=systems, ratios=ratios(systems), **checks(systems),
+    result = dict(machine=info, settings=settings, systems=systems, ratios=ratios(systems, {"speed_without_collator": "model_samples_per_s", "speed_per_cpu_s": "samples_per_cpu_s"}), **checks(systems),
                   runs={k: [{n: v for n, v in r.items() if n != "traceback" or not r.get("ok")} for r in rs]
                         for k, rs in runs.items()})
     dtype = "bfloat16" if plan["precision"] == "bf16" else "float32"

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import assets, report
 from .machine import load_average, machine_markdown, print_and_save
-from .processes import alternating, run_module
+from .side_by_side import checks, ratios, run_systems, summarise
 from .train import is_cuda, side_plan
 from .whisper_worker import LORA_ALPHA, LORA_RANK, LORA_TARGETS, SYSTEMS
 
@@ -138,59 +138,6 @@ def audio_seconds(manifest: Path) -> float:
 
 # ---- running ------------------------------------------------------------------------------------------------------
 
-def run_systems(plan: dict, model: Path, manifest: Path, out_root: Path) -> dict:
-    """{system: [worker results]}, the systems in alternating order at each repetition."""
-    spec = dict(model_dir=str(model), manifest=str(manifest), batch=plan["batch"], warmup=plan["warmup"],
-                steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
-                precision=plan["precision"], threads=plan["threads"])
-    runs = {s: [] for s in plan["systems"]}
-    for rep in range(plan["reps"]):
-        for system in alternating(plan["systems"], rep):
-            result = run_module("velotune.bench.whisper_worker",
-                                dict(spec, system=system, out_dir=str(out_root / f"{system}-{rep}")),
-                                timeout=plan["timeout"], threads=plan["threads"])
-            runs[system].append(result)
-            extra = [f"{result['samples_per_s']:.3f} clips/s"] if result.get("ok") else []
-            print(report.progress_line(rep, "lora", system, result, width=5, extras=extra), flush=True)
-    return runs
-
-
-def summarise(runs: dict) -> dict:
-    systems = {}
-    for name, results in runs.items():
-        s = report.aggregate(results)
-        if s["ok"]:
-            ok = [r for r in results if r.get("ok")]
-            s["samples_per_s"] = report.median(r["samples_per_s"] for r in ok)
-            s["collate_s_per_batch"] = report.median(r.get("collate_s_per_batch") for r in ok)
-        systems[name] = s
-    return systems
-
-
-def ratios(systems: dict) -> dict:
-    """velotune / hf: speed (clips/s; label tokens/s is the same ratio on the same batches), peak memory, and the
-    training's own peak (RSS during training minus RSS before it)."""
-    ours, base = systems.get("velotune", {}), systems.get("hf", {})
-    if not (ours.get("ok") and base.get("ok")):
-        return {}
-    return {"speed": report.ratio(ours["samples_per_s"], base["samples_per_s"]),
-            "tokens_per_s": report.ratio(ours["target_tokens_per_s"], base["target_tokens_per_s"]),
-            "memory": report.ratio(ours["peak_memory_mb"], base["peak_memory_mb"]),
-            "train_extra": report.ratio(ours.get("train_extra_mb"), base.get("train_extra_mb"))}
-
-
-def checks(systems: dict) -> dict:
-    """Same label tokens at every step (the same clips in the same batches, cut the same way), the same trainable
-    parameters, and how far the first losses are apart (same weights and data: only numerics differ)."""
-    ok = [s for s in systems.values() if s.get("ok")]
-    if len(ok) < 2:
-        return {"same_batches": None, "same_trainable_params": None, "first_loss_rel_diff": None}
-    losses = [s["first_loss"] for s in ok]
-    return {"same_batches": len({tuple(s["step_target_tokens"]) for s in ok}) == 1,
-            "same_trainable_params": len({s["trainable_params"] for s in ok}) == 1,
-            "first_loss_rel_diff": float(f"{(max(losses) - min(losses)) / abs(min(losses)):.3g}")}
-
-
 def run(ns) -> dict:
     plan = make_plan(ns)
     cache = assets.default_cache_dir()
@@ -202,7 +149,10 @@ def run(ns) -> dict:
           f"{'/'.join(LORA_TARGETS)}; {plan['clips']} clips ({seconds:.0f} s of speech), {plan['batch']} a step, "
           f"{plan['warmup']} + {plan['steps']} steps; {plan['reps']} process(es) per system", flush=True)
     with tempfile.TemporaryDirectory(prefix="velotune-whisper-bench-") as out_root:
-        runs = run_systems(plan, model, manifest, Path(out_root))
+        spec = dict(model_dir=str(model), manifest=str(manifest), batch=plan["batch"], warmup=plan["warmup"],
+                    steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
+                    precision=plan["precision"], threads=plan["threads"])
+        runs = run_systems(plan, "velotune.bench.whisper_worker", spec, Path(out_root), "clips")
     systems = summarise(runs)
     info = report.run_info({"lora": runs}, {}, load_before, time.time() - started)
     info["versions"]["espeak-ng"] = _espeak_version()
