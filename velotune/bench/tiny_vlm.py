@@ -25,22 +25,29 @@ SIZES = {
 }
 
 
+def vlm_tokenizer(texts, image_tokens: list[str], vocab: int):
+    """The demo's byte-level BPE trained on `texts`, ChatML template, with the family's image tokens as special
+    tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..demo.tokenizer import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, train_bpe
+    bpe = train_bpe(list(texts), vocab)
+    bpe.add_special_tokens(image_tokens)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=[IM_START, *image_tokens], chat_template=CHAT_TEMPLATE, model_max_length=512,
+        padding_side="right", clean_up_tokenization_spaces=False)
+
+
 def make_tiny_llava(out_dir, texts, *, image_size: int = 32, patch_size: int = 8, size: str = "tiny",
                     select_strategy: str = "default", seed: int = 0) -> Path:
     """Writes the checkpoint directory; returns it. `texts`: what the tokenizer is trained on (the data's
     questions and answers)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
-
-    from ..demo.tokenizer import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, train_bpe
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
     dims = SIZES[size]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bpe = train_bpe(list(texts), dims["vocab"])
-    bpe.add_special_tokens([IMAGE_TOKEN])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=[IM_START, IMAGE_TOKEN], chat_template=CHAT_TEMPLATE, model_max_length=512,
-        padding_side="right", clean_up_tokenization_spaces=False)
+    tokenizer = vlm_tokenizer(texts, [IMAGE_TOKEN], dims["vocab"])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vocab = len(tokenizer)
     config = LlavaConfig(
@@ -74,4 +81,4 @@ def make_tiny_llava(out_dir, texts, *, image_size: int = 32, patch_size: int = 8
     return out
 
 
-__all__ = ["IMAGE_TOKEN", "SIZES", "make_tiny_llava"]
+__all__ = ["IMAGE_TOKEN", "SIZES", "make_tiny_llava", "vlm_tokenizer"]

@@ -13,16 +13,9 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def _tokenizer(texts, extra_tokens: list[str], vocab: int = 320):
-    from transformers import PreTrainedTokenizerFast
-
-    from ..demo.tokenizer import BOS, CHAT_TEMPLATE, EOS, IM_START, PAD, train_bpe
-    bpe = train_bpe(list(texts), vocab)
-    bpe.add_special_tokens(extra_tokens)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=[IM_START, *extra_tokens], chat_template=CHAT_TEMPLATE, model_max_length=512,
-        padding_side="right", clean_up_tokenization_spaces=False)
+def _tokenizer(texts, image_tokens: list[str]):
+    from .tiny_vlm import vlm_tokenizer
+    return vlm_tokenizer(texts, image_tokens, vocab=320)
 
 
 def _special_ids(tokenizer) -> dict:

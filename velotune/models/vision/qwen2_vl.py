@@ -118,13 +118,14 @@ class TextModel(qwen2.Model):
                                                           mrope_section, args.max_position_embeddings, source)
 
     def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
-                      cache=None, inputs_embeds=None):
-        deltas = getattr(cache, "rope_deltas", None)
+                      cache=None, inputs_embeds=None, rows=None):
+        deltas = cache.rope_deltas if cache is not None else None
         if position_ids is None and deltas is not None and cache.past_length > 0:
             length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
             position_ids = decode_positions(attention_mask, cache.past_length, length, deltas)
         return super().hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids,
-                                     attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds)
+                                     attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                                     rows=rows)
 
     def note_positions_without_documents(self, position_ids: torch.Tensor):
         # An image's height and width positions go back at each row of patches; only the first axis says whether
