@@ -169,6 +169,26 @@ def test_pdf_and_docx_text_reaches_the_prompt(page, world, tmp_path):
     assert "The harbour of Vell opens at dawn." in prompt and "Tamsin river floods every spring." in prompt
 
 
+def test_an_image_reaches_a_vision_model_in_the_chat(page, world, tmp_path, tiny_llava):
+    from vision_fixtures import QUESTION, digit_pngs
+    shutil.copytree(tiny_llava, world["models"] / "vlm", dirs_exist_ok=True)
+    [(png, _)] = digit_pngs(tmp_path, 1)
+    page.click("#tabs button[data-tab='chat']")
+    page.fill("#chat-model", "models:vlm")
+    page.fill("#chat-adapter", "")
+    page.click("#chat-load")
+    page.wait_for_selector("#chat-settings [data-source='temperature']")
+    page.set_input_files("#chat-files", [str(png)])
+    page.wait_for_selector(f"#chat-file-list [data-file='{png.name}']")
+    assert "(image)" in page.inner_text(f"#chat-file-list [data-file='{png.name}']")
+    before = page.locator("#chat-log .msg.assistant").count()
+    page.fill("#chat-input", QUESTION)
+    page.click("#chat-send")
+    page.wait_for_function(f"document.querySelectorAll('#chat-log .msg.assistant').length === {before + 1}")
+    page.wait_for_function("document.getElementById('chat-prompt').textContent.includes('<image>')")
+    assert page.text_content("#chat-error").strip() == ""
+
+
 def test_a_blind_arena_round_with_a_vote_updates_the_leaderboard(page, world, screens):
     page.click("#tabs button[data-tab='arena']")
     rows = page.locator(".contestant")
