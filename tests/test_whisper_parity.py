@@ -463,3 +463,19 @@ def test_a_merged_export_of_a_whisper_adapter_loads_in_transformers_with_the_ada
     run = subprocess.run([sys.executable, "-m", "velotune", "export", str(path), "--format", "gguf", "--out",
                           str(tmp_path / "w.gguf")], capture_output=True, text=True)
     assert run.returncode != 0 and "GGUF export is for language models" in run.stderr
+
+
+def test_vt_load_and_save_route_whisper(checkpoint, tmp_path):
+    """vt.load / vt.save take a Whisper directory as load_whisper / save_whisper do (no tokenizer files here)."""
+    import velotune as vt
+    from velotune.models.registry import SPEECH_SEQ2SEQ
+    path, hf = checkpoint
+    model, tokenizer = vt.load(str(path), dtype="float32", device="cpu")
+    assert model.task == SPEECH_SEQ2SEQ and tokenizer is None
+    vt.save(model, None, tmp_path / "again")
+    again, _ = vt.load(str(tmp_path / "again"), dtype="float32", device="cpu")
+    x, labels = features(1), torch.tensor([[11, 12, 13, 209]])
+    with torch.no_grad():
+        assert torch.equal(again(x, labels=labels).logits, model(x, labels=labels).logits)
+    with pytest.raises(vt.VelotuneError, match="unquantized"):
+        vt.load(str(path), quantize="nf4")

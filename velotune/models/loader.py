@@ -12,8 +12,8 @@ from .build import parameters_on_meta, rebuild_buffers, skip_weight_init
 from .checkpoint_io import cast_state, dtype_name, write_model_dir
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
 from .dtypes import default_dtype, parse_dtype
-from .interface import require_model
-from .registry import architecture, supported_model_types
+from .interface import VelotuneModel, require_model
+from .registry import SPEECH_SEQ2SEQ, architecture, supported_model_types
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("velotune")
@@ -33,16 +33,19 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
         raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or 'int8'")
     module = architecture(config["model_type"])
     from .vision.files import is_vision_config
+    if architecture(config["model_type"], SPEECH_SEQ2SEQ) is not None:   # Whisper: its own loader
+        if quantize:
+            raise UnsupportedError(f"{model_dir}: a speech-to-text model loads unquantized here; drop quantize")
+        from .whisper_files import load_whisper
+        return _with_tokenizer(load_whisper(model_dir, dtype, device), model_dir, max_seq_length,
+                               load_tokenizer_files)
     if is_vision_config(config):
         from .vision.files import load_vision_model
         model = load_vision_model(model_dir, dtype, device)
         if quantize:
             from .quantize import quantize_model
             model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
-        tokenizer = load_tokenizer(model_dir) if load_tokenizer_files else None
-        if max_seq_length:
-            model.max_seq_length = max_seq_length
-        return model, tokenizer
+        return _with_tokenizer(model, model_dir, max_seq_length, load_tokenizer_files)
     if module is None:
         from .generic import load_generic
         model = load_generic(model_dir, config, dtype, device, quantize)
@@ -54,6 +57,13 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
     model.set_source(model_dir, max_seq_length or config.get("max_position_embeddings"))
     tokenizer = load_tokenizer(model_dir) if load_tokenizer_files else None
     return model, tokenizer
+
+
+def _with_tokenizer(model, model_dir: Path, max_seq_length, load_tokenizer_files: bool):
+    """(model, tokenizer) of a family whose loader set its own source and length (max_seq_length overrides it)."""
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model, (load_tokenizer(model_dir) if load_tokenizer_files else None)
 
 
 def _load_native(module, model_dir: Path, config: dict, dtype, device):
@@ -105,7 +115,10 @@ def _tensors_to_load(expected: dict, shapes: dict, tied: bool, model_dir: Path) 
 def save(model, tokenizer, out_dir, dtype=None, max_shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES,
          overwrite: bool = False):
     """Writes a Hugging Face checkpoint directory (config, safetensors, tokenizer), atomically."""
-    model = require_model(model, "vt.save")
+    model = require_model(model, "vt.save", VelotuneModel)
+    if model.task == SPEECH_SEQ2SEQ:
+        from .whisper_files import save_whisper
+        return save_whisper(model, out_dir, overwrite=overwrite, dtype=dtype)
     from .vision.base import VisionLanguageModel
     if isinstance(model, VisionLanguageModel):
         from .vision.files import save_vision_model
