@@ -336,3 +336,11 @@ def test_the_example_config_plans_a_run(tiny):
     assert plan.objective.name == "asr" and plan.config.lora.targets == ["q_proj", "v_proj"]
     assert plan.data.stats.samples == 8 and plan.total_steps == 3  # 3 epochs of one batch of 8 clips
     assert any(line.startswith("per epoch: 8 clips (0.1 min of audio)") for line in plan.summary_lines())
+
+
+def test_the_8bit_optimizer_trains_whisper_lora(tiny):
+    pytest.importorskip("bitsandbytes")
+    model_dir, manifest, tmp, _ = tiny
+    result = train(asr_config(model_dir, manifest, tmp / "adam8", train={"optimizer": "adamw8bit"},
+                              speech={"eval_samples": 1}))
+    assert result.steps == 6 and result.losses[-1] < result.losses[0]
