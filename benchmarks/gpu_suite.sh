@@ -9,6 +9,7 @@
 #   long-context   the longest 8B QLoRA sequence within 80 GB (velotune with checkpointing; up to 64k tokens)
 #   full-mfu       full fine-tuning of the 1B shape: tokens/s, memory and MFU vs transformers
 #   loop           (only when named) the transformers-style loop benchmark on the GPU
+#   vision         (only when named) LLaVA LoRA vs transformers + peft (velotune bench --vision), bf16
 # Results: benchmarks/results/gpu-suite/<part>/ (JSON + markdown with device, versions, command), <part>.log,
 # summary.md (device, versions, this command, each part's status and time).
 #
@@ -29,9 +30,9 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    kernel-tests|kernel-shapes|lora-8b|long-context|full-mfu|loop) PARTS+=("$arg") ;;
+    kernel-tests|kernel-shapes|lora-8b|long-context|full-mfu|loop|vision) PARTS+=("$arg") ;;
     *) echo "gpu_suite.sh: unknown argument '$arg' (parts: kernel-tests kernel-shapes lora-8b long-context" \
-            "full-mfu loop; or --quick)" >&2; exit 2 ;;
+            "full-mfu loop vision; or --quick)" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(kernel-tests kernel-shapes lora-8b long-context full-mfu)
@@ -173,6 +174,7 @@ if [ "$QUICK" = 1 ]; then
   run_part full-mfu 300 "$PY" benchmarks/train_bench.py --quick --cases full --systems velotune,hf \
     --out "$RESULTS/full-mfu"
   run_part loop 300 "$PY" benchmarks/loop_bench.py --quick --out "$RESULTS/loop"
+  run_part vision 300 "$PY" benchmarks/vision_bench.py --quick --out "$RESULTS/vision"
 else
   if ! grep -q VELOTUNE_TEST_CUDA tests/conftest.py; then
     log "WARNING: tests/conftest.py does not read VELOTUNE_TEST_CUDA: the kernel tests run interpreted on the CPU"
@@ -190,6 +192,7 @@ else
   run_part full-mfu 60 "$PY" benchmarks/train_bench.py --device cuda --cases full --systems velotune,hf --reps 1 \
     --warmup 2 --steps 5 --timeout 45 --out "$RESULTS/full-mfu"
   run_part loop 90 "$PY" benchmarks/loop_bench.py --device cuda --reps 1 --timeout 60 --out "$RESULTS/loop"
+  run_part vision 150 "$PY" benchmarks/vision_bench.py --device cuda --reps 1 --timeout 60 --out "$RESULTS/vision"
 fi
 write_summary
 log "done: $RESULTS/summary.md"
