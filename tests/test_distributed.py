@@ -360,6 +360,7 @@ def test_ctrl_c_stops_all_ranks_at_a_step_boundary_with_a_checkpoint(tiny, monke
     model_dir, data, tmp = tiny
     _torchrun_env(monkeypatch)
     calls = {"n": 0}
+    handler_before = signal.getsignal(signal.SIGINT)   # the default, or SIG_IGN in a background job
 
     def press_ctrl_c(optimizer, args, kwargs):
         calls["n"] += 1
@@ -372,7 +373,7 @@ def test_ctrl_c_stops_all_ranks_at_a_step_boundary_with_a_checkpoint(tiny, monke
         handle.remove()
     assert result.interrupted and result.steps == 2 and calls["n"] == 2
     assert (tmp / "run" / "checkpoints" / "step-000002" / "trainable.safetensors").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before   # the run put back what it found
 
 
 def test_decoder_blocks_are_found_for_sharding(tiny):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.interface import VelotuneModel
-from ..models.quantize import output_head_names
+from ..models.quantize import output_head_names, router_names
 from .layers import LoraLinear
 
 ALL_LINEAR = "all-linear"
@@ -97,8 +97,8 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
     """Module names to wrap, in model order. Every name asked for must match at least one linear layer."""
     linears = linear_names(model)
     if targets == ALL_LINEAR:
-        heads = output_head_names(model)  # as PEFT: every linear but the output head
-        names = [n for n in linears if n not in heads]
+        kept = output_head_names(model) | router_names(model)  # as PEFT: every linear but the head (and routers)
+        names = [n for n in linears if n not in kept]
         if not names:
             raise ConfigError("targets='all-linear': the model has no linear layers besides its output head")
         return names

@@ -102,6 +102,10 @@ class BaseArgs:
             scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         self.rope_scaling = scaling
 
+    def has_dense_mlp(self, layer_idx: int) -> bool:
+        """Whether the layer has one MLP (a mixture-of-experts family says which of its layers do)."""
+        return True
+
     def to_dict(self) -> dict:
         """The config as it should be written next to the weights: the original keys, untouched."""
         return dict(self.raw)

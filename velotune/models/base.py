@@ -102,6 +102,17 @@ class CausalLM(LanguageModel):
     def make_block(args, layer_idx):
         return PreNormBlock(args, layer_idx)
 
+    # ---- checkpoint layouts: the stored names and shapes are ours unless a family says otherwise ----------------
+    @classmethod
+    def checkpoint_shapes(cls, args, shapes: dict, config_path) -> dict:
+        """The header shapes (name -> (shape, file)) under our names, checked; the same by default."""
+        return shapes
+
+    @classmethod
+    def checkpoint_tensors(cls, name: str, tensor):
+        """(our name, tensor) pairs for one stored tensor (a fused one may give several); itself by default."""
+        yield name, tensor
+
     def tie_weights(self):
         self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -88,7 +88,8 @@ def check_native(args, shapes: dict, source, model_dir: Path):
             values = ", ".join(f"{f} {getattr(args, f)}" for f in fields)
             raise CheckpointError(f"{file}: tensor '{name}' has shape {list(shape)} but config.json implies "
                                   f"{list(expected)} ({values}; does the config belong to these weights?)")
-    needed = ["model.embed_tokens.weight", mlp + "down_proj.weight"]
+    # A mixture-of-experts layer 0 has experts, not one MLP (its family checks those tensors itself).
+    needed = ["model.embed_tokens.weight"] + ([mlp + "down_proj.weight"] if args.has_dense_mlp(0) else [])
     if attn + "qkv_proj.weight" not in shapes:
         needed.append(attn + "q_proj.weight")
     missing = [name for name in needed if name not in shapes]

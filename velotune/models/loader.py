@@ -74,15 +74,18 @@ def _load_native(module, model_dir: Path, config: dict, dtype, device):
     # Before Args: some architectures' validation lists a setting per layer.
     check_layer_count(config.get("num_hidden_layers"), shapes, config_path)
     args = module.Args.from_dict(config, source=str(config_path))
+    # The family maps stored layouts to its own (mixture-of-experts: fused expert tensors split per expert).
+    shapes = module.Model.checkpoint_shapes(args, shapes, config_path)
     check_native(args, shapes, config_path, model_dir)  # before building: the sizes are the weights' own
     with parameters_on_meta(), skip_weight_init():
         model = module.Model(args)
     wanted = _tensors_to_load(model.state_dict(), shapes, args.tie_word_embeddings, model_dir)
     loaded = {}
-    for name, tensor, file in ckpt.iter_tensors(files):
-        if name in wanted:
-            loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-            warn_if_not_finite(name, loaded[name], file)
+    for stored, tensor, file in ckpt.iter_tensors(files):
+        for name, part in module.Model.checkpoint_tensors(stored, tensor):
+            if name in wanted:
+                loaded[name] = part.to(device=device, dtype=dtype if part.is_floating_point() else part.dtype)
+                warn_if_not_finite(name, loaded[name], file)
     model.load_state_dict(loaded, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.tie_weights()

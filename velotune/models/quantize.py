@@ -47,10 +47,18 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if head is not None and m is head}
 
 
+def router_names(model: nn.Module) -> set[str]:
+    """Module names of mixture-of-experts routers: kept exact (not quantized) and out of "all-linear" LoRA, as PEFT
+    leaves transformers' routers; LoRA takes one only when named."""
+    from .moe import SparseMoE
+    return {f"{name}.gate" for name, m in model.named_modules() if isinstance(m, SparseMoE)}
+
+
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """Every linear layer except the output head: for a decoder-only LM, the linears of the decoder blocks."""
-    heads = output_head_names(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+    """Every linear layer except the output head and the routers: for a decoder-only LM, the linears of the
+    decoder blocks."""
+    kept = output_head_names(model) | router_names(model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in kept]
 
 
 def compute_dtype_of(module: nn.Module) -> torch.dtype:
