@@ -302,7 +302,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
     path, _ = make_checkpoint(tmp_path, "llama_tied")
     _edit_config(path, model_type="velotune_no_such_arch")
     with pytest.raises(UnsupportedError, match=r"model_type 'velotune_no_such_arch' is not supported.*"
-                                               r"gemma, gemma2, gemma3_text, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"):
+                                               r"gemma, gemma2, gemma3_text, gpt_oss, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"):
         vt.load(path, dtype="float32", device="cpu")
     _edit_config(path, model_type="t5")
     with pytest.raises(UnsupportedError, match="model_type 't5' has no causal language model"):

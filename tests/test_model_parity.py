@@ -36,8 +36,8 @@ def test_every_architecture_has_cases():
     families = {c.split("_")[0] for c in SHRUNK}
     assert families == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"}
     # the newer families have parity files of their own (test_gemma3_parity, test_olmo2_granite_parity,
-    # test_moe_parity): every supported type is covered by one or the other
-    own_files = {"gemma3_text", "olmo2", "granite", "mixtral", "qwen3_moe"}
+    # test_moe_parity, test_gpt_oss_parity): every supported type is covered by one or the other
+    own_files = {"gemma3_text", "olmo2", "granite", "mixtral", "qwen3_moe", "gpt_oss"}
     assert set(supported_model_types()) == families | own_files
 
 

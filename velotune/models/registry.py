@@ -22,6 +22,7 @@ ARCHITECTURES = {
     ("granite", CAUSAL_LM): "velotune.models.granite",
     ("mixtral", CAUSAL_LM): "velotune.models.mixtral",
     ("qwen3_moe", CAUSAL_LM): "velotune.models.qwen3_moe",
+    ("gpt_oss", CAUSAL_LM): "velotune.models.gpt_oss",
     ("bert", ENCODER): "velotune.models.encoders.bert",
     ("roberta", ENCODER): "velotune.models.encoders.roberta",
     ("xlm-roberta", ENCODER): "velotune.models.encoders.roberta",
