@@ -21,15 +21,18 @@ def add_bench_parser(subparsers):
     p.add_argument("--vision", action="store_true",
                    help="the vision-language benchmark: velotune's vision objective vs transformers' LLaVA + PEFT, "
                         "LoRA on the language model of a 224 px LLaVA shape with random weights, generated images")
+    p.add_argument("--moe", action="store_true",
+                   help="the mixture-of-experts benchmark: velotune's Qwen3-MoE and Mixtral vs transformers + PEFT, "
+                        "LoRA on q/k/v/o of 8-expert top-2 shapes with random weights; --cases among qwen3-moe,mixtral")
     p.set_defaults(func=run_bench_command)
     return p
 
 
 def run_bench_command(ns):
-    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings, ns.whisper, ns.vision)) > 1:
+    if sum((ns.loop, ns.preference, ns.grpo, ns.embeddings, ns.whisper, ns.vision, ns.moe)) > 1:
         from ..errors import ConfigError
-        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo, --embeddings, --whisper and "
-                          "--vision")
+        raise ConfigError("velotune bench: choose one of --loop, --preference, --grpo, --embeddings, --whisper, "
+                          "--vision and --moe")
     if ns.loop:
         from .loop import run
     elif ns.preference:
@@ -42,6 +45,8 @@ def run_bench_command(ns):
         from .whisper import run
     elif ns.vision:
         from .vision import run
+    elif ns.moe:
+        from .moe import run
     else:
         from .train import run
     run(ns)

@@ -1,0 +1,234 @@
+"""Mixture-of-experts LoRA fine-tuning: velotune vs transformers + PEFT, side by side, each system in its own process.
+
+    velotune bench --moe                     # CPU, fp32: Qwen3-MoE and Mixtral shapes (8 experts, top-2), 2 x 512
+    velotune bench --moe --quick             # tiny MoE shapes, 1 + 2 steps: checks the code works
+    velotune bench --moe --cases mixtral     # one case
+    python benchmarks/moe_bench.py ...       # the same, from a clone
+
+Models: random weights (normal, std 0.02; norms at 1) in a Qwen3-MoE and a Mixtral shape of the same size (hidden
+512, 4 layers, 8 experts of 1024, top-2, 8 query / 4 key-value heads, vocabulary 32,000), written by transformers'
+save_pretrained (per-expert tensors, the hub's layout) once and cached. Batches: rows of random token ids filling
+the sequence (one document a row), labels = ids, seeded: both systems train the same batches. LoRA r=16, alpha=32
+on q/k/v/o of every layer (not on the experts: see moe_worker.py), the same lr, schedule and clipping.
+The workers are moe_worker.py. Results: <out>/moe-<device>-<case>.json and .md, one pair per case.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+from . import assets, report
+from .machine import load_average, machine_markdown, print_and_save
+from .processes import run_module
+from .side_by_side import checks, ratios, run_systems, summarise
+from .train import is_cuda, pick, side_plan
+from .moe_worker import LORA_ALPHA, LORA_RANK, LORA_TARGETS, SYSTEMS
+
+_COMMON = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+               head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
+               num_experts_per_tok=2, output_router_logits=False)
+# transformers config fields by case; `model_type` picks the architecture.
+SHAPES = {
+    "qwen3-moe": dict(_COMMON, model_type="qwen3_moe", num_experts=8, moe_intermediate_size=1024,
+                      intermediate_size=2048, norm_topk_prob=True, decoder_sparse_step=1),
+    "mixtral": dict(_COMMON, model_type="mixtral", num_local_experts=8, intermediate_size=1024, sliding_window=None),
+}
+_TINY = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16)
+QUICK_SHAPES = {"qwen3-moe": dict(SHAPES["qwen3-moe"], **_TINY, moe_intermediate_size=64, intermediate_size=128),
+                "mixtral": dict(SHAPES["mixtral"], **_TINY, intermediate_size=64)}
+PLANS = {
+    # Three processes a system, alternating: on a shared machine one process can run ~20% slower throughout.
+    "cpu": dict(cases=list(SHAPES), seq=512, batch=2, warmup=1, steps=3, reps=3, systems=list(SYSTEMS),
+                precision="fp32"),
+    "cpu-quick": dict(cases=list(SHAPES), seq=64, batch=1, warmup=1, steps=2, reps=1, systems=list(SYSTEMS),
+                      precision="fp32"),
+    # Not run here (no GPU on the machine this was written on): bf16 autocast over fp32 weights, on both sides.
+    "cuda": dict(cases=list(SHAPES), seq=2048, batch=4, warmup=3, steps=10, reps=2, systems=list(SYSTEMS),
+                 precision="bf16"),
+    "cuda-quick": dict(cases=list(SHAPES), seq=256, batch=2, warmup=1, steps=2, reps=1, systems=list(SYSTEMS),
+                       precision="bf16"),
+}
+NOT_HERE = ("methods", "max_seq_search", "memory_budget_mb", "seq_limit", "seq_grain", "peak_tflops")
+LR = 2e-4
+# Issue 18's goals for this benchmark (the CPU only).
+GOALS = {"cpu": dict(speed=2.0, memory=0.5)}
+
+
+def make_plan(ns) -> dict:
+    plan = side_plan(ns, PLANS, SYSTEMS, lr=LR, name="moe", refused=NOT_HERE,
+                     why=" (it trains fixed MoE shapes with LoRA on random tokens)")
+    # The weights stay fp32 on both sides: --dtype bfloat16 means bf16 autocast (mixed precision), the CUDA default.
+    plan["dtype"] = "float32"
+    if ns.dtype:
+        plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
+    if ns.cases:
+        plan["cases"] = pick(ns.cases, list(SHAPES), "--cases")
+    if plan["batch"] < 1 or plan["seq"] < 2:
+        raise ConfigError(f"--batch {plan['batch']} --seq {plan['seq']}: at least one row of two tokens a step")
+    plan["shapes"] = QUICK_SHAPES if plan["quick"] else SHAPES
+    return plan
+
+
+def model_dir(cache: Path, shape: dict, plan: dict) -> tuple[Path, int]:
+    """(the shape's checkpoint directory, its parameter count): written once into the cache by a child process
+    (torch and transformers stay out of this one), in a temporary folder renamed in."""
+    out = cache / f"moe-{shape['model_type']}-{assets._key(shape)}"
+    count = out / "parameters.json"
+    if (out / "config.json").is_file() and count.is_file():
+        return out, json.loads(count.read_text())["parameters"]
+    cache.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".moe-", dir=cache))
+    try:
+        made = run_module("velotune.bench.moe_worker", dict(system="checkpoint", device="cpu", shape=shape,
+                                                            out_dir=str(building / "model")),
+                          timeout=plan["timeout"], threads=os.cpu_count() or 1)
+        if not made.get("ok"):
+            raise ConfigError(f"could not write the benchmark's {shape['model_type']} checkpoint: {made.get('error')}")
+        (building / "model" / "parameters.json").write_text(json.dumps({"parameters": made["parameters"]}))
+        os.replace(building / "model", out)
+    except OSError:  # another run wrote it meanwhile (checked below)
+        pass
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    if not count.is_file():
+        raise ConfigError(f"the benchmark's MoE checkpoint could not be moved into the cache at {out}")
+    return out, json.loads(count.read_text())["parameters"]
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+
+def run(ns) -> dict:
+    """Every case of the plan; returns {case: result} (each also printed and saved)."""
+    plan = make_plan(ns)
+    cache = assets.default_cache_dir()
+    return {case: run_case(ns, plan, case, cache) for case in plan["cases"]}
+
+
+def run_case(ns, plan: dict, case: str, cache: Path) -> dict:
+    started, load_before = time.time(), load_average()
+    shape = plan["shapes"][case]
+    model, parameters = model_dir(cache, shape, plan)
+    print(f"moe benchmark on {plan['device']} ({plan['precision']}): {case} ({parameters / 1e6:.1f}M parameters), "
+          f"LoRA r={LORA_RANK} on {'/'.join(LORA_TARGETS)}; {plan['batch']} x {plan['seq']} tokens a step, "
+          f"{plan['warmup']} + {plan['steps']} steps; {plan['reps']} process(es) per system", flush=True)
+    with tempfile.TemporaryDirectory(prefix="velotune-moe-bench-") as out_root:
+        spec = dict(model_dir=str(model), seq=plan["seq"], batch=plan["batch"], warmup=plan["warmup"],
+                    steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
+                    precision=plan["precision"], threads=plan["threads"], seed=0)
+        runs = run_systems(plan, "velotune.bench.moe_worker", spec, Path(out_root), "rows")
+    systems = summarise(runs, ("setup_s", "tokens_per_cpu_s"))
+    for name, s in systems.items():
+        ok = [r for r in runs[name] if r.get("ok")]
+        if ok:
+            s.update(attn_implementation=ok[0].get("attn_implementation"),
+                     experts_implementation=ok[0].get("experts_implementation"))
+    info = report.run_info({case: runs}, {}, load_before, time.time() - started)
+    settings = {k: plan[k] for k in ("device", "dtype", "precision", "systems", "reps", "warmup", "steps", "lr",
+                                     "threads", "quick", "seq", "batch")}
+    settings.update(case=case, model=shape, parameters=parameters, model_dir=str(model), lora_rank=LORA_RANK,
+                    lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS, scheduler="constant", max_grad_norm=1.0,
+                    goals=GOALS.get("cuda" if is_cuda(plan["device"]) else "cpu"))
+    result = dict(machine=info, settings=settings, systems=systems,
+                  ratios=ratios(systems, {"input_tokens_per_s": "input_tokens_per_s",
+                                          "tokens_per_cpu_s": "tokens_per_cpu_s"}),
+                  **checks(systems),
+                  runs={k: [{n: v for n, v in r.items() if n != "traceback" or not r.get("ok")} for r in rs]
+                        for k, rs in runs.items()})
+    dtype = "bfloat16" if plan["precision"] == "bf16" else "float32"
+    print_and_save(ns, "moe", dict(plan, dtype=dtype), case + ("-quick" if plan["quick"] else ""), result,
+                   markdown(result))
+    return result
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------------
+
+def _table(result: dict) -> str:
+    cuda = is_cuda(result["settings"]["device"])
+    mem = "max reserved MB" if cuda else "peak RSS MB"
+    lines = [f"| system | tokens/s | tokens per CPU s | {mem} | RSS before training MB | training's own peak MB | "
+             "trainable params | first loss | setup s | attention / experts |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in result["systems"].items():
+        if not s["ok"]:
+            lines.append(f"| {name} | failed: {s['error'][:120]} |||||||||")
+            continue
+        impl = (f"{s['attn_implementation']} / {s['experts_implementation']}" if s.get("attn_implementation")
+                else "velotune's own")
+        lines.append(f"| {name} | {s['input_tokens_per_s']:.1f} | {report.fmt(s.get('tokens_per_cpu_s'), '.1f')} | "
+                     f"{report.fmt(s['peak_memory_mb'], '.0f')} | {report.fmt(s.get('rss_before_train_mb'), '.0f')} | "
+                     f"{report.fmt(s.get('train_extra_mb'), '.0f')} | {s['trainable_params']:,} | "
+                     f"{report.fmt(s.get('first_loss'), '.6f')} | {report.fmt(s.get('setup_s'), '.1f')} | {impl} |")
+    return "\n".join(lines)
+
+
+def _ratio_lines(result: dict) -> list:
+    r = result["ratios"]
+    if not r:
+        return ["No ratios: a system failed (see its row)."]
+    checked = {True: "yes", False: "NO", None: "—"}
+    lines = ["| velotune / hf | tokens/s | tokens per CPU s | peak memory | training's own peak |",
+             "|---|---|---|---|---|",
+             f"| | {report.fmt(r['input_tokens_per_s'], '.2f', 'x')} | {report.fmt(r['tokens_per_cpu_s'], '.2f', 'x')}"
+             f" | {report.fmt(r['memory'], '.2f', 'x')} | {report.fmt(r['train_extra'], '.2f', 'x')} |", ""]
+    goals = result["settings"].get("goals")
+    if goals:
+        lines.append(f"Goals (issue 18, on the CPU): tokens/s >= {goals['speed']:g}x: "
+                     f"{'met' if (r['speed'] or 0) >= goals['speed'] else 'not met'}; peak memory <= "
+                     f"{goals['memory']:g}x: {'met' if r['memory'] and r['memory'] <= goals['memory'] else 'not met'}"
+                     ".  ")
+    lines.append(f"Checks: the same batches (same token count at every step): {checked[result['same_batches']]}; the "
+                 f"same trainable parameters: {checked[result['same_trainable_params']]}; first losses apart by "
+                 f"{report.fmt(result['first_loss_rel_diff'], '.1e')} (relative; the same weights and tokens: only "
+                 "the numerics differ).")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    cuda, shape, versions = is_cuda(s["device"]), s["model"], m["versions"]
+    experts = shape.get("num_experts") or shape.get("num_local_experts")
+    width = shape.get("moe_intermediate_size") if shape["model_type"] == "qwen3_moe" else shape["intermediate_size"]
+    text = [f"# Mixture-of-experts LoRA fine-tuning: velotune vs transformers + PEFT, {s['case']} ({s['device']}, "
+            f"{s['precision']})", "",
+            f"Command: `{m['command']}`  ",
+            f"Model: {shape['model_type']} with random weights (normal, std 0.02; norms at 1; {s['parameters'] / 1e6:.1f}M "
+            f"parameters), written by transformers' save_pretrained: {shape['num_hidden_layers']} layers, hidden "
+            f"{shape['hidden_size']}, {experts} experts of {width}, top-{shape['num_experts_per_tok']}"
+            f"{', top-k renormalised' if shape.get('norm_topk_prob') else ''}, {shape['num_attention_heads']} query / "
+            f"{shape['num_key_value_heads']} key-value heads of {shape['head_dim']}, vocabulary "
+            f"{shape['vocab_size']:,}; fp32{', bf16 autocast' if s['precision'] == 'bf16' else ''}; no router "
+            "load-balancing loss (output_router_logits false, as written).  ",
+            f"LoRA r={s['lora_rank']}, alpha={s['lora_alpha']}, dropout 0 on {', '.join(s['lora_targets'])} of every "
+            "layer, on both sides. Not on the experts: transformers 5 holds them as fused [experts, out, in] "
+            "parameters, not linears, so PEFT's target_modules cannot adapt them as velotune adapts each expert "
+            "linear; LoRA on experts is not yet PEFT-compatible and is left out of this comparison.  ",
+            f"Data: {s['batch']} row(s) x {s['seq']} random token ids a step (one document filling each row), labels "
+            "= ids, seeded: the same batches on both sides.  ",
+            f"Training: the same plain loop on both sides (`model(input_ids=ids, labels=ids)`, backward, clipping "
+            f"{s['max_grad_norm']:g}, AdamW with {s['scheduler']} lr {s['lr']:g}, no weight decay).  ",
+            f"Systems: velotune (`vt.load` + `vt.add_lora`: its own MoE code), hf (transformers "
+            f"{versions.get('transformers')} AutoModelForCausalLM with its default attention and experts "
+            f"implementations, see the table, + PEFT {versions.get('peft')} get_peft_model).  ",
+            f"Each process: {s['warmup']} untimed + {s['steps']} timed optimizer steps (loading excluded); "
+            f"{s['reps']} process(es) per system, alternating; medians; {s['threads']} torch thread(s).  ",
+            "tokens/s: input tokens per second of the timed steps; tokens per CPU s: the same per second of the "
+            "process's CPU time (steadier when other work shares the machine). Memory: "
+            + ("torch's peak reserved GPU memory" if cuda else "the process's peak RSS (loading included)")
+            + " at the end of the last step; the training's own peak is the peak during training minus the RSS just "
+            "before it. setup s: loading and adding LoRA.", "",
+            "## Results", "", _table(result), "", *_ratio_lines(result), ""]
+    return "\n".join(text + machine_markdown(m))
+
+
+def main(argv=None):
+    from .options import script_main
+    script_main(run, argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()
