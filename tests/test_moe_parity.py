@@ -283,3 +283,30 @@ def test_routers_stay_out_of_all_linear_lora_and_quantization(tmp_path):
     assert not routers & {name for name, _ in decoder_linears(model)}
     vt.add_lora(model, r=2, alpha=4)
     assert not routers & set(model.lora_settings.targets) and any(".experts." in t for t in model.lora_settings.targets)
+
+
+def test_lora_on_the_experts_trains_them_and_merges_exactly_into_a_checkpoint_transformers_loads(pair, tmp_path):
+    """all-linear LoRA adapts every expert's projections (not the routers); one optimizer step moves each expert's
+    adapter that saw tokens; the merged export (the hub's per-expert layout) loads in transformers with the adapted
+    model's logits."""
+    from transformers import AutoModelForCausalLM
+    case, _, path = pair
+    model, _ = vt.load(path, dtype="float32", device="cpu", load_tokenizer_files=False)
+    vt.add_lora(model, r=4, alpha=8)
+    experts = [t for t in model.lora_settings.targets if ".experts." in t]
+    assert experts and not any(t.endswith(".gate") for t in model.lora_settings.targets)
+    ids, mask = inputs()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model(ids, labels=ids, attention_mask=mask).loss.backward()
+    moved = sum(int(model.get_submodule(t).lora_B.weight.grad.abs().sum() > 0) for t in experts)
+    assert moved >= len(experts) // 2   # the experts that got tokens
+    opt.step()
+    model.eval()
+    out = vt.export(model, None, tmp_path / "merged", format="merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = merged(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel(got[real], want[real]) < TOL
