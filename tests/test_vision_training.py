@@ -194,3 +194,12 @@ def test_images_past_the_cache_are_read_again_with_the_same_losses(tiny_llava, d
     reread = vt.train(_config(tiny_llava, data[0], tmp_path / "reread", steps=3, vision={"image_cache_mb": 0}))
     assert reread.data_stats["reread"] == len(data[1]) and kept.data_stats["reread"] == 0
     assert reread.losses == kept.losses
+
+
+def test_the_dry_run_shows_each_image_once_with_its_token_count(tiny_llava, data, tmp_path):
+    plan = vt.plan_run(_config(tiny_llava, data[0], tmp_path / "run"))
+    view = plan.objective.sample_view(plan.data.train[0], plan.tokenizer)
+    assert "(<image> x 4)" in view and "<image><image>" not in view and "[[" in view
+    n = len(data[1])
+    assert any(line.startswith(f"per epoch: {n} samples") and line.endswith(f", {n} images")
+               for line in plan.summary_lines())

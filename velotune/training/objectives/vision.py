@@ -106,6 +106,14 @@ class VisionSFT(SFT):
         self.stats = data.stats
         return data
 
+    def sample_view(self, example, tokenizer) -> str:
+        """The dry run's view of a sample, each run of image tokens written once with its count (an image is
+        hundreds of tokens)."""
+        text = super().sample_view(example, tokenizer)
+        token = self.processor.image_token
+        run = re.compile(f"(?:{re.escape(token)}){{2,}}")
+        return run.sub(lambda m: f"({token} x {len(m.group(0)) // len(token)})", text)
+
     def epoch_line(self, stats) -> str:
         line = super().epoch_line(stats)
         extra = f", {stats.images} images"
