@@ -70,3 +70,15 @@ def test_a_lora_run_trains_and_batched_generation_equals_each_prompt_alone(famil
                for i, (path, _) in enumerate(items[:3])]
     assert generate_batch(model, tokenizer, prompts, max_new_tokens=3) == \
         [vt.generate(model, tokenizer, p, max_new_tokens=3) for p in prompts]
+
+
+def test_an_image_token_the_model_generates_is_decoded_as_text(family_dir):
+    """An untrained model may sample its image token: a cached decoding step embeds it as it is (images come with
+    the prompt only) instead of asking for pixels."""
+    from velotune.infer.cache import KVCache
+    model, _ = vt.load(str(family_dir), dtype="float32")
+    cache = KVCache.for_model(model, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        out = model(torch.tensor([[model.image_token_id]]), cache=cache)
+    assert out.logits.shape[1] == 1 and torch.isfinite(out.logits).all()

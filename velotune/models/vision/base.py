@@ -144,11 +144,13 @@ class VisionLanguageModel(LanguageModel):
         return position_ids
 
     # ---- images into the embeddings ----------------------------------------------------------------------------
-    def embed_with_images(self, input_ids: torch.Tensor, image_inputs: dict) -> torch.Tensor:
-        """Token embeddings with each image token's row replaced by its image feature."""
+    def embed_with_images(self, input_ids: torch.Tensor, image_inputs: dict, decoding: bool = False) -> torch.Tensor:
+        """Token embeddings with each image token's row replaced by its image feature. `decoding` (a cached step
+        after the prompt): the tokens are the model's own output, embedded as they are even if one is the image
+        token (an untrained model may produce it); images come with the prompt only."""
         h = self.language_model.embed(input_ids)
         if image_inputs.get("pixel_values") is None:
-            if stray := int((input_ids == self.image_token_id).sum()):
+            if not decoding and (stray := int((input_ids == self.image_token_id).sum())):
                 raise DataError(f"the input holds {stray} image token(s) "
                                 f"(id {self.image_token_id}) but no images were given")
             return h
@@ -166,7 +168,7 @@ class VisionLanguageModel(LanguageModel):
                       cache=None, inputs_embeds=None, **image_inputs):
         image_inputs = _image_inputs(image_inputs)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_with_images(input_ids, image_inputs)
+            inputs_embeds = self.embed_with_images(input_ids, image_inputs, _decoding(cache))
         position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
         return self.language_model.hidden_states(None, position_ids=position_ids, document_ids=document_ids,
                                                  attention_mask=attention_mask, cache=cache,
@@ -179,7 +181,7 @@ class VisionLanguageModel(LanguageModel):
         images scattered over the image tokens first."""
         image_inputs = _image_inputs(image_inputs)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_with_images(input_ids, image_inputs)
+            inputs_embeds = self.embed_with_images(input_ids, image_inputs, _decoding(cache))
         position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
         return self.language_model(None, labels=labels, position_ids=position_ids, document_ids=document_ids,
                                    attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
@@ -259,6 +261,11 @@ class VisionLanguageModel(LanguageModel):
             return checkpoint_key
         ours, theirs = max(matches, key=lambda pair: len(pair[1]))
         return ours + checkpoint_key[len(theirs):]
+
+
+def _decoding(cache) -> bool:
+    """A cached step after the prompt."""
+    return cache is not None and cache.past_length > 0
 
 
 def checkpoint_name(name: str, prefixes) -> str:

@@ -185,7 +185,7 @@ class Model(VisionLanguageModel):
             if cache is not None:
                 cache.rope_deltas = deltas
             return positions
-        if grid is not None or bool((input_ids == self.image_token_id).any()):
+        if grid is not None:   # an image token the model generated is text here; new images are not
             raise UnsupportedError("images after the first forward of a cached request: give every image with the "
                                    "prompt (its positions are fixed at prefill), and prefill it in one piece")
         if cache.rope_deltas is None:
