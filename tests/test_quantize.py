@@ -54,7 +54,9 @@ def test_quantized_base_names_and_accuracy(aligned, method):
     assert type(model.model.embed_tokens) is nn.Embedding
     assert set(dict(model.named_parameters())) == set(dict(fp32.named_parameters()))  # `...q_proj.weight` stays
     assert model.quantization == method
+    assert not any(m.training for m in model.modules())  # loaded for inference: every layer in eval mode
     ids = token_ids()
+    model.train()  # the training path (in eval mode int8 also rounds the activations: compared below)
     logits = model(ids).logits
     assert rel_err(logits, dequantized_twin(aligned, model)(ids).logits) <= 1e-6  # measured 0 (nf4), 2.0e-7 (int8)
     assert rel_err(logits, fp32(ids).logits) <= QUANT_ERROR[method]
@@ -103,6 +105,7 @@ def test_qlora_trains_adapters_only(aligned, method):
 @pytest.mark.parametrize("dora", [False, True])
 def test_qlora_merge_dequantizes_and_unmerge_restores(aligned, method, dora):
     model = randomize_adapters(vt.add_lora(quantized(aligned, method), r=4, alpha=8, dora=dora, seed=0))
+    model.train()  # int8's training path: its eval path also rounds activations, which a merged weight does not
     ids = token_ids()
     lora_logits = model(ids).logits
     layer = model.model.layers[1].mlp.down_proj
@@ -160,3 +163,27 @@ def test_nf4_keeps_layers_the_cpu_kernel_gets_wrong(ckpt, caplog):
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ids = token_ids()
     assert rel_err(model(ids).logits, dequantized_twin(ckpt, model)(ids).logits) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_loading_quantizes_each_linear_as_it_is_read(aligned, method, monkeypatch):
+    """vt.load(quantize=...) quantizes a linear as soon as its tensors are read (a big model, an MoE one above all,
+    never exists in full precision at once) and gives exactly what quantizing the loaded model gives."""
+    from velotune.models import quantize as quantize_module
+    streamed = quantized(aligned, method)
+    after = quantize_model(load(aligned), method, compute_dtype=torch.float32, device="cpu")
+    for (name, mine), (_, theirs) in zip(decoder_linears(streamed), decoder_linears(after)):
+        assert type(mine) is type(theirs), name
+        assert torch.equal(dequantize_weight(mine), dequantize_weight(theirs)), name
+    ids = token_ids()
+    assert torch.equal(streamed(ids).logits, after(ids).logits)
+    # While loading, at most one linear's weight waits in full precision: every other one read so far is quantized.
+    waiting = []
+    offer = quantize_module.StreamingQuantizer.offer
+
+    def watched(self, name, loaded):
+        offer(self, name, loaded)
+        waiting.append(sum(1 for n in loaded if n in self.owner))
+    monkeypatch.setattr(quantize_module.StreamingQuantizer, "offer", watched)
+    quantized(aligned, method)
+    assert waiting and max(waiting) <= 1

@@ -50,7 +50,7 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
         from .generic import load_generic
         model = load_generic(model_dir, config, dtype, device, quantize)
     else:
-        model = _load_native(module, model_dir, config, dtype, device)
+        model = _load_native(module, model_dir, config, dtype, device, quantize)
         if quantize:
             from .quantize import quantize_model
             model = quantize_model(model, quantize, compute_dtype=dtype, device=device)
@@ -66,7 +66,7 @@ def _with_tokenizer(model, model_dir: Path, max_seq_length, load_tokenizer_files
     return model, (load_tokenizer(model_dir) if load_tokenizer_files else None)
 
 
-def _load_native(module, model_dir: Path, config: dict, dtype, device):
+def _load_native(module, model_dir: Path, config: dict, dtype, device, quantize=None):
     config_path = model_dir / "config.json"
     check_positive_sizes(config, config_path)
     files = ckpt.weight_files(model_dir)
@@ -80,12 +80,18 @@ def _load_native(module, model_dir: Path, config: dict, dtype, device):
     with parameters_on_meta(), skip_weight_init():
         model = module.Model(args)
     wanted = _tensors_to_load(model.state_dict(), shapes, args.tie_word_embeddings, model_dir)
+    stream = None
+    if quantize:  # each linear quantized as soon as it is read: the full-precision model never exists at once
+        from .quantize import StreamingQuantizer
+        stream = StreamingQuantizer(model, quantize, dtype, device)
     loaded = {}
     for stored, tensor, file in ckpt.iter_tensors(files):
         for name, part in module.Model.checkpoint_tensors(stored, tensor):
             if name in wanted:
                 loaded[name] = part.to(device=device, dtype=dtype if part.is_floating_point() else part.dtype)
                 warn_if_not_finite(name, loaded[name], file)
+                if stream is not None:
+                    stream.offer(name, loaded)
     model.load_state_dict(loaded, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.tie_weights()

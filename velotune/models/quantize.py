@@ -93,23 +93,76 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
     for name, linear in decoder_linears(model):
         if is_quantized_linear(linear):
             continue
-        target = torch.device(device) if device is not None else linear.weight.device
-        if method == "nf4" and not nf4_supported(linear.in_features, blocksize, target):
+        new = quantize_linear(bnb, linear, method, compute_dtype, device, double_quant=double_quant,
+                              blocksize=blocksize, threshold=threshold)
+        if new is None:
             kept.append(name)
             continue
-        if method == "nf4":
-            new = _to_nf4(bnb, linear, compute_dtype, target, double_quant, blocksize)
-        else:
-            new = _to_int8(bnb, linear, compute_dtype, target, threshold)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    warn_kept(kept, compute_dtype, blocksize)
+    if isinstance(model, VelotuneModel):  # a bare layer stack (kernel tests) has no such record
+        model.quantization = method
+    return model
+
+
+def quantize_linear(bnb, linear: nn.Linear, method: str, compute_dtype: torch.dtype, device=None, *,
+                    double_quant: bool = True, blocksize: int = 64, threshold: float = 6.0) -> nn.Module | None:
+    """The bitsandbytes layer for one linear (on `device`, default the weight's), or None when NF4 would compute
+    it wrong on this device (`nf4_supported`): the caller keeps the linear as it is."""
+    target = torch.device(device) if device is not None else linear.weight.device
+    if method == "nf4":
+        if not nf4_supported(linear.in_features, blocksize, target):
+            return None
+        new = _to_nf4(bnb, linear, compute_dtype, target, double_quant, blocksize)
+    else:
+        new = _to_int8(bnb, linear, compute_dtype, target, threshold)
+    # The layer it replaces decides the mode: int8 quantizes activations too at inference (eval), not in training.
+    return new.train(linear.training)
+
+
+def warn_kept(kept: list[str], compute_dtype: torch.dtype, blocksize: int = 64) -> None:
     if kept:
         log.warning("nf4: %d linear layer(s) kept in %s because bitsandbytes' CPU 4-bit kernel mis-reads "
                     "blocks that straddle rows (in_features not a multiple of %d): %s", len(kept),
                     str(compute_dtype).replace("torch.", ""), blocksize, ", ".join(kept))
-    if isinstance(model, VelotuneModel):  # a bare layer stack (kernel tests) has no such record
-        model.quantization = method
-    return model
+
+
+class StreamingQuantizer:
+    """Quantizes each decoder linear as soon as the loader has read its tensors, so that a checkpoint loads into
+    NF4 / int8 holding one linear at a time in full precision, never the whole model (a mixture-of-experts
+    model's experts are most of its weights). `offer` after each tensor the loader keeps; `quantize_model` after
+    loading then finds these layers done (and handles any the stream left, with its warnings)."""
+
+    def __init__(self, model: nn.Module, method: str, compute_dtype: torch.dtype, device=None, blocksize: int = 64):
+        if method not in METHODS:
+            raise ValueError(f"quantize={method!r}: expected one of {', '.join(METHODS)}")
+        self.bnb = require_bitsandbytes()
+        self.model, self.method, self.compute_dtype, self.blocksize = model, method, compute_dtype, blocksize
+        self.device = torch.device(device) if device is not None else None
+        self.params: dict[str, list[str]] = {}   # linear name -> its parameters' names
+        self.owner: dict[str, str] = {}          # parameter name -> linear name
+        for name, linear in decoder_linears(model):
+            names = [f"{name}.{p}" for p, _ in linear.named_parameters(recurse=False)]
+            self.params[name] = names
+            self.owner.update(dict.fromkeys(names, name))
+
+    def offer(self, name: str, loaded: dict[str, torch.Tensor]) -> None:
+        """Quantizes the linear `name` belongs to once all its tensors are in `loaded` (taking them out of it)."""
+        owner = self.owner.get(name)
+        if owner is None or not all(p in loaded for p in self.params[owner]):
+            return
+        linear = self.model.get_submodule(owner)
+        target = self.device or loaded[f"{owner}.weight"].device
+        if self.method == "nf4" and not nf4_supported(linear.in_features, self.blocksize, target):
+            return  # left to quantize_model, which keeps it and says so
+        real = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        real.weight = nn.Parameter(loaded.pop(f"{owner}.weight"), requires_grad=False)
+        if linear.bias is not None:
+            real.bias = nn.Parameter(loaded.pop(f"{owner}.bias"), requires_grad=False)
+        new = quantize_linear(self.bnb, real, self.method, self.compute_dtype, target, blocksize=self.blocksize)
+        parent_name, _, leaf = owner.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, leaf, new)
 
 
 def nf4_supported(in_features: int, blocksize: int, device) -> bool:
@@ -168,4 +221,5 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
 
 
 __all__ = ["quantize_model", "dequantize_weight", "is_quantized_linear", "decoder_linears", "output_head_names",
-           "compute_dtype_of", "require_bitsandbytes", "METHODS"]
+           "compute_dtype_of", "require_bitsandbytes", "quantize_linear", "warn_kept", "StreamingQuantizer",
+           "METHODS"]
