@@ -310,3 +310,29 @@ def test_lora_on_the_experts_trains_them_and_merges_exactly_into_a_checkpoint_tr
         got = merged(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     assert rel(got[real], want[real]) < TOL
+
+
+def test_expert_groups_run_at_bucket_sizes_where_kernels_are_kept_per_shape(monkeypatch):
+    """bf16 / fp16 on the CPU (oneDNN keeps a compiled kernel per matmul shape): each expert's group is padded with
+    zero rows to a bucket size, so training meets few shapes and memory stops growing; the real rows' outputs and
+    gradients are those of the unpadded groups. fp32 groups run at their own sizes."""
+    from velotune.kernels.shape_buckets import bucket_length
+    from velotune.models import moe
+    torch.manual_seed(0)
+    experts = [moe.Expert(16, 24, "silu", ("gate_proj", "up_proj", "down_proj")) for _ in range(3)]
+    seen = []
+    for e in experts:
+        e.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    counts = [37, 0, 90]
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    plain = moe.run_groups(experts, x, counts)
+    assert seen == counts
+    grad = torch.randn_like(plain)
+    want = torch.autograd.grad(plain, [x, *experts[0].parameters()], grad)
+    seen.clear()
+    monkeypatch.setattr(moe, "shape_keyed_kernels", lambda device, dtype: True)
+    bucketed = moe.run_groups(experts, x, counts)
+    assert seen == [bucket_length(37), 0, bucket_length(90)] == [40, 0, 96]
+    assert rel(bucketed, plain) < 1e-6
+    got = torch.autograd.grad(bucketed, [x, *experts[0].parameters()], grad)
+    assert max(rel(g, w) for g, w in zip(got, want)) < 1e-6

@@ -19,6 +19,7 @@ load-balancing loss (`output_router_logits`, `router_aux_loss_coef`) is moe.MoEC
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ from .args import BaseArgs
 from .attention import Attention, AttentionMask
 from .field_checks import check_fields
 from .mixtral import check_routing
-from .moe import MoECausalLM, load_balancing_loss
+from .moe import MoECausalLM, load_balancing_loss, run_groups
 from .norms import RMSNorm
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -172,8 +173,8 @@ class Experts(nn.Module):
         counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
         grouped = flat.index_select(0, token)
         # Empty groups run too (0 rows): cheap, and every parameter takes part in the graph (DDP / FSDP).
-        outputs = [self.expert(e, part) for e, part in enumerate(grouped.split(counts))]
-        weighted = torch.cat(outputs) * weights.reshape(-1)[order, None]
+        experts = [functools.partial(self.expert, e) for e in range(self.num_experts)]
+        weighted = run_groups(experts, grouped, counts) * weights.reshape(-1)[order, None]
         return flat.new_zeros(flat.shape).index_add(0, token, weighted.to(flat.dtype))
 
 
