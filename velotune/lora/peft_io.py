@@ -1,10 +1,12 @@
 """Adapters in PEFT's file format: `adapter_config.json` + `adapter_model.safetensors`, tensors named
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` / `.lora_magnitude_vector` (DoRA) and
 `base_model.model.<module>.<param>` for modules_to_save. Written by us, `peft.PeftModel.from_pretrained` loads
-them; written by PEFT, `load_adapter` loads them."""
+them; written by PEFT, `load_adapter` loads them. LoRA on mixture-of-experts experts is written and read as PEFT's
+`target_parameters` on transformers' fused expert tensors (peft_experts.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
 from ..models.interface import VelotuneModel, require_model
+from . import peft_experts
 from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
                      resolve_targets)
 
@@ -29,7 +32,8 @@ _OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "l
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (the live parameters) under PEFT's file names (transformers' module names)."""
+    """The adapter's tensors (the live parameters) under PEFT's file names (transformers' module names); expert
+    adapters stay per expert here (`file_state_dict` fuses them as the file holds them)."""
     settings = _settings(model)
     out = {}
     for name, layer in lora_layers(model).items():
@@ -54,7 +58,9 @@ def _peft_task(model: nn.Module) -> str:
 
 def adapter_config(model: nn.Module) -> dict:
     s = _settings(model)
-    return {
+    layers = lora_layers(model)
+    layout = peft_experts.saved_layout(model, layers)
+    config = {
         "peft_type": "LORA", "task_type": _peft_task(model), "base_model_name_or_path": _base_name(model),
         "r": s.r, "lora_alpha": int(s.alpha) if float(s.alpha).is_integer() else s.alpha,
         "lora_dropout": s.dropout, "target_modules": _peft_targets(model, s),
@@ -64,6 +70,21 @@ def adapter_config(model: nn.Module) -> dict:
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "exclude_modules": None, "revision": None,
     }
+    if layout:  # experts: PEFT's target_parameters on the fused tensors (no dropout there: see peft_experts)
+        config.update(peft_experts.config_fields(model, s, layout, peft_experts.shares_a(model, layers, layout)),
+                      lora_dropout=0.0)
+        config["target_modules"] = _peft_targets(model, s) if _module_targets(s) else None
+    return config
+
+
+def file_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What adapter_model.safetensors holds: `adapter_state_dict`, expert adapters fused as PEFT lays them out."""
+    state = adapter_state_dict(model)
+    layers = lora_layers(model)
+    layout = peft_experts.saved_layout(model, layers)
+    if not layout:
+        return state
+    return peft_experts.fuse_state(model, state, layers, layout, peft_experts.shares_a(model, layers, layout))
 
 
 def save_adapter(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=None) -> Path:
@@ -73,7 +94,7 @@ def save_adapter(model: nn.Module, out_dir, overwrite: bool = False, tokenizer=N
     from safetensors.torch import save_file
     model = model.adapter_root() if isinstance(model, VelotuneModel) else model  # the names the adapter uses
     config = adapter_config(model)
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in file_state_dict(model).items()}
     out_dir = Path(out_dir)
     with ckpt.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -92,12 +113,14 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
         load_adapter(root, adapter_dir, trainable)
         return model
     adapter_dir = Path(adapter_dir)
-    kwargs = _our_names(model, settings_from_config(read_adapter_config(adapter_dir), adapter_dir / CONFIG_NAME))
+    config = read_adapter_config(adapter_dir)
+    kwargs = _our_names(model, settings_from_config(config, adapter_dir / CONFIG_NAME))
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         also = " (adapter_model.bin is there: only safetensors adapters are read)" \
             if (adapter_dir / "adapter_model.bin").is_file() else ""
         raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_NAME}{also}")
+    fused = _expert_targets(model, kwargs, config, adapter_dir)
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise UnsupportedError("the model's adapters are merged: unmerge_lora(model) before loading other weights")
@@ -105,14 +128,14 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:  # targets the model does not have: an adapter for another model
         if added:
-            _check_against_weights(model, kwargs, adapter_dir)  # before add_lora allocates r x features
+            _check_against_weights(model, kwargs, adapter_dir, fused)  # before add_lora allocates r x features
             add_lora(model, **kwargs)
         else:
             _check_compatible(model, kwargs, adapter_dir / CONFIG_NAME)
     except ConfigError as exc:
         raise CheckpointError(f"{adapter_dir / CONFIG_NAME}: {exc}") from None
     try:
-        _copy_tensors(model, weights)
+        _copy_tensors(model, weights, fused, kwargs)
     except CheckpointError:
         if added:
             remove_lora(model)
@@ -140,26 +163,59 @@ def settings_from_config(config: dict, source) -> dict:
     """adapter_config.json -> add_lora keyword arguments; options we do not implement are refused by name."""
     if config.get("peft_type") != "LORA":
         raise UnsupportedError(f"{source}: peft_type {config.get('peft_type')!r}; only LORA adapters are supported")
-    used = [k for k, off in _OFF.items() if config.get(k, off) not in (off, None, False, {}, [])]
+    peft_experts.check_patterns(config, source)  # expert rank/alpha patterns are ours to read (peft_experts)
+    experts = ("target_parameters", "rank_pattern", "alpha_pattern")
+    used = [k for k, off in _OFF.items() if k not in experts and config.get(k, off) not in (off, None, False, {}, [])]
     if used:
         raise UnsupportedError(f"{source}: uses PEFT option(s) velotune does not implement: "
                                + ", ".join(f"{k}={config[k]!r}" for k in used))
-    missing = [k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None]
+    needed = ("r", "lora_alpha") if config.get("target_parameters") else ("r", "lora_alpha", "target_modules")
+    missing = [k for k in needed if config.get(k) is None]
     if missing:
         raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}")
     return dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-                targets=config["target_modules"], rslora=bool(config.get("use_rslora")),
+                targets=config.get("target_modules") or [], rslora=bool(config.get("use_rslora")),
                 dora=bool(config.get("use_dora")), modules_to_save=config.get("modules_to_save") or None)
 
 
 def _our_names(model, kwargs: dict) -> dict:
     """Full module names in an adapter config (transformers' names) -> ours; leaf names and regexes stay."""
     targets = kwargs["targets"]
-    if isinstance(targets, list):
+    if isinstance(targets, list) and targets:
         kwargs["targets"] = [model.name_from_peft(t) if "." in t else t for t in targets]
     if kwargs.get("modules_to_save"):
         kwargs["modules_to_save"] = [model.name_from_peft(n) for n in kwargs["modules_to_save"]]
     return kwargs
+
+
+def _expert_targets(model, kwargs: dict, config: dict, adapter_dir: Path) -> list:
+    """On an MoE model: the fused expert targets (target_parameters) added to kwargs["targets"] as our expert
+    linears, and module targets kept off the experts (transformers 5 holds no expert linears: a PEFT leaf name
+    such as `gate_proj` means Qwen3-MoE's dense layers there), unless the file holds per-expert tensors (an
+    adapter for transformers 4's layout)."""
+    source, weights = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
+    if not peft_experts.moe_modules(model):
+        if config.get("target_parameters"):
+            peft_experts.read_targets(model, config, source)  # names the entries it does not know
+        return []
+    names = list(header_shapes([weights]))
+    peft_experts.check_dense_names(model, names, weights)
+    try:
+        fused = peft_experts.read_targets(model, config, source)
+        modules = resolve_targets(model, kwargs["targets"]) if kwargs["targets"] else []
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    if not peft_experts.has_per_expert_tensors(names):
+        modules = [n for n in modules if not peft_experts.is_expert_linear(n)]
+    patterns = {**(config.get("rank_pattern") or {}), **(config.get("alpha_pattern") or {})}
+    clash = [(k, n) for k in patterns for n in modules if re.match(rf"(.*\.)?({k})$", model.peft_name(n))]
+    if clash:
+        raise UnsupportedError(f"{source}: rank/alpha pattern {clash[0][0]!r} also applies to module "
+                               f"{model.peft_name(clash[0][1])}; velotune keeps one rank for modules")
+    kwargs["targets"] = modules + peft_experts.expert_linears(model, fused)
+    if not kwargs["targets"]:
+        raise CheckpointError(f"{source}: target_modules / target_parameters select no layer of this model")
+    return fused
 
 
 def _check_compatible(model, kwargs, source):
@@ -173,12 +229,15 @@ def _check_compatible(model, kwargs, source):
                               f"({'; '.join(diff)}); load it into a model without LoRA instead")
 
 
-def _check_against_weights(model, kwargs: dict, adapter_dir: Path):
+def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list | None = None):
     """adapter_config.json against adapter_model.safetensors' header (names and shapes, no data) and the model's
     layers, before any LoRA layer is built: a tampered `r` would otherwise allocate r x features per layer."""
     source, weights = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     check_hyperparameters(kwargs["r"], kwargs["alpha"], kwargs["dropout"])
-    found = {_normalize(name, model): shape for name, (shape, _) in header_shapes([weights]).items()}
+    header = {name: torch.empty(shape, device="meta") for name, (shape, _) in header_shapes([weights]).items()}
+    if fused:  # fused expert tensors -> per-expert shapes (meta tensors: no data read)
+        header = peft_experts.expand(model, fused, header, kwargs, weights)
+    found = {_normalize(name, model): tuple(t.shape) for name, t in header.items()}
     ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape}
     if ranks and ranks != {kwargs["r"]}:
         raise CheckpointError(f"{source}: r is {kwargs['r']} but {weights} holds rank-"
@@ -209,11 +268,12 @@ def _wrong_shapes(expected: dict, found: dict) -> list[str]:
 
 
 @torch.no_grad()
-def _copy_tensors(model, weights: Path):
+def _copy_tensors(model, weights: Path, fused: list | None = None, kwargs: dict | None = None):
     expected = {_normalize(k, model): v for k, v in adapter_state_dict(model).items()}
-    found = {}
-    for name, tensor, _ in ckpt.iter_tensors([weights]):
-        found[_normalize(name, model)] = tensor
+    raw = {name: tensor for name, tensor, _ in ckpt.iter_tensors([weights])}
+    if fused:
+        raw = peft_experts.expand(model, fused, raw, kwargs, weights)
+    found = {_normalize(name, model): tensor for name, tensor in raw.items()}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = _wrong_shapes({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()})
@@ -252,8 +312,16 @@ def _base_name(model) -> str | None:
     return str(model.source_dir) if model.source_dir is not None else None
 
 
+def _module_targets(settings) -> list[str]:
+    """Our targets PEFT reaches as modules: all but the experts of a model whose experts are written fused."""
+    return [n for n in settings.targets if not peft_experts.is_expert_linear(n)]
+
+
 def _peft_targets(model, settings) -> list[str]:
     """The shortest PEFT `target_modules` that selects exactly our targets: leaf names when they suffice."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in settings.targets})
-    chosen = [n for n in linear_names(model) if any(name_matches(n, leaf) for leaf in leaves)]
-    return leaves if sorted(chosen) == sorted(settings.targets) else [model.peft_name(n) for n in settings.targets]
+    fused = bool(peft_experts.saved_layout(model, lora_layers(model)))
+    targets = _module_targets(settings) if fused else settings.targets
+    linears = [n for n in linear_names(model) if not (fused and peft_experts.is_expert_linear(n))]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
+    chosen = [n for n in linears if any(name_matches(n, leaf) for leaf in leaves)]
+    return leaves if sorted(chosen) == sorted(targets) else [model.peft_name(n) for n in targets]
