@@ -9,6 +9,9 @@ methods, so nothing here spells a GGUF name by hand. Three transforms differ bet
   Qwen, Gemma and Phi-3 run llama.cpp's "neox" rotation, which is the halves convention: no permutation.
 - Gemma stores RMSNorm weights as w - 1 (applied as 1 + w); llama.cpp applies plain w: add 1.
 - llama.cpp's Gemma and Gemma 2 always take the output head from the token embeddings.
+
+Gemma 3, OLMo 2, Granite, Mixtral, Qwen3-MoE and gpt-oss have hooks of their own in gguf_families.py (experts
+stacked, per-family checks and keys).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UnsupportedError
+from .gguf_families import check_family, family_state, write_family_hparams
 
 log = logging.getLogger("velotune")
 
@@ -35,6 +39,7 @@ class ArchSpec:
     extra_biases: tuple = ()          # MODEL_TENSOR names whose bias llama.cpp reads, beyond q/k/v
     windows: str = "ignored"          # "per-layer": llama.cpp applies sliding windows per layer; else ignored
     free_head_dim: bool = True        # False: llama.cpp sizes attention by hidden_size (= heads * head_dim)
+    needs_output: bool = False        # llama.cpp requires an output head: a tied one is written out
 
 
 # Every family reads q/k/v biases (fused or not); these are what each reads besides.
@@ -48,6 +53,14 @@ SPECS = {
     "gemma": ArchSpec("GEMMA", norm_shift=1.0, tied_only=True),
     "gemma2": ArchSpec("GEMMA2", norm_shift=1.0, tied_only=True, windows="per-layer"),
     "phi3": ArchSpec("PHI3", free_head_dim=False),
+    # gguf_families.py: what is special about these
+    "gemma3_text": ArchSpec("GEMMA3", norm_shift=1.0, windows="per-layer"),
+    "olmo2": ArchSpec("OLMO2", free_head_dim=False, needs_output=True),
+    "granite": ArchSpec("GRANITE", permute_qk=True, extra_biases=_LLAMA_BIASES),
+    "mixtral": ArchSpec("LLAMA", permute_qk=True),  # llama.cpp runs Mixtral as Llama with stacked experts
+    "qwen3_moe": ArchSpec("QWEN3MOE"),
+    "gpt_oss": ArchSpec("GPT_OSS", windows="per-layer", needs_output=True,
+                        extra_biases=("ATTN_OUT", "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP")),
 }
 _QKV_KINDS = ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_QKV")
 
@@ -67,6 +80,7 @@ def arch_spec(model) -> ArchSpec:
         raise UnsupportedError(f"GGUF export: llama.cpp's {spec.gguf_arch.lower()} sizes attention by hidden_size "
                                f"({args.hidden_size}), but this model has {args.num_attention_heads} heads of "
                                f"head_dim {args.head_dim}; export format='merged' instead")
+    check_family(model)
     return spec
 
 
@@ -91,8 +105,8 @@ def gguf_tensors(model, state: dict, spec: ArchSpec) -> list[tuple[str, torch.Te
     names = gguf.get_tensor_name_map(gguf_arch(spec), args.num_hidden_layers)
     allowed_biases = {getattr(gguf.MODEL_TENSOR, k) for k in _QKV_KINDS + spec.extra_biases}
     out, unplaced = [], []
-    for hf_name, tensor in state.items():
-        if hf_name == "lm_head.weight" and args.tie_word_embeddings:
+    for hf_name, tensor in family_state(model, state, spec).items():
+        if hf_name == "lm_head.weight" and args.tie_word_embeddings and not spec.needs_output:
             continue
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None or (hf_name.endswith(".bias") and found[0] not in allowed_biases):
@@ -119,7 +133,7 @@ def _transform(hf_name: str, tensor: torch.Tensor, args, spec: ArchSpec) -> torc
 def rope_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """llama3 scaling as per-frequency divisors (`rope_freqs`); LongRoPE as its two factor lists."""
     import gguf
-    rope = model.model.rotary_emb
+    rope = global_rope(model)
     name = gguf.TENSOR_NAMES
     if rope.kind == "llama3":  # llama.cpp divides each unscaled frequency by its factor
         unscaled = 1.0 / (rope.theta ** (torch.arange(0, rope.dim, 2, dtype=torch.int64).float() / rope.dim))
@@ -152,11 +166,19 @@ def write_hparams(writer, model, spec: ArchSpec):
     _write_windows(writer, args, spec)
     if spec.gguf_arch == "GEMMA2":
         _write_gemma2(writer, args)
+    write_family_hparams(writer, model)
+
+
+def global_rope(model):
+    """The rotary table of the `{arch}.rope.*` keys: Gemma 3's global layers' (its local ones have
+    `rope.freq_base_swa`), else the model's only one."""
+    rope = model.model.rotary_emb
+    return getattr(rope, "full_attention", rope)
 
 
 def _write_rope(writer, model):
     import gguf
-    rope = model.model.rotary_emb
+    rope = global_rope(model)
     writer.add_rope_freq_base(float(rope.theta))
     writer.add_rope_dimension_count(rope.dim)
     scaling = rope.scaling
@@ -173,6 +195,10 @@ def _write_rope(writer, model):
                          ("attention_factor", writer.add_rope_scaling_yarn_attn_factor)):
             if scaling.get(key) is not None:
                 add(float(scaling[key]))
+        if scaling.get("truncate") is False:  # gpt-oss's configs: the ramp's ends unrounded
+            log.warning("GGUF export: YaRN with truncate=false, but llama.cpp rounds the ramp's correction "
+                        "dimensions down / up (truncate=true): its RoPE differs slightly from this model's "
+                        "(llama.cpp's own converter writes the same file)")
     elif rope.kind == "longrope":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
         writer.add_rope_scaling_attn_factors(float(rope.attention_scaling))

@@ -110,8 +110,12 @@ def build_writer(model, tokenizer, spec, quant: str):
     tensors.reverse()
     while tensors:  # popped one by one: each fp32 copy is freed once encoded
         name, tensor = tensors.pop()
-        data, qtype = encode_tensor(tensor.detach().cpu().numpy().astype(np.float32, copy=False), target)
-        if qtype != target and tensor.dim() > 1:
+        # Biases stay F32 whatever their rank (gpt-oss's expert biases are 2-D: ggml adds only F32 ones), and
+        # so do MoE routers (`ffn_gate_inp`), as llama.cpp's own converter keeps them.
+        keep_f32 = name.endswith(".bias") or ".ffn_gate_inp." in name
+        data, qtype = encode_tensor(tensor.detach().cpu().numpy().astype(np.float32, copy=False),
+                                    gguf.GGMLQuantizationType.F32 if keep_f32 else target)
+        if not keep_f32 and qtype != target and tensor.dim() > 1:
             fallbacks.append(name)
         writer.add_tensor(name, data, raw_dtype=qtype)
     if fallbacks:
