@@ -328,12 +328,13 @@ def _multimodal_checkpoint(path):
 
 
 def test_a_multimodal_gemma3_checkpoint_is_not_read_as_text_only(tmp_path):
-    """Our text file refuses a multimodal config by name; vt.load runs a multimodal Gemma 3 whole through
-    transformers' own model (the generic path), until velotune has its vision tower."""
+    """Our text file refuses a multimodal config by name; vt.load reads a multimodal Gemma 3 as the vision family
+    (velotune/models/vision/gemma3.py: its text model is this file's, from text_config)."""
     config = _multimodal_checkpoint(tmp_path / "mm")
     file = tmp_path / "mm" / "config.json"
     assert config["model_type"] == "gemma3" and config["text_config"]["model_type"] == "gemma3_text"
     with pytest.raises(UnsupportedError, match=rf"{file}: holds a text_config"):
         Args.from_dict(config, source=str(file))
     model, _ = vt.load(tmp_path / "mm", dtype="float32", device="cpu")
-    assert model.path == "generic"
+    from velotune.models.vision.gemma3 import Model
+    assert isinstance(model, Model) and model.path == "native"

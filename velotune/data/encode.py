@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import Sample
-from .templates import render, stop_token_ids
+from .templates import render as render_template, stop_token_ids
 
 IGNORE_INDEX = -100
 
@@ -84,11 +84,15 @@ def _info(tokenizer) -> _TokenizerInfo:
 
 
 def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "assistant", max_len: int,
-           overflow: str = "truncate", stats: DataStats | None = None, train_from: int = 0) -> Encoded | None:
+           overflow: str = "truncate", stats: DataStats | None = None, train_from: int = 0,
+           expand=None) -> Encoded | None:
     """Token ids and labels for one sample, or None when it is dropped (counted in `stats`).
 
     `train_from=k`: of a conversation, only the assistant turns from message k on are trained (a preference
-    pair's completion after a prompt that may hold earlier assistant turns)."""
+    pair's completion after a prompt that may hold earlier assistant turns).
+    `expand`: applied to each rendering of a conversation before it is tokenized (the image tokens of a vision
+    sample go in after the chat template, as transformers' processors put them: a template that trims its text
+    would otherwise eat the newlines around an image)."""
     if train_on not in ("assistant", "all"):
         raise ValueError(f"train_on={train_on!r}: expected 'assistant' or 'all'")
     if overflow not in ("truncate", "drop"):
@@ -98,7 +102,7 @@ def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "
     if sample.is_chat:
         if template is None:
             raise ValueError("chat samples need a chat template")
-        text, spans = _chat_spans(sample, tokenizer, template, train_on, train_from)
+        text, spans = _chat_spans(sample, tokenizer, template, train_on, train_from, expand)
         ids, owner = _tokenize(text, spans, tokenizer, info)
         if train_on == "assistant":
             ids, trained = _close_turns(ids, owner, info)
@@ -136,9 +140,13 @@ def encode(sample: Sample, tokenizer, template: str | None, *, train_on: str = "
     return example
 
 
-def _chat_spans(sample: Sample, tokenizer, template: str, train_on: str, train_from: int = 0):
+def _chat_spans(sample: Sample, tokenizer, template: str, train_on: str, train_from: int = 0, expand=None):
     """The rendered conversation and the character spans of its assistant turns (or all of it)."""
     messages, where = sample.messages, sample.origin or "<sample>"
+
+    def render(*args, **kwargs):
+        text = render_template(*args, **kwargs)
+        return expand(text) if expand is not None else text
     full = render(tokenizer, template, messages, add_generation_prompt=False, where=where)
     if train_on == "all":
         return full, [(0, len(full))]

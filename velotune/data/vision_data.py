@@ -170,11 +170,16 @@ def encode_vision(sample, refs: list, processor, tokenizer, template: str, *, tr
     where = sample.origin or "<sample>"
     images = [load_image(ref, base_dir=base_dir, source=where) for ref in refs]
     processed = processor(images, source=where) if images else None
-    expansions = iter(processed.expansions if processed else ())
-    messages = [{**m, "content": expand_marks(m["content"], expansions, processor)} for m in sample.messages]
+    expansions = list(processed.expansions if processed else ())
+    if sample.is_chat:  # the marks go through the chat template; the image tokens replace them after it
+        whole_sample, expand = sample, rendered_expander(expansions, processor)
+    else:
+        messages = [{**m, "content": expand_marks(m["content"], iter(expansions), processor)}
+                    for m in sample.messages]
+        whole_sample, expand = replace(sample, messages=messages), None
     # Encoded whole, then cut here: a cut inside the image tokens is its own reason to drop the sample.
-    whole = encode(replace(sample, messages=messages), tokenizer, template, train_on=train_on, max_len=1 << 62,
-                   overflow="truncate", stats=DataStats())
+    whole = encode(whole_sample, tokenizer, template, train_on=train_on, max_len=1 << 62, overflow="truncate",
+                   stats=DataStats(), expand=expand)
     if whole is None:
         stats.dropped_fully_masked += 1
         return None
@@ -230,6 +235,16 @@ def expand_marks(content: str, expansions, processor) -> str:
     return "".join(out)
 
 
+def rendered_expander(expansions: list[str], processor):
+    """text -> text with its image marks replaced in order by `expansions`, for a rendered chat: transformers'
+    processors expand the image placeholder in the template's output, so a template that trims a message's text
+    (Gemma 3's) keeps the newlines around an image. Every rendering (a prefix of the conversation included)
+    starts again at the first image."""
+    def expand(text: str) -> str:
+        return expand_marks(text, iter(expansions), processor)
+    return expand
+
+
 def collate_images(per_sample: list[dict]) -> dict:
     """The image tensors of a batch's samples (each a dict under transformers' names, empty without images), joined
     as the family's processor batches them: along the first axis (LLaVA's [images, 3, H, W], Qwen2-VL's patches and
@@ -259,4 +274,5 @@ def _pad_stacks(tensors: list) -> torch.Tensor:
 
 
 __all__ = ["IMAGE_MARK", "VisionExample", "VisionStats", "collate_images", "encode_vision", "expand_marks", "images_of",
+           "rendered_expander",
            "processor_image_token_id", "read_vision_record"]

@@ -43,15 +43,15 @@ def encode_image_prompt(model, tokenizer, messages: list, *, base_dir=None, chat
                         where: str = "the prompt", allow_files: bool = True):
     """(token ids, image tensors) of one chat prompt with images, rendered with the generation prompt.
     allow_files=False: images only as data: URIs or PIL images (a server must not read its own disk for a client)."""
-    from ..data.vision_data import expand_marks, processor_image_token_id, read_vision_record
+    from ..data.vision_data import processor_image_token_id, read_vision_record, rendered_expander
     from ..vision.images import load_image
     processor = processor_of(model)
     sample, refs = read_vision_record({"messages": messages}, "messages", where, placeholder=processor.placeholder)
     images = [load_image(ref, base_dir=base_dir, source=where, allow_files=allow_files) for ref in refs]
     processed = processor(images, source=where)
-    expansions = iter(processed.expansions)
-    flat = [{**m, "content": expand_marks(m["content"], expansions, processor)} for m in sample.messages]
-    text = render_chat(tokenizer, flat, chat_template)
+    # The image tokens replace the marks after the chat template, as transformers' processors expand theirs.
+    text = rendered_expander(list(processed.expansions), processor)(render_chat(tokenizer, sample.messages,
+                                                                              chat_template))
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template writes any BOS itself
     held = sum(1 for i in ids if i == processor_image_token_id(processor, tokenizer))
     if held != sum(processed.tokens_per_image):

@@ -32,6 +32,7 @@ ARCHITECTURES = {
     ("qwen2_vl", IMAGE_TEXT): "velotune.models.vision.qwen2_vl",
     ("qwen2_5_vl", IMAGE_TEXT): "velotune.models.vision.qwen2_vl",
     ("idefics3", IMAGE_TEXT): "velotune.models.vision.idefics3",
+    ("gemma3", IMAGE_TEXT): "velotune.models.vision.gemma3",
     ("smolvlm", IMAGE_TEXT): "velotune.models.vision.idefics3",
 }
 

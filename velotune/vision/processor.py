@@ -35,6 +35,7 @@ PROCESSORS = {
     "qwen2_5_vl": "velotune.vision.qwen2_vl_processor:Qwen2VLImageProcessor",
     "idefics3": "velotune.vision.idefics3_processor:Idefics3ImageProcessor",
     "smolvlm": "velotune.vision.idefics3_processor:Idefics3ImageProcessor",
+    "gemma3": "velotune.vision.gemma3_processor:Gemma3ImageProcessor",
 }
 
 # PIL's filter numbers, the values preprocessor_config.json's "resample" holds.
