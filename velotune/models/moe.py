@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..kernels.dispatch import use_triton
+from ..kernels.grouped_mm import grouped_linear
 from ..kernels.lora_ops import lora_mlp
 from ..kernels.shape_buckets import bucket_length, shape_keyed_kernels
 from .attention import Attention
@@ -172,7 +174,15 @@ def run_groups(experts: list, grouped: torch.Tensor, counts: list[int]) -> torch
     Where matmuls keep a compiled kernel per shape (bf16 / fp16 on the CPU: kernels/shape_buckets.py), a group
     size new at nearly every step would grow memory for hundreds of steps (measured ~90 MB a step on the MoE
     benchmark's shape): each group is padded with zero rows to a bucket size and the padding's outputs dropped
-    (each row's output depends on that row alone)."""
+    (each row's output depends on that row alone).
+
+    On CUDA, experts that are plain bias-free linears (no LoRA on them, not quantized) run as three grouped
+    matmuls over their own weights (kernels/grouped_mm.py): one launch a projection instead of one per expert."""
+    if use_triton(grouped) and _plain_experts(experts):
+        gate_name, up_name, down_name = experts[0].names
+        gate = grouped_linear(grouped, [getattr(e, gate_name).weight for e in experts], counts)
+        up = grouped_linear(grouped, [getattr(e, up_name).weight for e in experts], counts)
+        return grouped_linear(experts[0].act(gate, up), [getattr(e, down_name).weight for e in experts], counts)
     parts = grouped.split(counts)
     if not shape_keyed_kernels(grouped.device, grouped.dtype):
         return torch.cat([expert(part) for expert, part in zip(experts, parts)])
@@ -181,6 +191,11 @@ def run_groups(experts: list, grouped: torch.Tensor, counts: list[int]) -> torch
         padded = F.pad(part, (0, 0, 0, bucket_length(n) - n)) if n else part
         outputs.append(expert(padded)[:n])
     return torch.cat(outputs)
+
+
+def _plain_experts(experts: list) -> bool:
+    return all(isinstance(e, Expert) for e in experts) and all(
+        type(linear := getattr(e, name)) is nn.Linear and linear.bias is None for e in experts for name in e.names)
 
 
 def dense_mlp(args) -> GatedMLP:
