@@ -10,6 +10,7 @@
 #   full-mfu       full fine-tuning of the 1B shape: tokens/s, memory and MFU vs transformers
 #   loop           (only when named) the transformers-style loop benchmark on the GPU
 #   vision         (only when named) LLaVA LoRA vs transformers + peft (velotune bench --vision), bf16
+#   moe            (only when named) Qwen3-MoE / Mixtral LoRA (attention; attention + experts) vs transformers + peft
 # Results: benchmarks/results/gpu-suite/<part>/ (JSON + markdown with device, versions, command), <part>.log,
 # summary.md (device, versions, this command, each part's status and time).
 #
@@ -30,9 +31,9 @@ PARTS=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
-    kernel-tests|kernel-shapes|lora-8b|long-context|full-mfu|loop|vision) PARTS+=("$arg") ;;
+    kernel-tests|kernel-shapes|lora-8b|long-context|full-mfu|loop|vision|moe) PARTS+=("$arg") ;;
     *) echo "gpu_suite.sh: unknown argument '$arg' (parts: kernel-tests kernel-shapes lora-8b long-context" \
-            "full-mfu loop vision; or --quick)" >&2; exit 2 ;;
+            "full-mfu loop vision moe; or --quick)" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(kernel-tests kernel-shapes lora-8b long-context full-mfu)
@@ -175,13 +176,15 @@ if [ "$QUICK" = 1 ]; then
     --out "$RESULTS/full-mfu"
   run_part loop 300 "$PY" benchmarks/loop_bench.py --quick --out "$RESULTS/loop"
   run_part vision 300 "$PY" benchmarks/vision_bench.py --quick --out "$RESULTS/vision"
+  run_part moe 300 "$PY" benchmarks/moe_bench.py --quick --methods lora --out "$RESULTS/moe"
 else
   if ! grep -q VELOTUNE_TEST_CUDA tests/conftest.py; then
     log "WARNING: tests/conftest.py does not read VELOTUNE_TEST_CUDA: the kernel tests run interpreted on the CPU"
   fi
   run_part kernel-tests 70 env -u TRITON_INTERPRET VELOTUNE_TEST_CUDA=1 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cross_entropy.py tests/test_kernels_lora.py \
-    tests/test_kernels_nf4.py tests/test_kernels_rmsnorm_torch.py tests/test_kernels_triton.py
+    tests/test_kernels_nf4.py tests/test_kernels_rmsnorm_torch.py tests/test_kernels_triton.py \
+    tests/test_kernels_grouped_mm.py
   run_part kernel-shapes 60 "$PY" -m velotune.bench.gpu_kernels --device cuda --out "$RESULTS/kernel-shapes"
   run_part lora-8b 190 "$PY" benchmarks/train_bench.py --device cuda --cases qlora,lora \
     --systems "velotune,hf,hf-gc$(liger_systems)" --reps 1 --warmup 1 --steps 3 --timeout 90 \
@@ -193,6 +196,8 @@ else
     --warmup 2 --steps 5 --timeout 45 --out "$RESULTS/full-mfu"
   run_part loop 90 "$PY" benchmarks/loop_bench.py --device cuda --reps 1 --timeout 60 --out "$RESULTS/loop"
   run_part vision 150 "$PY" benchmarks/vision_bench.py --device cuda --reps 1 --timeout 60 --out "$RESULTS/vision"
+  run_part moe 200 "$PY" benchmarks/moe_bench.py --device cuda --methods lora,experts --reps 1 --timeout 60 \
+    --out "$RESULTS/moe"
 fi
 write_summary
 log "done: $RESULTS/summary.md"

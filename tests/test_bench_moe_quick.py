@@ -5,6 +5,7 @@ report says it is."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def test_the_plan_and_what_it_refuses():
     plan = make_plan(_ns())
     assert (plan["seq"], plan["batch"], plan["warmup"], plan["steps"], plan["reps"]) == (512, 2, 1, 3, 3)
     assert plan["cases"] == ["qwen3-moe", "mixtral"] and plan["shapes"] is SHAPES
+    assert plan["methods"] == ["lora", "experts", "qlora"]
     assert (plan["dtype"], plan["precision"], plan["systems"], plan["threads"]) == ("float32", "fp32",
                                                                                      ["velotune", "hf"], 1)
     for shape in SHAPES.values():   # the issue's shape: 8 experts, top-2, hidden 512, vocabulary 32k
@@ -36,8 +38,11 @@ def test_the_plan_and_what_it_refuses():
     assert make_plan(_ns("--cases", "mixtral", "--seq", "1024"))["cases"] == ["mixtral"]
     cuda = make_plan(_ns("--device", "cuda"))
     assert (cuda["precision"], cuda["dtype"]) == ("bf16", "float32")
-    with pytest.raises(ConfigError, match="takes no --methods"):
-        make_plan(_ns("--methods", "lora"))
+    assert make_plan(_ns("--methods", "qlora"))["methods"] == ["qlora"]
+    with pytest.raises(ConfigError, match="--methods: unknown full"):
+        make_plan(_ns("--methods", "full"))
+    with pytest.raises(ConfigError, match="takes no --max-seq-search"):
+        make_plan(_ns("--max-seq-search"))
     with pytest.raises(ConfigError, match="--cases: unknown gpt"):
         make_plan(_ns("--cases", "gpt"))
 
@@ -55,18 +60,25 @@ def test_quick_moe_benchmark_runs_both_systems_on_the_same_batches(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_bench.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for case, model_type in (("qwen3-moe", "qwen3_moe"), ("mixtral", "mixtral")):
-        report = json.loads((tmp_path / f"moe-cpu-{case}-quick.json").read_text())
+    for (case, model_type), method in itertools.product((("qwen3-moe", "qwen3_moe"), ("mixtral", "mixtral")),
+                                                         ("lora", "experts", "qlora")):
+        stem = f"moe-cpu-{case}{'' if method == 'lora' else '-' + method}-quick"
+        report = json.loads((tmp_path / f"{stem}.json").read_text())
         runs = {name: results[0] for name, results in report["runs"].items()}
         assert set(runs) == {"velotune", "hf"}
         assert all(r["ok"] for r in runs.values()), {n: r.get("error") for n, r in runs.items()}
         velotune, hf = runs["velotune"], runs["hf"]
         assert velotune["timed_tokens"] == hf["timed_tokens"] == 64 * 2
         assert velotune["step_target_tokens"] == hf["step_target_tokens"] == [63] * 3
-        # LoRA on q/k/v/o alone, both sides: 2 layers x r=16 x (64+64 + 64+32 + 64+32 + 64+64).
-        assert velotune["trainable_params"] == hf["trainable_params"] == 2 * 16 * (128 + 96 + 96 + 128)
-        assert report["same_batches"] is True and report["same_trainable_params"] is True
-        assert report["first_loss_rel_diff"] < 1e-5   # the same weights and tokens: fp32 rounding only
+        # LoRA on q/k/v/o, both sides: 2 layers x r=16 x (64+64 + 64+32 + 64+32 + 64+64); with the experts
+        # (8 a layer, hidden 64, width 64) velotune's gate, up and down each r x (64 + 64), PEFT's fused gate_up
+        # r x (64 + 128) (one A for both) and down r x (64 + 64).
+        attention = 2 * 16 * (128 + 96 + 96 + 128)
+        mine, theirs = (2 * 8 * 16 * 3 * 128, 2 * 8 * 16 * (192 + 128)) if method == "experts" else (0, 0)
+        assert (velotune["trainable_params"], hf["trainable_params"]) == (attention + mine, attention + theirs)
+        assert report["same_batches"] is True and report["same_trainable_params"] is (method != "experts")
+        # The same weights and tokens: fp32 rounding only (LoRA); the same NF4 codes computing in bf16 (QLoRA).
+        assert report["first_loss_rel_diff"] < (1e-5 if method == "lora" else 1e-3)
         # transformers as it loads by default: its own attention and experts implementations, recorded.
         assert hf["attn_implementation"] and hf["experts_implementation"]
         for name in ("velotune", "hf"):
@@ -78,9 +90,11 @@ def test_quick_moe_benchmark_runs_both_systems_on_the_same_batches(tmp_path):
         assert all(v is not None and v > 0 for k, v in report["ratios"].items() if k != "train_extra")
         settings = report["settings"]
         assert settings["model"]["model_type"] == model_type and settings["quick"] is True
+        assert settings["method"] == method and settings["dtype"] == ("bfloat16" if method == "qlora" else "float32")
         assert settings["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and settings["parameters"] > 0
         assert settings["goals"] == {"speed": 2.0, "memory": 0.5}
         assert report["machine"]["versions"]["transformers"] and report["machine"]["load_average_before"] is not None
-        text = (tmp_path / f"moe-cpu-{case}-quick.md").read_text()
+        text = (tmp_path / f"{stem}.md").read_text()
         assert "| velotune |" in text and "| hf |" in text and "| velotune / hf |" in text
-        assert "not yet PEFT-compatible" in text and "load average before / after" in text
+        assert ("target_parameters" if method == "experts" else "not on the experts") in text
+        assert "load average before / after" in text

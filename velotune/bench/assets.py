@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import ConfigError
 from .processes import child_env
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; words w0, w1, ... follow
@@ -99,20 +100,32 @@ def ensure_checkpoint(shape: str, dtype: str, device: str, cache: Path | None = 
 
 def checkpoint_dir(shape: str, dtype: str, device: str, cache: Path | None = None) -> Path:
     """The cached checkpoint of `shape` in `dtype`, written on first use (random weights, seed 0)."""
-    target = checkpoint_path(shape, dtype, cache)
-    if (target / "config.json").is_file():
+    def build(staging: Path) -> Path:
+        _write_checkpoint(staging, SHAPES[shape], dtype, device)
+        _write_tokenizer(staging, SHAPES[shape]["vocab_size"])
+        return staging
+    return build_once(checkpoint_path(shape, dtype, cache), build, what=f"{shape} checkpoint")
+
+
+def build_once(target: Path, build, *, what: str, markers: tuple = ("config.json",)) -> Path:
+    """`target`, built on first use: `build(staging)` writes into a fresh temporary folder beside it and returns the
+    folder (staging itself or one inside it) that is then renamed to `target` whole, so another process sees all of
+    it or nothing. Done when every file of `markers` is there; a rename lost to another builder is fine. Errors of
+    `build` pass through; a finished build that cannot be moved in is a ConfigError naming `what` and `target`."""
+    def done() -> bool:
+        return all((target / marker).is_file() for marker in markers)
+    if done():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _write_checkpoint(tmp, SHAPES[shape], dtype, device)
-        _write_tokenizer(tmp, SHAPES[shape]["vocab_size"])
-        os.replace(tmp, target)  # atomic: another process sees the whole directory or none
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+        os.replace(build(staging), target)
+    except OSError:   # another run wrote it meanwhile (checked below)
+        pass
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    if not done():
+        raise ConfigError(f"the benchmark's {what} could not be moved into the cache at {target}")
     return target
 
 

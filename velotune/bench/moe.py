@@ -3,6 +3,7 @@
     velotune bench --moe                     # CPU, fp32: Qwen3-MoE and Mixtral shapes (8 experts, top-2), 2 x 512
     velotune bench --moe --quick             # tiny MoE shapes, 1 + 2 steps: checks the code works
     velotune bench --moe --cases mixtral     # one case
+    velotune bench --moe --methods qlora     # one method (lora / experts: fp32 weights; qlora: NF4 base)
     python benchmarks/moe_bench.py ...       # the same, from a clone
 
 Models: random weights (normal, std 0.02; norms at 1) in a Qwen3-MoE and a Mixtral shape of the same size (hidden
@@ -10,13 +11,15 @@ Models: random weights (normal, std 0.02; norms at 1) in a Qwen3-MoE and a Mixtr
 save_pretrained (per-expert tensors, the hub's layout) once and cached. Batches: rows of random token ids filling
 the sequence (one document a row), labels = ids, seeded: both systems train the same batches. LoRA r=16, alpha=32
 on q/k/v/o of every layer (not on the experts: see moe_worker.py), the same lr, schedule and clipping.
-The workers are moe_worker.py. Results: <out>/moe-<device>-<case>.json and .md, one pair per case.
+Methods: lora (the weights as stored, fp32), experts (the same, LoRA on every expert as well) and qlora (the decoder's linears in NF4 with double quantization,
+computing in bf16, the rest in bf16: bitsandbytes on both sides; transformers' fused expert tensors are not linears,
+so its QLoRA keeps the experts in bf16 where velotune quantizes each expert).
+The workers are moe_worker.py. Results: <out>/moe-<device>-<case>[-qlora].json and .md, one pair per case and method.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ from .machine import load_average, machine_markdown, print_and_save
 from .processes import run_module
 from .side_by_side import checks, ratios, run_systems, summarise
 from .train import is_cuda, pick, side_plan
-from .moe_worker import LORA_ALPHA, LORA_RANK, LORA_TARGETS, SYSTEMS
+from .moe_worker import LORA_ALPHA, LORA_RANK, LORA_TARGETS, METHODS, SYSTEMS
 
 _COMMON = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -45,16 +48,16 @@ QUICK_SHAPES = {"qwen3-moe": dict(SHAPES["qwen3-moe"], **_TINY, moe_intermediate
 PLANS = {
     # Three processes a system, alternating: on a shared machine one process can run ~20% slower throughout.
     "cpu": dict(cases=list(SHAPES), seq=512, batch=2, warmup=1, steps=3, reps=3, systems=list(SYSTEMS),
-                precision="fp32"),
+                precision="fp32", methods=list(METHODS)),
     "cpu-quick": dict(cases=list(SHAPES), seq=64, batch=1, warmup=1, steps=2, reps=1, systems=list(SYSTEMS),
-                      precision="fp32"),
+                      precision="fp32", methods=list(METHODS)),
     # Not run here (no GPU on the machine this was written on): bf16 autocast over fp32 weights, on both sides.
     "cuda": dict(cases=list(SHAPES), seq=2048, batch=4, warmup=3, steps=10, reps=2, systems=list(SYSTEMS),
-                 precision="bf16"),
+                 precision="bf16", methods=list(METHODS)),
     "cuda-quick": dict(cases=list(SHAPES), seq=256, batch=2, warmup=1, steps=2, reps=1, systems=list(SYSTEMS),
-                       precision="bf16"),
+                       precision="bf16", methods=list(METHODS)),
 }
-NOT_HERE = ("methods", "max_seq_search", "memory_budget_mb", "seq_limit", "seq_grain", "peak_tflops")
+NOT_HERE = ("max_seq_search", "memory_budget_mb", "seq_limit", "seq_grain", "peak_tflops")
 LR = 2e-4
 # Issue 18's goals for this benchmark (the CPU only).
 GOALS = {"cpu": dict(speed=2.0, memory=0.5)}
@@ -69,6 +72,8 @@ def make_plan(ns) -> dict:
         plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
     if ns.cases:
         plan["cases"] = pick(ns.cases, list(SHAPES), "--cases")
+    if ns.methods:
+        plan["methods"] = pick(ns.methods, list(METHODS), "--methods")
     if plan["batch"] < 1 or plan["seq"] < 2:
         raise ConfigError(f"--batch {plan['batch']} --seq {plan['seq']}: at least one row of two tokens a step")
     plan["shapes"] = QUICK_SHAPES if plan["quick"] else SHAPES
@@ -79,26 +84,17 @@ def model_dir(cache: Path, shape: dict, plan: dict) -> tuple[Path, int]:
     """(the shape's checkpoint directory, its parameter count): written once into the cache by a child process
     (torch and transformers stay out of this one), in a temporary folder renamed in."""
     out = cache / f"moe-{shape['model_type']}-{assets._key(shape)}"
-    count = out / "parameters.json"
-    if (out / "config.json").is_file() and count.is_file():
-        return out, json.loads(count.read_text())["parameters"]
-    cache.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".moe-", dir=cache))
-    try:
+
+    def build(staging: Path) -> Path:
         made = run_module("velotune.bench.moe_worker", dict(system="checkpoint", device="cpu", shape=shape,
-                                                            out_dir=str(building / "model")),
+                                                            out_dir=str(staging / "model")),
                           timeout=plan["timeout"], threads=os.cpu_count() or 1)
         if not made.get("ok"):
             raise ConfigError(f"could not write the benchmark's {shape['model_type']} checkpoint: {made.get('error')}")
-        (building / "model" / "parameters.json").write_text(json.dumps({"parameters": made["parameters"]}))
-        os.replace(building / "model", out)
-    except OSError:  # another run wrote it meanwhile (checked below)
-        pass
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    if not count.is_file():
-        raise ConfigError(f"the benchmark's MoE checkpoint could not be moved into the cache at {out}")
-    return out, json.loads(count.read_text())["parameters"]
+        (staging / "model" / "parameters.json").write_text(json.dumps({"parameters": made["parameters"]}))
+        return staging / "model"
+    assets.build_once(out, build, what="MoE checkpoint", markers=("config.json", "parameters.json"))
+    return out, json.loads((out / "parameters.json").read_text())["parameters"]
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
@@ -107,20 +103,29 @@ def run(ns) -> dict:
     """Every case of the plan; returns {case: result} (each also printed and saved)."""
     plan = make_plan(ns)
     cache = assets.default_cache_dir()
-    return {case: run_case(ns, plan, case, cache) for case in plan["cases"]}
+    return {case + _suffix(method): run_case(ns, plan, case, cache, method)
+            for case in plan["cases"] for method in plan["methods"]}
 
 
-def run_case(ns, plan: dict, case: str, cache: Path) -> dict:
+def _suffix(method: str) -> str:
+    return "" if method == "lora" else f"-{method}"
+
+
+def run_case(ns, plan: dict, case: str, cache: Path, method: str = "lora") -> dict:
     started, load_before = time.time(), load_average()
     shape = plan["shapes"][case]
     model, parameters = model_dir(cache, shape, plan)
-    print(f"moe benchmark on {plan['device']} ({plan['precision']}): {case} ({parameters / 1e6:.1f}M parameters), "
-          f"LoRA r={LORA_RANK} on {'/'.join(LORA_TARGETS)}; {plan['batch']} x {plan['seq']} tokens a step, "
+    # qlora: NF4 linears computing in bf16, the other weights in bf16, no autocast (what QLoRA users run).
+    dtype, precision = ("bfloat16", "fp32") if method == "qlora" else (plan["dtype"], plan["precision"])
+    print(f"moe benchmark on {plan['device']} ({_precision_words(method, plan['precision'])}): {case} "
+          f"({parameters / 1e6:.1f}M parameters), {method.upper() if method == 'qlora' else 'LoRA'} "
+          f"r={LORA_RANK} on {'/'.join(LORA_TARGETS)}{' and the experts' if method == 'experts' else ''}; "
+          f"{plan['batch']} x {plan['seq']} tokens a step, "
           f"{plan['warmup']} + {plan['steps']} steps; {plan['reps']} process(es) per system", flush=True)
     with tempfile.TemporaryDirectory(prefix="velotune-moe-bench-") as out_root:
         spec = dict(model_dir=str(model), seq=plan["seq"], batch=plan["batch"], warmup=plan["warmup"],
-                    steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=plan["dtype"],
-                    precision=plan["precision"], threads=plan["threads"], seed=0)
+                    steps=plan["steps"], lr=plan["lr"], device=plan["device"], dtype=dtype,
+                    precision=precision, threads=plan["threads"], seed=0, method=method)
         runs = run_systems(plan, "velotune.bench.moe_worker", spec, Path(out_root), "rows")
     systems = summarise(runs, ("setup_s", "tokens_per_cpu_s"))
     for name, s in systems.items():
@@ -131,7 +136,7 @@ def run_case(ns, plan: dict, case: str, cache: Path) -> dict:
     info = report.run_info({case: runs}, {}, load_before, time.time() - started)
     settings = {k: plan[k] for k in ("device", "dtype", "precision", "systems", "reps", "warmup", "steps", "lr",
                                      "threads", "quick", "seq", "batch")}
-    settings.update(case=case, model=shape, parameters=parameters, model_dir=str(model), lora_rank=LORA_RANK,
+    settings.update(case=case, method=method, dtype=dtype, precision=precision, model=shape, parameters=parameters, model_dir=str(model), lora_rank=LORA_RANK,
                     lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS, scheduler="constant", max_grad_norm=1.0,
                     goals=GOALS.get("cuda" if is_cuda(plan["device"]) else "cpu"))
     result = dict(machine=info, settings=settings, systems=systems,
@@ -141,8 +146,8 @@ def run_case(ns, plan: dict, case: str, cache: Path) -> dict:
                   runs={k: [{n: v for n, v in r.items() if n != "traceback" or not r.get("ok")} for r in rs]
                         for k, rs in runs.items()})
     dtype = "bfloat16" if plan["precision"] == "bf16" else "float32"
-    print_and_save(ns, "moe", dict(plan, dtype=dtype), case + ("-quick" if plan["quick"] else ""), result,
-                   markdown(result))
+    print_and_save(ns, "moe", dict(plan, dtype=dtype), case + _suffix(method) + ("-quick" if plan["quick"] else ""),
+                   result, markdown(result))
     return result
 
 
@@ -171,6 +176,8 @@ def _ratio_lines(result: dict) -> list:
     if not r:
         return ["No ratios: a system failed (see its row)."]
     checked = {True: "yes", False: "NO", None: "—"}
+    experts = result["settings"].get("method") == "experts"
+    layouts = " (by design: the expert layouts differ, see above)" if experts else ""
     lines = ["| velotune / hf | tokens/s | tokens per CPU s | peak memory | training's own peak |",
              "|---|---|---|---|---|",
              f"| | {report.fmt(r['input_tokens_per_s'], '.2f', 'x')} | {report.fmt(r['tokens_per_cpu_s'], '.2f', 'x')}"
@@ -182,31 +189,58 @@ def _ratio_lines(result: dict) -> list:
                      f"{goals['memory']:g}x: {'met' if r['memory'] and r['memory'] <= goals['memory'] else 'not met'}"
                      ".  ")
     lines.append(f"Checks: the same batches (same token count at every step): {checked[result['same_batches']]}; the "
-                 f"same trainable parameters: {checked[result['same_trainable_params']]}; first losses apart by "
+                 f"same trainable parameters: {checked[result['same_trainable_params']]}{layouts}; first losses apart by "
                  f"{report.fmt(result['first_loss_rel_diff'], '.1e')} (relative; the same weights and tokens: only "
                  "the numerics differ).")
     return lines
 
 
+def _precision_words(method: str, precision: str) -> str:
+    if method == "qlora":
+        return "NF4 base, bf16 compute"
+    return "fp32" + (", bf16 autocast" if precision == "bf16" else "")
+
+
+def _method_words(s: dict, versions: dict) -> str:
+    """What each side holds, by method."""
+    if s.get("method") != "qlora":
+        return "the weights fp32 as stored"
+    return ("QLoRA: every linear of the decoder blocks except the routers in NF4 (blocksize 64, double quantization) "
+            "computing in bf16, embeddings, head, norms and routers in bf16, LoRA weights fp32, no autocast, on both "
+            f"sides through bitsandbytes {versions.get('bitsandbytes')} (transformers: BitsAndBytesConfig "
+            "load_in_4bit). transformers holds the experts as fused [experts, out, in] parameters, which its "
+            "bitsandbytes integration does not quantize: they stay in bf16 there, where velotune quantizes each "
+            "expert (most of an MoE model's weights)")
+
+
+def _expert_words(method: str) -> str:
+    if method == "experts":
+        return (", and on every expert: velotune adapts each expert's gate, up and down linears (each its own A and "
+                "B), PEFT adapts transformers 5's fused [experts, out, in] tensors through target_parameters, where "
+                "gate and up share one A per expert (so PEFT trains a few fewer parameters: both counts are in the "
+                "table; the adapters velotune saves load in PEFT with the same logits)")
+    return ("; not on the experts (method 'experts' adapts them too)")
+
+
 def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     cuda, shape, versions = is_cuda(s["device"]), s["model"], m["versions"]
+    method = s.get("method", "lora")
     experts = shape.get("num_experts") or shape.get("num_local_experts")
     width = shape.get("moe_intermediate_size") if shape["model_type"] == "qwen3_moe" else shape["intermediate_size"]
-    text = [f"# Mixture-of-experts LoRA fine-tuning: velotune vs transformers + PEFT, {s['case']} ({s['device']}, "
-            f"{s['precision']})", "",
+    title = {"qlora": "QLoRA", "experts": "LoRA (attention and experts)"}.get(method, "LoRA (attention)")
+    text = [f"# Mixture-of-experts {title} fine-tuning: velotune vs "
+            f"transformers + PEFT, {s['case']} ({s['device']}, {_precision_words(method, s['precision'])})", "",
             f"Command: `{m['command']}`  ",
             f"Model: {shape['model_type']} with random weights (normal, std 0.02; norms at 1; {s['parameters'] / 1e6:.1f}M "
             f"parameters), written by transformers' save_pretrained: {shape['num_hidden_layers']} layers, hidden "
             f"{shape['hidden_size']}, {experts} experts of {width}, top-{shape['num_experts_per_tok']}"
             f"{', top-k renormalised' if shape.get('norm_topk_prob') else ''}, {shape['num_attention_heads']} query / "
             f"{shape['num_key_value_heads']} key-value heads of {shape['head_dim']}, vocabulary "
-            f"{shape['vocab_size']:,}; fp32{', bf16 autocast' if s['precision'] == 'bf16' else ''}; no router "
+            f"{shape['vocab_size']:,}; {_method_words(s, versions)}; no router "
             "load-balancing loss (output_router_logits false, as written).  ",
             f"LoRA r={s['lora_rank']}, alpha={s['lora_alpha']}, dropout 0 on {', '.join(s['lora_targets'])} of every "
-            "layer, on both sides. Not on the experts: transformers 5 holds them as fused [experts, out, in] "
-            "parameters, not linears, so PEFT's target_modules cannot adapt them as velotune adapts each expert "
-            "linear; LoRA on experts is not yet PEFT-compatible and is left out of this comparison.  ",
+            f"layer, on both sides{_expert_words(method)}.  ",
             f"Data: {s['batch']} row(s) x {s['seq']} random token ids a step (one document filling each row), labels "
             "= ids, seeded: the same batches on both sides.  ",
             f"Training: the same plain loop on both sides (`model(input_ids=ids, labels=ids)`, backward, clipping "

@@ -7,9 +7,9 @@ velotune: `vt.load` + `vt.add_lora` (its own Mixtral / Qwen3-MoE code: per-exper
 expert). hf: transformers' AutoModelForCausalLM as it loads by default (its default attention implementation and its
 default experts implementation, both recorded in the result) wrapped by PEFT's get_peft_model.
 Both: the same checkpoint, the same batches (rows of random token ids, labels = ids, seeded), LoRA r=16, alpha=32,
-dropout 0 on q_proj, k_proj, v_proj and o_proj of every layer (LoRA on the experts is left out: transformers 5 holds
-them as fused [experts, out, in] parameters, not nn.Linear modules, which PEFT's target_modules does not adapt the
-way velotune's per-expert LoRA does); AdamW (weight decay 0) at a constant lr, clipping at 1.0, the model's
+dropout 0 on q_proj, k_proj, v_proj and o_proj of every layer, and with method "experts" on every expert too
+(velotune: each expert's three linears, each its own A and B; PEFT: target_parameters on transformers 5's fused
+[experts, out, in] tensors, where gate and up share one A: a few fewer trainable parameters, both counted); AdamW (weight decay 0) at a constant lr, clipping at 1.0, the model's
 config.json as written (no router load-balancing loss: output_router_logits false), seed 0; CUDA "bf16": autocast
 over fp32 weights on both sides.
 
@@ -28,6 +28,11 @@ from .processes import worker_main
 from .vision_worker import CpuClock
 
 SYSTEMS = ("velotune", "hf")
+# lora: LoRA on attention; experts: on attention and every expert (PEFT: target_parameters on transformers' fused
+# expert tensors); qlora: LoRA on attention over an NF4 base.
+METHODS = ("lora", "experts", "qlora")
+# transformers' fused expert parameters, which PEFT adapts through target_parameters (the same name in both families)
+HF_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FIRST_ID = 4  # random token ids start after the word-level tokenizer's specials (assets.SPECIALS)
@@ -66,8 +71,12 @@ def train(model, batches: list, spec: dict, clock: CpuClock) -> list[float]:
 
 def build_velotune(spec: dict):
     import velotune as vt
-    model, _ = vt.load(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], load_tokenizer_files=False)
-    vt.add_lora(model, r=LORA_RANK, alpha=LORA_ALPHA, dropout=0.0, targets=LORA_TARGETS, seed=0)
+    quantize = "nf4" if spec.get("method") == "qlora" else None
+    model, _ = vt.load(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], quantize=quantize,
+                       load_tokenizer_files=False)
+    # experts: velotune's default targets, every linear but the head and the routers: attention and each expert
+    targets = "all-linear" if spec.get("method") == "experts" else LORA_TARGETS
+    vt.add_lora(model, r=LORA_RANK, alpha=LORA_ALPHA, dropout=0.0, targets=targets, seed=0)
     return model, {}
 
 
@@ -76,12 +85,20 @@ def build_hf(spec: dict):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["dtype"]))
+    extra = {}
+    if spec.get("method") == "qlora":  # QLoRA as its users write it: NF4, double quantization, bf16 compute
+        from transformers import BitsAndBytesConfig
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, spec["dtype"]))
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec["dtype"]), **extra)
     config = model.config
     used = dict(attn_implementation=getattr(config, "_attn_implementation", None),
                 experts_implementation=getattr(config, "_experts_implementation", None))
+    parameters = HF_EXPERT_PARAMETERS if spec.get("method") == "experts" else None
     model = get_peft_model(model.to(spec["device"]), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                                bias="none", target_modules=LORA_TARGETS))
+                                                                bias="none", target_modules=LORA_TARGETS,
+                                                                target_parameters=parameters))
     return model, used
 
 

@@ -20,9 +20,7 @@ Results: <out>/vision-<device>-llava.json and .md.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -130,25 +128,19 @@ def make_data(cache: Path, count: int, image_size: int) -> Path:
     """A data file of `count` conversations (one PNG each, beside it), built once and kept in the cache; built in a
     temporary folder and renamed in, so that a build cut short is never used."""
     folder = cache / f"vision-scenes-{count}-{image_size}-{assets._key(QUESTIONS, ASPECTS, sorted(COLOURS))}"
-    data = folder / "data.jsonl"
-    if data.is_file():
-        return data
-    cache.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".vision-scenes-", dir=cache))
-    rows = []
-    for i in range(count):
-        image, question, answer = scene(i, image_size)
-        name = f"scene_{i:04d}.png"
-        image.save(building / name)
-        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": name},
-                                                                {"type": "text", "text": question}]},
-                                  {"role": "assistant", "content": answer}]})
-    (building / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    try:
-        os.replace(building, folder)
-    except OSError:  # another run built it meanwhile
-        shutil.rmtree(building, ignore_errors=True)
-    return data
+
+    def build(staging: Path) -> Path:
+        rows = []
+        for i in range(count):
+            image, question, answer = scene(i, image_size)
+            name = f"scene_{i:04d}.png"
+            image.save(staging / name)
+            rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": name},
+                                                                    {"type": "text", "text": question}]},
+                                      {"role": "assistant", "content": answer}]})
+        (staging / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return staging
+    return assets.build_once(folder, build, what="scenes data", markers=("data.jsonl",)) / "data.jsonl"
 
 
 def tokenizer_texts() -> list[str]:
@@ -172,25 +164,16 @@ def model_dir(cache: Path, case: dict, plan: dict) -> Path:
     texts = tokenizer_texts()
     out = cache / (f"vision-llava-{case['size']}-{case['image_size']}-{case['patch_size']}-"
                    f"{assets._key(texts, SIZES[case['size']], case)}")
-    if (out / "config.json").is_file() and (out / "processor_config.json").is_file():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".vision-llava-", dir=cache))
-    try:
-        (building / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
+
+    def build(staging: Path) -> Path:
+        (staging / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
         made = run_module("velotune.bench.vision_worker",
-                          dict(case, system="checkpoint", device="cpu", texts=str(building / "texts.jsonl"),
-                               out_dir=str(building / "model")), timeout=plan["timeout"], threads=plan["threads"])
+                          dict(case, system="checkpoint", device="cpu", texts=str(staging / "texts.jsonl"),
+                               out_dir=str(staging / "model")), timeout=plan["timeout"], threads=plan["threads"])
         if not made.get("ok"):
             raise ConfigError(f"could not write the benchmark's LLaVA checkpoint: {made.get('error')}")
-        os.replace(building / "model", out)
-    except OSError:  # another run wrote it meanwhile (checked below)
-        pass
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    if not (out / "config.json").is_file():
-        raise ConfigError(f"the benchmark's LLaVA checkpoint could not be moved into the cache at {out}")
-    return out
+        return staging / "model"
+    return assets.build_once(out, build, what="LLaVA checkpoint", markers=("config.json", "processor_config.json"))
 
 
 # ---- running ------------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ Results: <out>/whisper-<device>-tiny-en.json and .md.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -97,23 +96,20 @@ def make_clips(cache: Path, count: int) -> Path:
     if manifest.is_file():
         return manifest
     espeak = _espeak()
-    cache.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".whisper-clips-", dir=cache))
-    rows = []
-    for i, text in enumerate(texts):
-        raw, name = building / f"raw_{i:03d}.wav", f"clip_{i:03d}.wav"
-        subprocess.run([espeak, "-v", VOICES[i % len(VOICES)], "-s", str(SPEEDS[i % len(SPEEDS)]), "-w", str(raw),
-                        text], check=True, capture_output=True, timeout=120)
-        samples, _ = load_audio(raw)  # espeak-ng speaks at 22,050 Hz: resampled to Whisper's 16 kHz
-        soundfile.write(str(building / name), samples, 16000, subtype="PCM_16")
-        raw.unlink()
-        rows.append({"audio": name, "text": text})
-    (building / "clips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    try:
-        os.replace(building, folder)
-    except OSError:  # another run built it meanwhile
-        shutil.rmtree(building, ignore_errors=True)
-    return manifest
+
+    def build(staging: Path) -> Path:
+        rows = []
+        for i, text in enumerate(texts):
+            raw, name = staging / f"raw_{i:03d}.wav", f"clip_{i:03d}.wav"
+            subprocess.run([espeak, "-v", VOICES[i % len(VOICES)], "-s", str(SPEEDS[i % len(SPEEDS)]), "-w",
+                            str(raw), text], check=True, capture_output=True, timeout=120)
+            samples, _ = load_audio(raw)  # espeak-ng speaks at 22,050 Hz: resampled to Whisper's 16 kHz
+            soundfile.write(str(staging / name), samples, 16000, subtype="PCM_16")
+            raw.unlink()
+            rows.append({"audio": name, "text": text})
+        (staging / "clips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return staging
+    return assets.build_once(folder, build, what="spoken clips", markers=("clips.jsonl",)) / "clips.jsonl"
 
 
 def model_dir(cache: Path) -> Path:
