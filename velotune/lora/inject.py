@@ -12,7 +12,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.interface import VelotuneModel
 from ..models.quantize import output_head_names, router_names
+from . import param_lora
 from .layers import LoraLinear
+from .param_lora import LoraExperts
 
 ALL_LINEAR = "all-linear"
 
@@ -26,13 +28,15 @@ class LoraSettings:
     dropout: float = 0.0
     rslora: bool = False
     dora: bool = False
-    targets: list[str] = field(default_factory=list)          # full module names that carry a LoRA layer
+    targets: list[str] = field(default_factory=list)          # full module names that carry a LoRA layer, and
+    #                                                           full names of adapted fused expert parameters
     modules_to_save: list[str] = field(default_factory=list)  # full module names trained as a whole
     dtype: torch.dtype = torch.float32
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear | LoraExperts]:
+    """The LoRA layers by module name: wrapped linears, and wrapped fused-experts modules (param_lora.py)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoraLinear, LoraExperts))}
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 0.0, targets=ALL_LINEAR,
@@ -41,7 +45,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     """Wraps the target linears (plain, NF4 or int8) in LoRA layers, in place, and freezes everything else.
 
     targets: "all-linear" (every linear but the output head, as PEFT) or module-name suffixes such as
-    ["q_proj", "v_proj"] (a string with regex characters is matched against whole names, as PEFT does).
+    ["q_proj", "v_proj"] (a string with regex characters is matched against whole names, as PEFT does). Fused
+    expert parameters (gpt-oss's `gate_up_proj` / `down_proj`) count as linears here: "all-linear" adapts them,
+    and their names select them (PEFT's target_parameters; param_lora.py).
     modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
     dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
     """
@@ -54,11 +60,18 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
         raise ConfigError("this model already carries LoRA adapters; velotune.load_adapter(model, dir) replaces "
                           "their weights, or velotune.lora.merge_and_unload(model) folds them in before adding new ones")
     names = resolve_targets(model, targets)
+    fused = [n for n in names if n in set(param_lora.fused_param_names(model))]
+    param_lora.check_settings(fused, dropout, dora)
     keep = _resolve_modules_to_save(model, modules_to_save or [], names)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.requires_grad_(False)
     for name in names:
-        layer = LoraLinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
+        if name not in fused:
+            layer = LoraLinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
+            layer.reset_parameters(generator)
+            set_submodule(model, name, layer)
+    for name, params in param_lora.group_targets(fused).items():
+        layer = LoraExperts(model.get_submodule(name), params, r, alpha, rslora, dtype)
         layer.reset_parameters(generator)
         set_submodule(model, name, layer)
     for name in keep:
@@ -88,14 +101,15 @@ def name_matches(name: str, pattern: str) -> bool:
 
 def linear_names(model: nn.Module) -> list[str]:
     """Names of the model's linear layers, a LoRA-wrapped one under its own name (not its inner pieces)."""
-    wrapped = set(lora_layers(model))
+    inside = tuple(f"{n}." for n in lora_layers(model))
     return [n for n, m in model.named_modules() if isinstance(m, LoraLinear)
-            or (isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped)]
+            or (isinstance(m, nn.Linear) and not n.startswith(inside))]
 
 
 def resolve_targets(model: nn.Module, targets) -> list[str]:
-    """Module names to wrap, in model order. Every name asked for must match at least one linear layer."""
-    linears = linear_names(model)
+    """Module names to wrap, in model order, then the fused expert parameters chosen (their full names). Every name
+    asked for must match at least one linear layer or fused expert parameter."""
+    linears = linear_names(model) + param_lora.fused_param_names(model)
     if targets == ALL_LINEAR:
         kept = output_head_names(model) | router_names(model)  # as PEFT: every linear but the head (and routers)
         names = [n for n in linears if n not in kept]
@@ -188,7 +202,7 @@ def parameter_summary(model: nn.Module) -> str:
 def adapters_disabled(model: nn.Module):
     """Within the block the model computes as its base alone (every LoRA layer skips its adapter): the frozen
     reference of preference and RL training, with no second copy of the model in memory."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    layers = list(lora_layers(model).values())
     if any(layer.merged for layer in layers):
         raise RuntimeError("the adapters are merged into the base weights: unmerge them to compute the base alone")
     before = [layer.disabled for layer in layers]

@@ -4,6 +4,7 @@
 Merging computes W + scaling*B@A (DoRA: times m/||W + scaling*B@A||_row) in fp32 and casts once. A quantized
 (NF4 / int8) base is dequantized into a plain Linear in its compute dtype and never re-quantized: re-quantizing
 would round the merged weight a second time, and the merged model would no longer match the adapter's outputs.
+LoRA on fused expert parameters (param_lora.py) adds each expert's delta into its slice of the fused tensor.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
 from .inject import lora_layers, remove_lora
 from .layers import LoraLinear
+from .param_lora import LoraExperts
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -40,11 +42,13 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     """The state dict of the equivalent plain model under the base checkpoint's names (`...q_proj.weight`):
     adapters merged, quantized weights dequantized (to `dtype`, else their compute dtype), LoRA and
     quantization-state entries gone. Floating tensors are cast to `dtype` when given. The model is not changed."""
-    replaced = {}  # module name -> {"weight": ..., "bias": ...}
+    replaced = {}  # module name -> {"weight": ..., "bias": ...}, or a fused-experts module's parameters
     for name, module in model.named_modules():
         if name.endswith(".base_layer") and name[: -len(".base_layer")] in replaced:
             continue
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LoraExperts):
+            replaced[name] = module.merged_params(dtype)
+        elif isinstance(module, LoraLinear):
             replaced[name] = {"weight": module.merged_weight(dtype), "bias": module.base_layer.bias}
         elif is_quantized_linear(module):
             replaced[name] = {"weight": dequantize_weight(module, dtype or compute_dtype_of(module)),
@@ -54,6 +58,8 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         owner = _owner(key, replaced)
         if owner is None:
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        elif isinstance(model.get_submodule(owner), LoraExperts):
+            out.update({f"{owner}.{k}": v for k, v in replaced[owner].items()})
         elif f"{owner}.weight" not in out:
             parts = replaced[owner]
             out[f"{owner}.weight"] = parts["weight"]

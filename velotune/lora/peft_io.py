@@ -2,7 +2,8 @@
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` / `.lora_magnitude_vector` (DoRA) and
 `base_model.model.<module>.<param>` for modules_to_save. Written by us, `peft.PeftModel.from_pretrained` loads
 them; written by PEFT, `load_adapter` loads them. LoRA on mixture-of-experts experts is written and read as PEFT's
-`target_parameters` on transformers' fused expert tensors (peft_experts.py)."""
+`target_parameters` on transformers' fused expert tensors (peft_experts.py); a model that itself holds fused expert
+parameters (gpt-oss) has their adapters in PEFT's layout already (param_lora.py), under PEFT's names."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedError
 from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
 from ..models.interface import VelotuneModel, require_model
-from . import peft_experts
+from . import param_lora, peft_experts
 from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
                      resolve_targets)
 
@@ -37,6 +38,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     settings = _settings(model)
     out = {}
     for name, layer in lora_layers(model).items():
+        if isinstance(layer, param_lora.LoraExperts):
+            files = param_lora.file_modules(model, [f"{name}.{p}" for p in layer.adapters])
+            for param, adapter in layer.adapters.items():
+                key = f"{PREFIX}{model.peft_name(files[f'{name}.{param}'])}"
+                out[f"{key}.lora_A.weight"] = adapter.lora_A.weight
+                out[f"{key}.lora_B.weight"] = adapter.lora_B.weight
+            continue
         name = model.peft_name(name)
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
@@ -73,7 +81,11 @@ def adapter_config(model: nn.Module) -> dict:
     if layout:  # experts: PEFT's target_parameters on the fused tensors (no dropout there: see peft_experts)
         config.update(peft_experts.config_fields(model, s, layout, peft_experts.shares_a(model, layers, layout)),
                       lora_dropout=0.0)
-        config["target_modules"] = _peft_targets(model, s) if _module_targets(s) else None
+        config["target_modules"] = _peft_targets(model, s) if _module_targets(model, s) else None
+    fused = _fused_targets(model, s)
+    if fused:  # fused expert parameters (gpt-oss): PEFT's target_parameters, which take no dropout (param_lora)
+        config.update(target_parameters=param_lora.target_parameters(model, fused), lora_dropout=0.0)
+        config["target_modules"] = _peft_targets(model, s) if _module_targets(model, s) else None
     return config
 
 
@@ -120,7 +132,10 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
         also = " (adapter_model.bin is there: only safetensors adapters are read)" \
             if (adapter_dir / "adapter_model.bin").is_file() else ""
         raise CheckpointError(f"{adapter_dir}: no {WEIGHTS_NAME}{also}")
-    fused = _expert_targets(model, kwargs, config, adapter_dir)
+    if param_lora.fused_param_names(model):
+        fused = _param_targets(model, kwargs, config, adapter_dir / CONFIG_NAME)
+    else:
+        fused = _expert_targets(model, kwargs, config, adapter_dir)
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise UnsupportedError("the model's adapters are merged: unmerge_lora(model) before loading other weights")
@@ -218,6 +233,22 @@ def _expert_targets(model, kwargs: dict, config: dict, adapter_dir: Path) -> lis
     return fused
 
 
+def _param_targets(model, kwargs: dict, config: dict, source: Path) -> list:
+    """On a model holding fused expert parameters (gpt-oss): target_parameters resolved to their full names and
+    added to kwargs["targets"]; target_modules select modules only (PEFT's never select a parameter). The file's
+    tensors are in our layout already: nothing to expand (returns [])."""
+    params = param_lora.fused_param_names(model)
+    chosen = param_lora.read_targets(model, config, source)
+    try:
+        modules = resolve_targets(model, kwargs["targets"]) if kwargs["targets"] else []
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    kwargs["targets"] = [n for n in modules if n not in set(params)] + [n for n in params if n in chosen]
+    if not kwargs["targets"]:
+        raise CheckpointError(f"{source}: target_modules / target_parameters select no layer of this model")
+    return []
+
+
 def _check_compatible(model, kwargs, source):
     s = _settings(model)
     ours = dict(r=s.r, alpha=float(s.alpha), rslora=s.rslora, dora=s.dora, targets=sorted(s.targets))
@@ -238,22 +269,30 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
     if fused:  # fused expert tensors -> per-expert shapes (meta tensors: no data read)
         header = peft_experts.expand(model, fused, header, kwargs, weights)
     found = {_normalize(name, model): tuple(t.shape) for name, t in header.items()}
-    ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape}
+    targets = resolve_targets(model, kwargs["targets"])
+    # fused expert parameters: their tensors sit under PEFT's (nested) module path, [r x experts, in] / [out, ...]
+    files = param_lora.file_modules(model, [n for n in targets if n in set(param_lora.fused_param_names(model))])
+    ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape
+             and name[len(PREFIX):-len(".lora_A.weight")] not in set(files.values())}
     if ranks and ranks != {kwargs["r"]}:
         raise CheckpointError(f"{source}: r is {kwargs['r']} but {weights} holds rank-"
                               f"{'/'.join(str(r) for r in sorted(ranks))} LoRA weights")
-    targets = resolve_targets(model, kwargs["targets"])
     in_file = [n[len(PREFIX):-len(".lora_A.weight")] for n in found if n.endswith(".lora_A.weight")]
-    absent = [n for n in targets if n not in set(in_file)]
+    absent = [n for n in targets if files.get(n, n) not in set(in_file)]
     if absent:
-        raise CheckpointError(f"{source}: target_modules select layers that {weights} has no weights for: "
-                              f"{_few(absent)}")
-    extra = [n for n in in_file if n not in set(targets)]
+        raise CheckpointError(f"{source}: target_modules / target_parameters select layers that {weights} has no "
+                              f"weights for: {_few(absent)}")
+    extra = [n for n in in_file if n not in {files.get(t, t) for t in targets}]
     if extra:
         raise CheckpointError(f"{weights} holds LoRA weights for layers target_modules does not select: "
                               f"{_few(extra)}")
     expected = {}
     for name in targets:
+        if name in files:
+            experts, n_in, n_out = param_lora.fused_param(model, name).shape
+            expected[f"{PREFIX}{files[name]}.lora_A.weight"] = (kwargs["r"] * experts, n_in)
+            expected[f"{PREFIX}{files[name]}.lora_B.weight"] = (n_out, kwargs["r"] * experts)
+            continue
         base = model.get_submodule(name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = (kwargs["r"], base.in_features)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, kwargs["r"])
@@ -312,15 +351,24 @@ def _base_name(model) -> str | None:
     return str(model.source_dir) if model.source_dir is not None else None
 
 
-def _module_targets(settings) -> list[str]:
-    """Our targets PEFT reaches as modules: all but the experts of a model whose experts are written fused."""
-    return [n for n in settings.targets if not peft_experts.is_expert_linear(n)]
+def _module_targets(model, settings) -> list[str]:
+    """Our targets PEFT reaches as modules: all but the experts of a model whose experts are written fused, and
+    all but fused expert parameters."""
+    fused = set(_fused_targets(model, settings))
+    return [n for n in settings.targets if not peft_experts.is_expert_linear(n) and n not in fused]
+
+
+def _fused_targets(model, settings) -> list[str]:
+    """Our targets that are fused expert parameters (gpt-oss), PEFT's target_parameters."""
+    params = set(param_lora.fused_param_names(model))
+    return [n for n in settings.targets if n in params]
 
 
 def _peft_targets(model, settings) -> list[str]:
     """The shortest PEFT `target_modules` that selects exactly our targets: leaf names when they suffice."""
     fused = bool(peft_experts.saved_layout(model, lora_layers(model)))
-    targets = _module_targets(settings) if fused else settings.targets
+    params = set(_fused_targets(model, settings))
+    targets = _module_targets(model, settings) if fused else [n for n in settings.targets if n not in params]
     linears = [n for n in linear_names(model) if not (fused and peft_experts.is_expert_linear(n))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
     chosen = [n for n in linears if any(name_matches(n, leaf) for leaf in leaves)]

@@ -15,7 +15,9 @@
   (`*_blocks` / `*_scales` tensors) is refused with the tensor's name.
 
 Tokens are grouped per expert as in moe.py (one matmul per expert and projection, no loop over tokens); the
-load-balancing loss (`output_router_logits`, `router_aux_loss_coef`) is moe.MoECausalLM's.
+load-balancing loss (`output_router_logits`, `router_aux_loss_coef`) is moe.MoECausalLM's. LoRA adapts
+gate_up_proj and down_proj as PEFT's `target_parameters` do (lora/param_lora.py wraps `Experts` and passes its
+per-expert low-rank updates to `Experts.forward`).
 """
 from __future__ import annotations
 
@@ -146,6 +148,9 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """The fused expert weights, in the checkpoint's layout (see the module docstring)."""
 
+    # The fused [experts, in, out] parameters LoRA may adapt (lora/param_lora.py); the biases stay frozen.
+    lora_parameters = ("gate_up_proj", "down_proj")
+
     def __init__(self, hidden: int, intermediate: int, num_experts: int, alpha: float, limit: float):
         super().__init__()
         self.num_experts, self.alpha, self.limit = num_experts, alpha, limit
@@ -159,11 +164,19 @@ class Experts(nn.Module):
         up = gate_up[..., 1::2].clamp(-self.limit, self.limit)
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
-    def expert(self, e: int, x):
+    def expert(self, e: int, x, adapters: dict | None = None):
+        """Expert e on its rows; `adapters` (param name -> f(e, rows)) adds LoRA's low-rank update to a projection's
+        output (lora/param_lora.py), so W + delta is never formed."""
         gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
-        return self.activation(gate_up) @ self.down_proj[e] + self.down_proj_bias[e]
+        if adapters and "gate_up_proj" in adapters:
+            gate_up = gate_up + adapters["gate_up_proj"](e, x)
+        hidden = self.activation(gate_up)
+        out = hidden @ self.down_proj[e] + self.down_proj_bias[e]
+        if adapters and "down_proj" in adapters:
+            out = out + adapters["down_proj"](e, hidden)
+        return out
 
-    def forward(self, flat, chosen, weights):
+    def forward(self, flat, chosen, weights, adapters: dict | None = None):
         """sum_k weights[t, k] * expert[chosen[t, k]](flat[t]), each expert run once on its tokens (moe.py's
         grouping: assignments sorted by expert, one host sync per layer for the group sizes)."""
         top_k = chosen.shape[-1]
@@ -173,7 +186,7 @@ class Experts(nn.Module):
         counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
         grouped = flat.index_select(0, token)
         # Empty groups run too (0 rows): cheap, and every parameter takes part in the graph (DDP / FSDP).
-        experts = [functools.partial(self.expert, e) for e in range(self.num_experts)]
+        experts = [functools.partial(self.expert, e, adapters=adapters) for e in range(self.num_experts)]
         weighted = run_groups(experts, grouped, counts) * weights.reshape(-1)[order, None]
         return flat.new_zeros(flat.shape).index_add(0, token, weighted.to(flat.dtype))
 
