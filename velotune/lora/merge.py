@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
+from ..models.quantized_experts import QuantizedExperts, is_quantized_experts
 from .inject import lora_layers, remove_lora
 from .layers import LoraLinear
 from .param_lora import LoraExperts
@@ -53,12 +54,14 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
         elif is_quantized_linear(module):
             replaced[name] = {"weight": dequantize_weight(module, dtype or compute_dtype_of(module)),
                               "bias": module.bias}
+        elif is_quantized_experts(module):   # NF4 fused experts without LoRA: the four plain parameters
+            replaced[name] = {k: v.to(dtype or module.compute_dtype) for k, v in module.plain_parameters().items()}
     out = {}
     for key, tensor in model.state_dict().items():
         owner = _owner(key, replaced)
         if owner is None:
             out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        elif isinstance(model.get_submodule(owner), LoraExperts):
+        elif isinstance(model.get_submodule(owner), (LoraExperts, QuantizedExperts)):
             out.update({f"{owner}.{k}": v for k, v in replaced[owner].items()})
         elif f"{owner}.weight" not in out:
             parts = replaced[owner]

@@ -217,25 +217,38 @@ class LoraExperts(nn.Module):
     def merged_params(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The base's parameters with the deltas added (fp32, cast once), for a plain checkpoint; nothing changes."""
         out = {}
-        for pname, p in self.base_layer.named_parameters(recurse=False):
+        base = self.base_layer
+        # An NF4 base (models/quantized_experts.py) gives its weights dequantized in fp32, to its compute dtype.
+        quantized = hasattr(base, "plain_parameters")
+        params = base.plain_parameters(torch.float32) if quantized else dict(base.named_parameters(recurse=False))
+        for pname, p in params.items():
             value = p.detach()
             if pname in self.adapters and not self.merged:
                 value = torch.stack([value[e].float() + self.adapters[pname].delta(e)
                                      for e in range(value.shape[0])])
-            out[pname] = value.to(dtype or p.dtype)
+            out[pname] = value.to(dtype or (base.compute_dtype if quantized else p.dtype))
         return out
 
     @torch.no_grad()
     def merge(self):
-        """Adds each delta into its fused parameter in place, expert by expert (no second [E, in, out] tensor)."""
+        """Adds each delta into its fused parameter in place, expert by expert (no second [E, in, out] tensor).
+        An NF4 base (models/quantized_experts.py) is first replaced by a plain one holding its dequantized weights
+        (never re-quantized, as LoraLinear.merge), and kept (outside the module tree) for `unmerge`."""
         if not self.merged:
+            if hasattr(self.base_layer, "dequantized"):
+                self._quantized_base = (self.base_layer,)   # a tuple: not registered as a submodule
+                self.base_layer = self.base_layer.dequantized()
             self._add(1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self._add(-1.0)
+            quantized = getattr(self, "_quantized_base", None)
+            if quantized is not None:   # back to the NF4 base as it was
+                self.base_layer, self._quantized_base = quantized[0], None
+            else:
+                self._add(-1.0)
             self.merged = False
 
     def _add(self, sign: float):

@@ -4,6 +4,7 @@
 bitsandbytes `Linear4bit` / `Linear8bitLt` in place, one layer at a time, keeping the module names, so the
 parameter stays `...q_proj.weight`. `dequantize_weight` reads any of them back in high precision (DoRA norms,
 merging, export). bitsandbytes is imported only here and only when asked for: it is an optional extra.
+gpt-oss's fused experts are not linears: models/quantized_experts.py quantizes them (NF4 only).
 """
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
     elif not isinstance(compute_dtype, torch.dtype):
         from .dtypes import parse_dtype
         compute_dtype = parse_dtype(compute_dtype)
+    # gpt-oss's fused experts (models/quantized_experts.py): int8 refused before anything is changed
+    from .quantized_experts import check_method, quantize_fused_experts
+    check_method(model, method)
     kept = []
     for name, linear in decoder_linears(model):
         if is_quantized_linear(linear):
@@ -101,6 +105,8 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     warn_kept(kept, compute_dtype, blocksize)
+    if method == "nf4":  # fused experts the stream left (or a model built in memory): NF4, one module at a time
+        quantize_fused_experts(model, compute_dtype, device, blocksize, double_quant)
     if isinstance(model, VelotuneModel):  # a bare layer stack (kernel tests) has no such record
         model.quantization = method
     return model
@@ -146,9 +152,15 @@ class StreamingQuantizer:
             names = [f"{name}.{p}" for p, _ in linear.named_parameters(recurse=False)]
             self.params[name] = names
             self.owner.update(dict.fromkeys(names, name))
+        # gpt-oss's fused expert weights, each quantized to NF4 as it is read (models/quantized_experts.py)
+        from .quantized_experts import ExpertStream, check_method
+        check_method(model, method)
+        self.experts = ExpertStream(model, compute_dtype, self.device, blocksize)
 
     def offer(self, name: str, loaded: dict[str, torch.Tensor]) -> None:
         """Quantizes the linear `name` belongs to once all its tensors are in `loaded` (taking them out of it)."""
+        if self.experts.offer(name, loaded):
+            return
         owner = self.owner.get(name)
         if owner is None or not all(p in loaded for p in self.params[owner]):
             return

@@ -1,0 +1,262 @@
+"""gpt-oss's fused experts with NF4 weights (a QLoRA base): `QuantizedExperts` replaces a `gpt_oss.Experts`.
+
+Mixtral-style experts are separate linears, which quantize.py swaps for bitsandbytes layers. gpt-oss holds each
+layer's experts as fused [E, in, out] parameters (models/gpt_oss.py), so here each of the two weights becomes a
+`PackedNF4`: every expert's [in, out] matrix quantized on its own with bitsandbytes NF4 (blocks of 64 values,
+double quantization of the block scales, as quantize._to_nf4), the biases kept in the compute dtype. What is special:
+
+- one expert is dequantized at a time, inside gpt_oss.Experts' grouped loop (its `forward` and `activation` are
+  used here unchanged, so the routing and the clamped SwiGLU cannot drift apart); the backward dequantizes the
+  expert again instead of keeping it (`_DequantMatmul`), so training never holds all experts in full precision;
+- layout: an expert's matrix is flattened (row-major [in, out], the checkpoint's) and quantized as rows of exactly
+  one block. bitsandbytes 0.50's CPU kernel mis-reads blocks that straddle rows (quantize.nf4_supported); with
+  one block a row no block can, whatever the model's widths. On CUDA blocks run over the flattened tensor anyway;
+- the quantization state is plain buffers (`absmax`, `absmax2`, `offset`, the two code books), one row per
+  expert; the float32 ones are stored bit-cast to int32 so that `model.to(torch.bfloat16)` cannot round them;
+- `gate_up_proj` / `down_proj` are `PackedNF4` modules under the parameters' names with the parameter's `shape`
+  and `device`, so LoRA (lora/param_lora.py) wraps this module as it wraps the plain one; merging and merged
+  export read the weights back with `plain_parameters` / `dequantized`;
+- 8-bit is refused (`check_method`): LLM.int8 quantizes the activations too, which has no per-expert form here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+from .gpt_oss import Experts
+
+WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def fused_experts(model: nn.Module) -> list[tuple[str, Experts]]:
+    """The full-precision gpt-oss expert modules of a model (already quantized ones are not `Experts`)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is Experts]
+
+
+def check_method(model: nn.Module, method: str) -> None:
+    """Refuses int8 for a model with fused experts, naming the first, before anything is changed."""
+    found = fused_experts(model)
+    if method != "nf4" and found:
+        raise UnsupportedError(
+            f"quantize={method!r}: gpt-oss's fused experts ({found[0][0]}) have no 8-bit form in velotune (LLM.int8 "
+            "also quantizes activations, which has no per-expert form here); use quantize='nf4', which quantizes "
+            "the experts to NF4, or load without quantize")
+
+
+def _f32(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float32)
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.float().contiguous().view(torch.int32)
+
+
+class PackedNF4(nn.Module):
+    """One fused [E, in, out] weight, each expert in NF4 (see the module docstring for the layout)."""
+
+    def __init__(self, shape: tuple[int, int, int], compute_dtype: torch.dtype, blocksize: int = 64,
+                 double_quant: bool = True):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.compute_dtype, self.blocksize, self.double_quant = compute_dtype, blocksize, double_quant
+        self.numel = shape[1] * shape[2]
+        self.rows = -(-self.numel // blocksize)   # blocks an expert has, the last zero-padded if partial
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, weight: torch.Tensor, compute_dtype: torch.dtype, device=None, blocksize: int = 64,
+                 double_quant: bool = True) -> PackedNF4:
+        """Quantizes `weight` [E, in, out] expert by expert on `device` (default the weight's): one expert is ever
+        held there in full precision beside the packed ones."""
+        from .quantize import require_bitsandbytes
+        F = require_bitsandbytes().functional
+        device = torch.device(device) if device is not None else weight.device
+        self = cls(tuple(weight.shape), compute_dtype, blocksize, double_quant)
+        parts: dict[str, list[torch.Tensor]] = {"packed": [], "absmax": [], "absmax2": [], "offset": []}
+        for e in range(weight.shape[0]):
+            flat = weight[e].to(device).reshape(-1)
+            if self.rows * blocksize != self.numel:
+                flat = torch.cat([flat, flat.new_zeros(self.rows * blocksize - self.numel)])
+            packed, state = F.quantize_4bit(flat.reshape(self.rows, blocksize), blocksize=blocksize,
+                                            compress_statistics=double_quant, quant_type="nf4")
+            parts["packed"].append(packed.reshape(-1))
+            if double_quant:
+                parts["absmax"].append(state.absmax)
+                parts["absmax2"].append(_bits(state.state2.absmax))
+                parts["offset"].append(_bits(state.offset.reshape(1)))
+                code2 = state.state2.code
+            else:
+                parts["absmax"].append(_bits(state.absmax))
+            code = state.code
+        for name, values in parts.items():
+            if values:
+                self.register_buffer(name, torch.stack(values))
+        self.register_buffer("code", _bits(code))
+        if double_quant:
+            self.register_buffer("code2", _bits(code2))
+        return self
+
+    def dequantize(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Expert e's weight [in, out] in `dtype` (default the compute dtype)."""
+        from .quantize import require_bitsandbytes
+        F = require_bitsandbytes().functional
+        dtype = dtype or self.compute_dtype
+        out_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        if self.double_quant:
+            nested = F.QuantState(absmax=_f32(self.absmax2[e]), code=_f32(self.code2), blocksize=256,
+                                  dtype=torch.float32)
+            state = F.QuantState(absmax=self.absmax[e], shape=torch.Size((self.rows, self.blocksize)),
+                                 code=_f32(self.code), blocksize=self.blocksize, quant_type="nf4", dtype=out_dtype,
+                                 offset=_f32(self.offset[e])[0], state2=nested)
+        else:
+            state = F.QuantState(absmax=_f32(self.absmax[e]), shape=torch.Size((self.rows, self.blocksize)),
+                                 code=_f32(self.code), blocksize=self.blocksize, quant_type="nf4", dtype=out_dtype)
+        flat = F.dequantize_4bit(self.packed[e].reshape(-1, 1), state).reshape(-1)[: self.numel]
+        return flat.view(self.shape[1], self.shape[2]).to(dtype)
+
+    def dequantize_all(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole [E, in, out] weight (for export and merging only: the forward never forms it)."""
+        return torch.stack([self.dequantize(e, dtype) for e in range(self.shape[0])])
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.shape[0]}, in={self.shape[1]}, out={self.shape[2]}, nf4, blocksize={self.blocksize},"
+                f" double_quant={self.double_quant}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}")
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """x @ W[e] with W[e] dequantized in the forward and again in the backward, never saved: the gradient reaches x
+    (and, through the caller's separate LoRA term, the adapters); the frozen base gets none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: PackedNF4, e: int) -> torch.Tensor:
+        ctx.weight, ctx.e = weight, e
+        return x @ weight.dequantize(e, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ ctx.weight.dequantize(ctx.e, grad.dtype).T, None, None
+
+
+class QuantizedExperts(nn.Module):
+    """gpt_oss.Experts with NF4 weights: the same call, the same parameter names for LoRA, frozen."""
+
+    lora_parameters = Experts.lora_parameters
+    # The grouping over experts and the clamped SwiGLU are gpt_oss.Experts' own (they only call self.expert).
+    forward = Experts.forward
+    activation = Experts.activation
+
+    def __init__(self, gate_up_proj: PackedNF4, gate_up_proj_bias: torch.Tensor, down_proj: PackedNF4,
+                 down_proj_bias: torch.Tensor, alpha: float, limit: float):
+        super().__init__()
+        self.num_experts, self.alpha, self.limit = gate_up_proj.shape[0], alpha, limit
+        self.compute_dtype = gate_up_proj.compute_dtype
+        # Registration order = gpt_oss.Experts' parameter order (state dicts and merged exports keep it).
+        self.gate_up_proj = gate_up_proj
+        self.gate_up_proj_bias = nn.Parameter(gate_up_proj_bias.to(self.compute_dtype), requires_grad=False)
+        self.down_proj = down_proj
+        self.down_proj_bias = nn.Parameter(down_proj_bias.to(self.compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_experts(cls, experts: Experts, compute_dtype: torch.dtype, device=None, blocksize: int = 64,
+                     double_quant: bool = True) -> QuantizedExperts:
+        packed = {w: PackedNF4.quantize(getattr(experts, w).detach(), compute_dtype, device, blocksize, double_quant)
+                  for w in WEIGHTS}
+        target = packed["gate_up_proj"].device
+        return cls(packed["gate_up_proj"], experts.gate_up_proj_bias.detach().to(target), packed["down_proj"],
+                   experts.down_proj_bias.detach().to(target), experts.alpha, experts.limit)
+
+    def expert(self, e: int, x, adapters: dict | None = None):
+        """gpt_oss.Experts.expert with the two products through `_DequantMatmul`."""
+        gate_up = _DequantMatmul.apply(x, self.gate_up_proj, e) + self.gate_up_proj_bias[e].to(x.dtype)
+        if adapters and "gate_up_proj" in adapters:
+            gate_up = gate_up + adapters["gate_up_proj"](e, x)
+        hidden = self.activation(gate_up)
+        out = _DequantMatmul.apply(hidden, self.down_proj, e) + self.down_proj_bias[e].to(x.dtype)
+        if adapters and "down_proj" in adapters:
+            out = out + adapters["down_proj"](e, hidden)
+        return out
+
+    @torch.no_grad()
+    def plain_parameters(self, weight_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """gpt_oss.Experts' four parameters, in its order: the weights dequantized (to `weight_dtype`, default
+        the compute dtype), the biases as held."""
+        return {"gate_up_proj": self.gate_up_proj.dequantize_all(weight_dtype),
+                "gate_up_proj_bias": self.gate_up_proj_bias.detach(),
+                "down_proj": self.down_proj.dequantize_all(weight_dtype),
+                "down_proj_bias": self.down_proj_bias.detach()}
+
+    @torch.no_grad()
+    def dequantized(self) -> Experts:
+        """A plain gpt_oss.Experts in the compute dtype holding exactly the dequantized weights (frozen)."""
+        E, hidden, two_i = self.gate_up_proj.shape
+        plain = Experts(hidden, two_i // 2, E, self.alpha, self.limit).to(device=self.gate_up_proj.device,
+                                                                          dtype=self.compute_dtype)
+        for name, value in self.plain_parameters().items():
+            getattr(plain, name).data = value.to(self.compute_dtype)
+        return plain.requires_grad_(False)
+
+    def storage_bytes(self) -> int:
+        """Bytes the experts take: packed weights, their quantization state and the biases."""
+        return (self.gate_up_proj.storage_bytes() + self.down_proj.storage_bytes()
+                + sum(p.numel() * p.element_size() for p in (self.gate_up_proj_bias, self.down_proj_bias)))
+
+
+def is_quantized_experts(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedExperts)
+
+
+def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype, device=None, blocksize: int = 64,
+                           double_quant: bool = True) -> int:
+    """Replaces every full-precision gpt-oss Experts of `model` by a QuantizedExperts, in place, one module at a
+    time; returns how many it replaced."""
+    found = fused_experts(model)
+    for name, experts in found:
+        parent, _, leaf = name.rpartition(".")
+        new = QuantizedExperts.from_experts(experts, compute_dtype, device, blocksize, double_quant)
+        setattr(model.get_submodule(parent) if parent else model, leaf, new.train(experts.training))
+    return len(found)
+
+
+class ExpertStream:
+    """StreamingQuantizer's part for fused experts: each fused weight is quantized as soon as the loader has read
+    it (one [E, in, out] tensor in full precision at a time), and the module replaced once both weights are in; the
+    biases stay in `loaded` for the loader's load_state_dict (the new module has them under the same names)."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype, device=None, blocksize: int = 64):
+        self.model, self.compute_dtype, self.device, self.blocksize = model, compute_dtype, device, blocksize
+        self.owner = {f"{name}.{w}": (name, w) for name, _ in fused_experts(model) for w in WEIGHTS}
+        self.done: dict[str, dict[str, PackedNF4]] = {}
+
+    def offer(self, name: str, loaded: dict[str, torch.Tensor]) -> bool:
+        """True when `name` was an expert weight (quantized and taken out of `loaded`)."""
+        if name not in self.owner:
+            return False
+        module_name, weight = self.owner[name]
+        packed = PackedNF4.quantize(loaded.pop(name), self.compute_dtype, self.device, self.blocksize)
+        parts = self.done.setdefault(module_name, {})
+        parts[weight] = packed
+        if len(parts) == len(WEIGHTS):
+            old = self.model.get_submodule(module_name)
+            E = packed.shape[0]
+            # Meta placeholders for the biases: the loader's load_state_dict(assign=True) puts the read ones in.
+            new = QuantizedExperts(parts["gate_up_proj"], torch.empty(E, parts["gate_up_proj"].shape[2], device="meta"),
+                                   parts["down_proj"], torch.empty(E, parts["down_proj"].shape[2], device="meta"),
+                                   old.alpha, old.limit)
+            parent, _, leaf = module_name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, new.train(old.training))
+            del self.done[module_name]
+        return True
+
+
+__all__ = ["QuantizedExperts", "PackedNF4", "quantize_fused_experts", "is_quantized_experts", "check_method",
+           "ExpertStream", "fused_experts"]
