@@ -1,5 +1,5 @@
 """Every vision family through the data pipeline, the loop and generation, on tiny checkpoints that transformers wrote
-(LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3): packed rows give the loss of the same samples one per row, a LoRA run
+(LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3, Gemma 3): packed rows give the loss of the same samples one per row, a LoRA run
 trains, and left-padded batched generation with images equals each prompt alone."""
 import pytest
 import torch
@@ -11,7 +11,7 @@ from velotune.training.objectives.vision import VisionSFT
 from vision_fixtures import QUESTION, digit_pngs, digit_records, write_jsonl
 
 TEXTS = [QUESTION, " ".join("0123456789")] * 30
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_dir(request, tmp_path_factory, tiny_llava):
-    from velotune.bench.tiny_vlm_families import make_tiny_idefics3, make_tiny_qwen2_vl
+    from velotune.bench.tiny_vlm_families import make_tiny_gemma3, make_tiny_idefics3, make_tiny_qwen2_vl
     folder = tmp_path_factory.mktemp(request.param)
     if request.param == "llava":
         return tiny_llava
     if request.param == "idefics3":
         return make_tiny_idefics3(folder, TEXTS)
+    if request.param == "gemma3":
+        return make_tiny_gemma3(folder, TEXTS)
     return make_tiny_qwen2_vl(folder, TEXTS, family=request.param)
 
 
@@ -82,3 +84,39 @@ def test_an_image_token_the_model_generates_is_decoded_as_text(family_dir):
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         out = model(torch.tensor([[model.image_token_id]]), cache=cache)
     assert out.logits.shape[1] == 1 and torch.isfinite(out.logits).all()
+
+
+def test_our_adapter_loads_in_peft_on_transformers_model(family_dir, data, tmp_path):
+    """velotune's adapter (LoRA on the tower and the language model, the projector in full) loads with PEFT onto
+    transformers' own model of the family with the same logits, on a prompt with an image."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from velotune.infer.vision_prompt import encode_image_prompt
+    _, items = data
+    ours, tokenizer = vt.load(str(family_dir), dtype="float32")
+    targets, saved = VisionSFT().lora_choice(ours, load_config({"vision": {"projector": "full"}}))
+    vt.add_lora(ours, r=4, alpha=8, targets=targets, modules_to_save=saved)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name or any(name.startswith(m + ".") for m in saved):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours.eval()
+    vt.save_adapter(ours, tmp_path / "ours")
+    prompt = [{"role": "user", "content": [{"type": "image", "image": str(items[0][0])},
+                                           {"type": "text", "text": QUESTION}]}]
+    ids, images = encode_image_prompt(ours, tokenizer, prompt)
+    ids = torch.tensor([ids])
+    # transformers reads the image places from the processor's type ids: Gemma 3 for its image blocks, Qwen2-VL
+    # for its 3-D positions (1 marks an image token)
+    types = (ids == ours.image_token_id).long()
+    extra = {"gemma3": {"token_type_ids": types}, "qwen2_vl": {"mm_token_type_ids": types},
+             "qwen2_5_vl": {"mm_token_type_ids": types}}.get(ours.model_type, {})
+    base = AutoModelForImageTextToText.from_pretrained(str(family_dir), dtype=torch.float32).eval()
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        want = ours(ids, **images).logits
+        got = theirs(input_ids=ids, **images, **extra).logits
+    assert (want - got).abs().max() < 1e-5
+    assert saved and any(".lora_A." in n for n in vt.lora.adapter_state_dict(ours))

@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL and Idefics3 checkpoints with random weights, written as transformers writes them (config,
+"""Tiny Qwen2-VL, Idefics3 and Gemma 3 checkpoints with random weights, written as transformers writes them (config,
 safetensors, a byte-level BPE tokenizer with the family's image tokens and a ChatML template, the processor files),
 beside tiny_vlm.py's LLaVA: the data pipeline, training and generation are tested on every family's own tokens and
 processing. Built in-process and seeded; nothing is downloaded."""
@@ -83,4 +83,27 @@ def make_tiny_idefics3(out_dir, texts, *, seed: int = 0) -> Path:
     return _write(out, model, tokenizer, preprocessor, {"processor_class": "Idefics3Processor", "image_seq_len": 4})
 
 
-__all__ = ["make_tiny_idefics3", "make_tiny_qwen2_vl"]
+def make_tiny_gemma3(out_dir, texts, *, seed: int = 0) -> Path:
+    """Gemma 3 with a SigLIP tower on 16 px images (patch 4: a 4 x 4 grid pooled to 4 image tokens), local layers
+    with a window of 8 (shorter than a prompt: the image block rule and the window both matter)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(texts, ["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
+        ("image_token_index", "<image_soft_token>"))}
+    text = dict(TEXT, vocab_size=len(tokenizer), head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                **_special_ids(tokenizer))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+                  image_size=16, vision_use_head=False)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
+                                                        mm_tokens_per_image=4, **ids)).eval()
+    preprocessor = {"image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+                    "size": {"height": 16, "width": 16}, "image_mean": [0.5, 0.5, 0.5],
+                    "image_std": [0.5, 0.5, 0.5], "resample": 2}
+    return _write(out, model, tokenizer, preprocessor, {"processor_class": "Gemma3Processor", "image_seq_length": 4})
+
+
+__all__ = ["make_tiny_gemma3", "make_tiny_idefics3", "make_tiny_qwen2_vl"]
