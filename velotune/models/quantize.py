@@ -14,20 +14,12 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
+from .bitsandbytes_import import require_bitsandbytes
 from .interface import LanguageModel, VelotuneModel
 
 log = logging.getLogger("velotune")
 
 METHODS = ("nf4", "int8")
-
-
-def require_bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise UnsupportedError("a 4-bit or 8-bit base (quantize='nf4' | 'int8') needs the bitsandbytes package: "
-                               "pip install 'velotune[quant]'") from None
-    return bitsandbytes
 
 
 def is_quantized_linear(module: nn.Module) -> bool:

@@ -73,7 +73,7 @@ class PackedNF4(nn.Module):
                  double_quant: bool = True) -> PackedNF4:
         """Quantizes `weight` [E, in, out] expert by expert on `device` (default the weight's): one expert is ever
         held there in full precision beside the packed ones."""
-        from .quantize import require_bitsandbytes
+        from .bitsandbytes_import import require_bitsandbytes
         F = require_bitsandbytes().functional
         device = torch.device(device) if device is not None else weight.device
         self = cls(tuple(weight.shape), compute_dtype, blocksize, double_quant)
@@ -103,7 +103,7 @@ class PackedNF4(nn.Module):
 
     def dequantize(self, e: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Expert e's weight [in, out] in `dtype` (default the compute dtype)."""
-        from .quantize import require_bitsandbytes
+        from .bitsandbytes_import import require_bitsandbytes
         F = require_bitsandbytes().functional
         dtype = dtype or self.compute_dtype
         out_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
