@@ -202,3 +202,10 @@ def test_merge_and_merged_export_load_in_transformers(path, tmp_path):
     print(f"nf4 + LoRA: merge_lora vs adapted {merge_err:.2e}; merged export in transformers vs adapted "
           f"{export_err:.2e}")
     assert merge_err <= TOL and export_err <= TOL
+
+
+def test_parameter_counts_hold_the_nf4_experts(path):
+    """trainable_parameters counts an NF4 expert weight by its logical elements, as it counts a 4-bit linear's: the
+    total equals the full-precision model's."""
+    from velotune.lora import trainable_parameters
+    assert trainable_parameters(load(path, "nf4"))[1] == trainable_parameters(load(path))[1]
