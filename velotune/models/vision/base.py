@@ -23,7 +23,8 @@ from ..base import CausalLMOutput
 from ..interface import LanguageModel, check_checkpointing_mode
 from ..registry import CAUSAL_LM, IMAGE_TEXT, architecture, supported_model_types
 
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask")
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")   # Qwen2-VL's (qwen2_vl.py)
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", *VIDEO_INPUTS)
 # What transformers' processors also return and the models here do not need (the image tokens' ids say it all).
 _IGNORED_INPUTS = ("mm_token_type_ids", "image_sizes")
 
@@ -112,6 +113,7 @@ class VisionLanguageModel(LanguageModel):
     3-D rotary positions)."""
 
     task = IMAGE_TEXT
+    takes_videos = False                      # True where the family reads VIDEO_INPUTS too (Qwen2-VL)
     vision_prefixes: tuple[str, ...] = ()     # our module paths of the vision tower ("vision_tower.")
     projector_prefixes: tuple[str, ...] = ()  # ... of the projector / connector ("multi_modal_projector.")
     # (our prefix, checkpoint prefix): how transformers writes this family's files; load reads them back.
@@ -166,7 +168,7 @@ class VisionLanguageModel(LanguageModel):
     # ---- the language model's interface, with images -----------------------------------------------------------
     def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
                       cache=None, inputs_embeds=None, **image_inputs):
-        image_inputs = _image_inputs(image_inputs)
+        image_inputs = _image_inputs(image_inputs, self)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_inputs, _decoding(cache))
         position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
@@ -179,7 +181,7 @@ class VisionLanguageModel(LanguageModel):
                 logits_to_keep: int = 0, output_hidden_states: bool = False, **image_inputs) -> CausalLMOutput:
         """As the language model's forward (`model(input_ids=ids, labels=labels, pixel_values=...)`), with the
         images scattered over the image tokens first."""
-        image_inputs = _image_inputs(image_inputs)
+        image_inputs = _image_inputs(image_inputs, self)
         if inputs_embeds is None:
             inputs_embeds = self.embed_with_images(input_ids, image_inputs, _decoding(cache))
         position_ids = self.positions(input_ids, position_ids, attention_mask, cache, image_inputs, document_ids)
@@ -275,14 +277,19 @@ def checkpoint_name(name: str, prefixes) -> str:
     return name
 
 
-def _image_inputs(given: dict) -> dict:
+def _image_inputs(given: dict, model) -> dict:
     given = {k: v for k, v in given.items() if k not in _IGNORED_INPUTS}
     unknown = sorted(set(given) - set(IMAGE_INPUTS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; image inputs are "
                         f"{', '.join(IMAGE_INPUTS)}")
-    return {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not model.takes_videos and set(given) & set(VIDEO_INPUTS):
+        videos = ", ".join(sorted(set(given) & set(VIDEO_INPUTS)))
+        raise DataError(f"{model.model_type} reads images, not videos ({videos} given): videos need a family that "
+                        "takes them (Qwen2-VL, Qwen2.5-VL)")
+    return given
 
 
-__all__ = ["IMAGE_INPUTS", "VisionArgs", "VisionLanguageModel", "checkpoint_name", "read_image_token_id", "section",
+__all__ = ["IMAGE_INPUTS", "VIDEO_INPUTS", "VisionArgs", "VisionLanguageModel", "checkpoint_name", "read_image_token_id", "section",
            "text_module"]

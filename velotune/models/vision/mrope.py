@@ -10,9 +10,11 @@ Because an image spans fewer positions than tokens, a row's next position after 
 difference (`rope deltas`, per row) is kept at prefill, and each decoding step places its tokens at
 past length + delta on all three axes.
 
-`rope_index` is transformers' `get_rope_index` (images only): the placeholder tokens of a row are consumed image by
-image in the order of `image_grid_thw`, each taking t * (h / merge) * (w / merge) of them, so images that follow
-each other without a separating token are still told apart.
+`rope_index` is transformers' `get_rope_index`: the placeholder tokens of a row are consumed image by image in the
+order of `image_grid_thw` (video by video in the order of `video_grid_thw` for the video token), each taking
+t * (h / merge) * (w / merge) of them, so images that follow each other without a separating token are still told
+apart. A video's frame axis (Qwen2.5-VL: scaled by tokens_per_second * second_per_grid_ts, truncated) does not move
+the text after it: that resumes at the video's start + its larger side, as transformers places it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from ...errors import CheckpointError, DataError, UnsupportedError
 from ..rope import RotaryEmbedding
 
+TEXT, IMAGE, VIDEO = 0, 1, 2  # the token kinds of a prompt (transformers' mm_token_type_ids values)
 # Rope types whose tables do not depend on the positions in the batch: the three axes share one table.
 MROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -68,23 +71,31 @@ def check_mrope_section(section, rotary_dim: int, source: str) -> list[int]:
 # ---- positions ---------------------------------------------------------------------------------------------------
 def rope_index(input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor | None,
                spatial_merge_size: int, attention_mask: torch.Tensor | None = None,
-               document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               document_ids: torch.Tensor | None = None, *, video_token_id: int | None = None,
+               video_grid_thw: torch.Tensor | None = None, second_per_grid_ts=None,
+               tokens_per_second: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions [3, batch, seq], rope deltas [batch, 1]) of a prompt batch, as transformers' get_rope_index.
 
     Padding (attention_mask 0, either side) takes position 0 and is skipped by the counting. With `document_ids`
-    (packed rows) positions restart at each document; the deltas then describe the row's last document."""
+    (packed rows) positions restart at each document; the deltas then describe the row's last document.
+    Videos (`video_token_id`, `video_grid_thw`): `tokens_per_second` set (Qwen2.5-VL) spaces frame k of a video at
+    int(k * tokens_per_second * second_per_grid_ts[video]) (1 second per grid step when not given); unset
+    (Qwen2-VL), at k."""
     B, T = input_ids.shape
     positions = torch.zeros(3, B, T, dtype=input_ids.dtype, device=input_ids.device)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
-    grids = iter(_grid_rows(image_grid_thw))
-    used = 0
+    image_rows = [(grid, None) for grid in _grid_rows(image_grid_thw)]
+    grids = {IMAGE: iter(image_rows), VIDEO: iter(_video_rows(video_grid_thw, second_per_grid_ts, tokens_per_second))}
+    token_ids = {IMAGE: image_token_id, VIDEO: video_token_id}
+    used = {IMAGE: 0, VIDEO: 0}
     for row in range(B):
         real = attention_mask[row].bool() if attention_mask is not None else None
         ids = input_ids[row] if real is None else input_ids[row][real]
         row_positions = []
         for segment in _documents(ids, document_ids, row, real):
-            segment_positions, count = _sequence_positions(segment, image_token_id, grids, spatial_merge_size, row)
-            used += count
+            segment_positions, count = _sequence_positions(segment, token_ids, grids, spatial_merge_size, row)
+            used[IMAGE] += count[IMAGE]
+            used[VIDEO] += count[VIDEO]
             row_positions.append(segment_positions)
         if not row_positions:
             continue
@@ -94,10 +105,12 @@ def rope_index(input_ids: torch.Tensor, image_token_id: int, image_grid_thw: tor
         else:
             positions[:, row, real] = found
         deltas[row, 0] = int(row_positions[-1].max()) + 1 - row_positions[-1].shape[1]
-    if next(grids, None) is not None:
-        total = len(_grid_rows(image_grid_thw))
-        raise DataError(f"image_grid_thw describes {total} images but the text holds the placeholders of only {used}: "
-                        "each image needs its placeholder tokens in the prompt (expanded by the processor)")
+    for kind, name in ((IMAGE, "image"), (VIDEO, "video")):
+        if next(grids[kind], None) is not None:
+            total = len(_grid_rows(image_grid_thw if kind == IMAGE else video_grid_thw, f"{name}_grid_thw"))
+            raise DataError(f"{name}_grid_thw describes {total} {name}s but the text holds the placeholders of only "
+                            f"{used[kind]}: each {name} needs its placeholder tokens in the prompt (expanded by the "
+                            "processor)")
     return positions, deltas
 
 
@@ -113,12 +126,29 @@ def decode_positions(attention_mask: torch.Tensor | None, past: int, length: int
     return text.unsqueeze(0).expand(3, -1, -1)
 
 
-def _grid_rows(image_grid_thw) -> list[tuple[int, int, int]]:
-    if image_grid_thw is None:
+def _grid_rows(grid_thw, name: str = "image_grid_thw") -> list[tuple[int, int, int]]:
+    if grid_thw is None:
         return []
-    if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
-        raise DataError(f"image_grid_thw must be [number of images, 3] (t, h, w), got {list(image_grid_thw.shape)}")
-    return [tuple(int(v) for v in row) for row in image_grid_thw.tolist()]
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise DataError(f"{name} must be [number of {name[:5]}s, 3] (t, h, w), got {list(grid_thw.shape)}")
+    return [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+
+
+def _video_rows(video_grid_thw, second_per_grid_ts, tokens_per_second) -> list:
+    """(grid, frame spacing) per video. The spacing is computed with transformers' own operations (a 0-d tensor
+    times tokens_per_second when seconds come as a tensor, python numbers otherwise) so the truncated frame
+    positions agree with it to the last bit."""
+    rows = _grid_rows(video_grid_thw, "video_grid_thw")
+    if tokens_per_second is None:
+        return [(grid, None) for grid in rows]
+    if second_per_grid_ts is None:
+        seconds = [1] * len(rows)
+    else:
+        seconds = list(second_per_grid_ts)
+        if len(seconds) < len(rows):
+            raise DataError(f"second_per_grid_ts has {len(seconds)} entries but video_grid_thw describes "
+                            f"{len(rows)} videos: one per video")
+    return [(grid, tokens_per_second * s) for grid, s in zip(rows, seconds)]
 
 
 def _documents(ids: torch.Tensor, document_ids, row: int, real):
@@ -132,44 +162,53 @@ def _documents(ids: torch.Tensor, document_ids, row: int, real):
     return [ids[a:b] for a, b in pairwise(starts)]
 
 
-def _sequence_positions(ids: torch.Tensor, image_token_id: int, grids, merge: int, row: int):
-    """Positions [3, len(ids)] of one sequence of real tokens, and the number of images it held."""
+def _sequence_positions(ids: torch.Tensor, token_ids: dict, grids: dict, merge: int, row: int):
+    """Positions [3, len(ids)] of one sequence of real tokens, and the number of images and videos it held."""
     n = ids.numel()
+    held = {IMAGE: 0, VIDEO: 0}
     if n == 0:
-        return torch.zeros(3, 0, dtype=torch.long, device=ids.device), 0
-    flags = ids == image_token_id
-    bounds = [0] + (torch.nonzero(flags[1:] != flags[:-1]).flatten() + 1).tolist() + [n]
-    pieces, start_position, images = [], 0, 0
+        return torch.zeros(3, 0, dtype=torch.long, device=ids.device), held
+    kinds = torch.zeros_like(ids)
+    for kind, token in token_ids.items():
+        if token is not None:
+            kinds[ids == token] = kind
+    bounds = [0] + (torch.nonzero(kinds[1:] != kinds[:-1]).flatten() + 1).tolist() + [n]
+    pieces, start_position = [], 0
     for start, end in pairwise(bounds):
-        if not bool(flags[start]):
+        kind = int(kinds[start])
+        if kind == TEXT:
             pieces.append(torch.arange(end - start, device=ids.device).expand(3, -1) + start_position)
             start_position += end - start
             continue
+        name = "image" if kind == IMAGE else "video"
         at = start
-        while at < end:  # a run of placeholders may hold several images
-            grid = next(grids, None)
-            if grid is None:
-                raise DataError(f"row {row} holds more image placeholder tokens (id {image_token_id}) than "
-                                "image_grid_thw describes images")
-            t, h, w = grid
+        while at < end:  # a run of placeholders may hold several images (or videos)
+            item = next(grids[kind], None)
+            if item is None:
+                raise DataError(f"row {row} holds more {name} placeholder tokens (id {token_ids[kind]}) than "
+                                f"{name}_grid_thw describes {name}s")
+            (t, h, w), spacing = item
             if h % merge or w % merge:
-                raise DataError(f"image_grid_thw row {list(grid)}: height and width must be multiples of "
+                raise DataError(f"{name}_grid_thw row {[t, h, w]}: height and width must be multiples of "
                                 f"spatial_merge_size ({merge})")
             count = t * (h // merge) * (w // merge)
             if at + count > end:
-                raise DataError(f"row {row}: an image of grid {list(grid)} needs {count} placeholder tokens but its "
-                                f"run holds {end - at}: was the prompt expanded for other images?")
-            pieces.append(_image_positions(t, h // merge, w // merge, start_position, ids.device))
+                raise DataError(f"row {row}: a {name} of grid {[t, h, w]} needs {count} placeholder tokens but its "
+                                f"run holds {end - at}: was the prompt expanded for other {name}s?")
+            pieces.append(_image_positions(t, h // merge, w // merge, start_position, ids.device, spacing))
             start_position += max(h, w) // merge
             at += count
-            images += 1
-    return torch.cat(pieces, dim=1), images
+            held[kind] += 1
+    return torch.cat(pieces, dim=1), held
 
 
-def _image_positions(t: int, h: int, w: int, start: int, device) -> torch.Tensor:
-    """[3, t * h * w]: frame, row and column of each merged patch (row-major), each offset by `start`."""
-    grid = torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
-                          torch.arange(w, device=device), indexing="ij")
+def _image_positions(t: int, h: int, w: int, start: int, device, spacing=None) -> torch.Tensor:
+    """[3, t * h * w]: frame, row and column of each merged patch (row-major), each offset by `start`; frame k at
+    int(k * spacing) when a spacing is given (transformers truncates the product, then adds the start)."""
+    frames = torch.arange(t, device=device)
+    if spacing is not None:
+        frames = (frames * spacing).long()
+    grid = torch.meshgrid(frames, torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack(grid, dim=0).reshape(3, -1) + start
 
 

@@ -34,6 +34,9 @@ HF_ARCHITECTURES = {QWEN2_VL: "Qwen2VLForConditionalGeneration",
                     QWEN2_5_VL: "Qwen2_5_VLForConditionalGeneration"}
 TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen2", QWEN2_VL, QWEN2_5_VL)
 DEFAULT_IMAGE_TOKEN_ID = 151655
+DEFAULT_VIDEO_TOKEN_ID = 151656
+# Videos (issue 17): what the processor gives for them; the base class passes them through with the image inputs.
+VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 DEFAULT_MROPE_SECTION = [16, 24, 24]
 # transformers' Qwen2VLTextConfig defaults where they differ from our Qwen2 Args' (the sizes are required fields).
 TEXT_DEFAULTS = dict(rms_norm_eps=1e-5, num_key_value_heads=8, max_position_embeddings=32768, max_window_layers=80,
@@ -47,6 +50,7 @@ class Args(VisionArgs):
     `tower` the vision_config, `mrope_section` the text rotary bands of each position axis."""
     tower: VisionTowerArgs | None = None
     mrope_section: list = field(default_factory=lambda: list(DEFAULT_MROPE_SECTION))
+    video_token_id: int = DEFAULT_VIDEO_TOKEN_ID
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "config.json") -> Args:
@@ -71,8 +75,18 @@ class Args(VisionArgs):
         if not is_int(image_token_id) or not 0 <= image_token_id < text.vocab_size:
             raise CheckpointError(f"{source}: field 'image_token_id' must be a token id below vocab_size "
                                   f"({text.vocab_size}), got {image_token_id!r}")
+        video_token_id = config.get("video_token_id", DEFAULT_VIDEO_TOKEN_ID)
+        # Not checked against vocab_size: transformers writes its default (151656) into small configs too; such a
+        # model just has no video token (video inputs then fail the token count check).
+        if not is_int(video_token_id) or video_token_id < 0 or video_token_id == image_token_id:
+            raise CheckpointError(f"{source}: field 'video_token_id' must be a token id other than image_token_id, "
+                                  f"got {video_token_id!r}")
+        if tower.qwen25 and (not isinstance(tower.tokens_per_second, (int, float))
+                             or isinstance(tower.tokens_per_second, bool) or tower.tokens_per_second <= 0):
+            raise CheckpointError(f"{source}: vision_config.tokens_per_second must be a positive number, got "
+                                  f"{tower.tokens_per_second!r}")
         return cls(model_type=model_type, image_token_id=image_token_id, text=text, vision=dict(vision),
-                   raw=dict(config), tower=tower, mrope_section=mrope_section)
+                   raw=dict(config), tower=tower, mrope_section=mrope_section, video_token_id=video_token_id)
 
 
 def _text_fields(config: dict, source: str) -> tuple[dict, list]:
@@ -137,6 +151,7 @@ class Model(VisionLanguageModel):
     """`visual` (the vision tower and its merger) + `language_model` (TextModel)."""
 
     Args = Args
+    takes_videos = True
     vision_prefixes = ("visual.patch_embed.", "visual.blocks.")
     projector_prefixes = ("visual.merger.",)
     saved_prefixes = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -158,20 +173,61 @@ class Model(VisionLanguageModel):
                             "pixel_values + image_grid_thw): was the batch made by another family's processor?")
         return self.visual(pixel_values, image_grid_thw)
 
+    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """The projected features of every video, in the order of video_grid_thw: the image tower on frames
+        (each temporal_patch_size frames one patch), as transformers runs it, in a call of its own."""
+        if video_grid_thw is None:
+            raise DataError("Qwen2-VL videos need video_grid_thw (the processor's [videos, 3] grid) with "
+                            "pixel_values_videos")
+        try:
+            return self.visual(pixel_values_videos, video_grid_thw)
+        except DataError as exc:  # the tower speaks of images; say which input was at fault
+            raise DataError(f"videos: {exc} (read image_grid_thw / pixel_values as video_grid_thw / "
+                            "pixel_values_videos)") from None
+
+    def embed_with_images(self, input_ids: torch.Tensor, image_inputs: dict, decoding: bool = False) -> torch.Tensor:
+        """The base class's image scatter, then each video token's row replaced by its video feature."""
+        videos = {k: image_inputs[k] for k in VIDEO_INPUTS if k in image_inputs}
+        images = {k: v for k, v in image_inputs.items() if k not in VIDEO_INPUTS}
+        h = super().embed_with_images(input_ids, images, decoding)
+        slots = input_ids == self.args.video_token_id
+        if videos.get("pixel_values_videos") is None:
+            if not decoding and (stray := int(slots.sum())):
+                raise DataError(f"the input holds {stray} video token(s) (id {self.args.video_token_id}) but no "
+                                "videos were given")
+            return h
+        features = self.video_features(videos["pixel_values_videos"], videos.get("video_grid_thw"))
+        wanted = int(slots.sum())
+        if wanted != features.shape[0]:
+            raise DataError(f"the text holds {wanted} video token(s) but the videos give {features.shape[0]} "
+                            "feature rows: each video placeholder must be expanded by the same processor that made "
+                            "pixel_values_videos")
+        return h.masked_scatter(slots.unsqueeze(-1), features.to(h.dtype))
+
     def vision_blocks(self) -> list:
         return list(self.visual.blocks)
+
+    def _rope_index(self, input_ids, attention_mask, image_inputs, document_ids=None):
+        """rope_index with this model's images and videos (frame spacing: Qwen2.5-VL's tokens_per_second)."""
+        return rope_index(input_ids, self.image_token_id, image_inputs.get("image_grid_thw"),
+                          self.args.tower.spatial_merge_size, attention_mask, document_ids,
+                          video_token_id=self.args.video_token_id, video_grid_thw=image_inputs.get("video_grid_thw"),
+                          second_per_grid_ts=image_inputs.get("second_per_grid_ts"),
+                          tokens_per_second=self.args.tower.tokens_per_second if self.args.tower.qwen25 else None)
 
     def positions(self, input_ids, position_ids, attention_mask, cache, image_inputs,
                   document_ids=None) -> torch.Tensor | None:
         """3-D positions. A prompt (no cache, or an empty one): from the image placeholders and image_grid_thw, the
         rope deltas kept in `cache.rope_deltas`; a decoding step: past length + delta on all three axes. Packed rows
         (`document_ids`, training): positions restart at each document, images placed as in a prompt of their own."""
+        # Images or videos (either grid) place the prompt on its grids.
         grid = image_inputs.get("image_grid_thw")
+        if grid is None:
+            grid = image_inputs.get("video_grid_thw")
         if document_ids is not None and input_ids is not None and cache is None:
             if grid is None and position_ids is not None:
                 return position_ids
-            return rope_index(input_ids, self.image_token_id, grid, self.args.tower.spatial_merge_size,
-                              attention_mask, document_ids)[0]
+            return self._rope_index(input_ids, attention_mask, image_inputs, document_ids)[0]
         if position_ids is not None or input_ids is None:
             return position_ids  # embeddings alone: the text model places them (with the cache's deltas)
         past = cache.past_length if cache is not None else 0
@@ -180,8 +236,7 @@ class Model(VisionLanguageModel):
                 if cache is not None:
                     cache.rope_deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
                 return None
-            positions, deltas = rope_index(input_ids, self.image_token_id, grid, self.args.tower.spatial_merge_size,
-                                           attention_mask)
+            positions, deltas = self._rope_index(input_ids, attention_mask, image_inputs)
             if cache is not None:
                 cache.rope_deltas = deltas
             return positions

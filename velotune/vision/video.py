@@ -1,0 +1,149 @@
+"""Reading a video file into the frames a vision-language model sees: decoded with PyAV (`av`, imported only
+when a video is read), sampled at a frame rate (Qwen's default 2 per second) and bounded in frames and in total
+pixels, so one training sample cannot cost more than the caps allow whatever the file holds.
+
+The sampled frames keep their spacing in time: `VideoFrames.fps` is the rate of the frames returned (frames
+taken / frames in the file * the file's frame rate, as transformers' VideoMetadata.sampled_fps computes it), which
+Qwen2.5-VL's processor turns into `second_per_grid_ts`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError, UnsupportedError
+
+DEFAULT_FPS = 2.0
+MIN_FRAMES = 4
+MAX_FRAMES = 256
+# About 16k Qwen2-VL patches of 28 x 28 pixels: a bound on one sample's decoded pixels (frames * height * width).
+MAX_TOTAL_PIXELS = 16384 * 28 * 28
+UNKNOWN_RATE = 24.0  # transformers' assumption for a video whose frame rate is not known
+
+
+@dataclass
+class VideoFrames:
+    """Sampled frames [T, H, W, 3] uint8, their frame rate, and where they came from."""
+    frames: np.ndarray
+    fps: float
+    source_fps: float
+    total_frames: int
+    indices: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def sample_indices(total_frames: int, source_fps: float, *, fps: float = DEFAULT_FPS, min_frames: int = MIN_FRAMES,
+                   max_frames: int = MAX_FRAMES, frame_factor: int = 2) -> list[int]:
+    """Which frames to keep: `fps` per second of video, at least min_frames and at most max_frames (never more than
+    the file has), a multiple of frame_factor (the model's temporal patch) when the file allows, spread evenly
+    from the first frame to the last."""
+    if total_frames <= 0:
+        return []
+    wanted = total_frames / source_fps * fps
+    ceiling = min(max_frames, total_frames)
+    wanted = min(max(wanted, min_frames), ceiling)
+    count = math.floor(wanted / frame_factor) * frame_factor
+    if count < 1:  # fewer frames than one temporal patch: keep them all (the processor pads the last one)
+        count = min(total_frames, max(1, int(wanted)))
+    if count == 1:
+        return [0]
+    return [round(i * (total_frames - 1) / (count - 1)) for i in range(count)]
+
+
+def read_video(path, *, fps: float = DEFAULT_FPS, min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES,
+               max_total_pixels: int = MAX_TOTAL_PIXELS, frame_factor: int = 2) -> VideoFrames:
+    """Decode `path` and sample it (see `sample_indices`). Frames whose total pixels would pass max_total_pixels
+    are shrunk (bicubic, aspect kept) to fit; the processor resizes them to the model's grid anyway.
+
+    A missing or unreadable file, or a file without a video stream, is a DataError naming the file; a missing
+    PyAV an UnsupportedError saying what to install."""
+    path = Path(path)
+    for name, value in (("fps", fps), ("max_total_pixels", max_total_pixels)):
+        if not value > 0:
+            raise ValueError(f"read_video: {name} must be positive, got {value!r}")
+    if not 1 <= min_frames <= max_frames:
+        raise ValueError(f"read_video: need 1 <= min_frames ({min_frames}) <= max_frames ({max_frames})")
+    av = _import_av(path)
+    if not path.is_file():
+        raise DataError(f"{path}: video file not found")
+    try:
+        total, rate = _count_frames(av, path)
+        if total == 0:
+            raise DataError(f"{path}: the video stream holds no frames")
+        indices = sample_indices(total, rate, fps=fps, min_frames=min_frames, max_frames=max_frames,
+                                 frame_factor=frame_factor)
+        frames = _decode(av, path, indices)
+    except DataError:
+        raise
+    except Exception as exc:  # PyAV's errors (FFmpegError, ...) and broken streams alike
+        raise DataError(f"{path}: cannot read the video ({type(exc).__name__}: {exc})") from None
+    if len(frames) < len(indices):
+        raise DataError(f"{path}: the video ended after {len(frames)} of the {len(indices)} frames sampled")
+    stacked = _fit_pixels(np.stack(frames), max_total_pixels)
+    return VideoFrames(stacked, len(indices) / total * rate, rate, total, indices)
+
+
+def _import_av(path: Path):
+    try:
+        import av
+    except ImportError:
+        raise UnsupportedError(f"{path}: reading videos needs PyAV (`pip install av`), which is not "
+                               "installed") from None
+    return av
+
+
+def _open(av, path: Path):
+    container = av.open(str(path))
+    if not container.streams.video:
+        container.close()
+        raise DataError(f"{path}: the file has no video stream")
+    return container
+
+
+def _count_frames(av, path: Path) -> tuple[int, float]:
+    """(frames in the first video stream, its frame rate). Containers that do not record the count are decoded
+    once to count (frames are not kept)."""
+    with _open(av, path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        rate = float(rate) if rate else UNKNOWN_RATE
+        total = int(stream.frames or 0)
+        if total <= 0:
+            total = sum(1 for _ in container.decode(stream))
+    return total, rate
+
+
+def _decode(av, path: Path, indices: list[int]) -> list[np.ndarray]:
+    """RGB uint8 arrays of the frames at `indices` (sorted, possibly repeated), decoding the stream once."""
+    wanted: dict[int, int] = {}
+    for i in indices:
+        wanted[i] = wanted.get(i, 0) + 1
+    out: list[np.ndarray] = []
+    last = max(indices)
+    with _open(av, path) as container:
+        for number, frame in enumerate(container.decode(container.streams.video[0])):
+            if number in wanted:
+                array = frame.to_ndarray(format="rgb24")
+                out.extend(array for _ in range(wanted[number]))
+            if number >= last:
+                break
+    return out
+
+
+def _fit_pixels(frames: np.ndarray, max_total_pixels: int) -> np.ndarray:
+    count, height, width = frames.shape[:3]
+    if count * height * width <= max_total_pixels:
+        return frames
+    scale = math.sqrt(max_total_pixels / (count * height * width))
+    new_h, new_w = max(1, int(height * scale)), max(1, int(width * scale))
+    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BICUBIC)) for f in frames])
+
+
+__all__ = ["DEFAULT_FPS", "MAX_FRAMES", "MAX_TOTAL_PIXELS", "MIN_FRAMES", "VideoFrames", "read_video",
+           "sample_indices"]
