@@ -93,7 +93,7 @@ def _import_av(path: Path):
     try:
         import av
     except ImportError:
-        raise UnsupportedError(f"{path}: reading videos needs PyAV (`pip install av`), which is not "
+        raise UnsupportedError(f"{path}: reading videos needs PyAV (`pip install 'velotune[video]'`), which is not "
                                "installed") from None
     return av
 
