@@ -173,25 +173,34 @@ class Distributed:
         return self.all_sum(1.0 if self._stop_asked or asked_here else 0.0) > 0
 
     # ---- checkpoints and outputs ------------------------------------------------------------------------
-    def save_checkpoint(self, out_dir, state, model, optimizer, scheduler, scaler, keep_last, rng):
+    def save_checkpoint(self, out_dir, state, model, optimizer, scheduler, scaler, keep_last, rng,
+                        objective_state: dict | None = None):
+        """`objective_state`: this rank's Objective.state_dict() at the step boundary; every rank's is saved (each
+        rank's objective keeps its own batches, as each keeps its own RNG)."""
         from . import state as train_state
-        if self.active:
-            rng = {**rng, "per_rank": self.gather_objects(rng)}
+        per_rank = [objective_state or {}]
+        if self.active:  # both in the one gather the RNG states already needed
+            gathered = self.gather_objects((rng, objective_state or {}))
+            rng = {**rng, "per_rank": [g[0] for g in gathered]}
+            per_rank = [g[1] for g in gathered]
         if self.mode == "fsdp2":
             from .sharded import save_sharded_checkpoint
             return save_sharded_checkpoint(self, out_dir, state, model, optimizer, scheduler, scaler, keep_last,
-                                           rng)
+                                           rng, objective_states=per_rank)
         # DDP: parameters and optimizer state are the same on every rank, so rank 0 writes the usual checkpoint.
         return self.on_main(train_state.save_checkpoint, out_dir, state, unwrap(model), optimizer, scheduler,
-                            scaler, keep_last, rng=rng)
+                            scaler, keep_last, rng=rng, objective_states=per_rank)
 
-    def load_checkpoint(self, path, model, optimizer, scheduler, scaler):
+    def load_checkpoint(self, path, model, optimizer, scheduler, scaler, objective=None):
         """Every rank reads the checkpoint itself (its own rows of a sharded one); if any rank fails, all raise,
-        so that none goes on training alone and waits forever in a collective."""
+        so that none goes on training alone and waits forever in a collective. `objective`: takes back its kept
+        state (this rank's), when the checkpoint has some."""
         from . import sharded
-        from .state import load_checkpoint
+        from .state import load_checkpoint, load_objective_state
         failure = None
         try:
+            if objective is not None:  # checked and taken first: the model is untouched if it does not fit
+                load_objective_state(path, objective, rank=self.rank, world_size=self.world_size)
             if sharded.is_sharded_checkpoint(path):  # into a sharded, DDP or plain model: each rank reads its rows
                 state = sharded.load_sharded_checkpoint(path, unwrap(model), optimizer, scheduler, scaler,
                                                         rank=self.rank)

@@ -12,6 +12,7 @@ from ..data.dataset import DEFAULT_MAX_SEQ_LENGTH, PreparedData
 from ..data.encode import TRAINED_CLOSE, TRAINED_OPEN
 from ..errors import ConfigError, DataError
 from .objectives import Objective, for_model_dir, make_objective
+from .objectives.base import step_sizes
 from .outputs import OutputDir, check_not_input_model, inspect_output_dir, output_names, probe_writable
 from .model_setup import check_settings
 
@@ -172,7 +173,9 @@ def _count_steps(plan: RunPlan):
         raise DataError(f"{_source(plan.config.data.path)}: {len(examples)} samples make no batch for "
                         f"{kwargs.get('world_size', 1)} processes; use fewer processes or more data")
     plan.batches_per_epoch = batches
-    plan.steps_per_epoch = [math.ceil(b / train.grad_accum) for b in batches]
+    # Groups of grad_accum batches, closed early where the objective says (GRPO's repeated short last step).
+    accum = train.grad_accum
+    plan.steps_per_epoch = [len(step_sizes(b, accum, plan.objective.step_closes(b, accum))) for b in batches]
     if train.max_steps:
         plan.total_steps = train.max_steps
         return

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import CheckpointError, UnsupportedError
 from ..models.checkpoint import atomic_dir
 from .state import (CHECKPOINTS, TrainState, load_checkpoint, prune_checkpoints, read_train_state,
-                    refuse_old_format, restore, trainer_extra, write_train_state)
+                    refuse_old_format, restore, trainer_extra, write_objective_state, write_train_state)
 from .state_checks import SETTINGS_HINT, check_optimizer_groups, check_trainable_tensors, optimizer_param_names
 from .state_codec import decode, encode, read_json, read_state, write_state
 
@@ -61,7 +61,7 @@ def dim0_rows(tensor) -> tuple[int, int] | None:
 
 # ---- saving --------------------------------------------------------------------------------------------------
 def save_sharded_checkpoint(ctx, out_dir, state: TrainState, model, optimizer, scheduler, scaler, keep_last: int,
-                            rng: dict) -> Path:
+                            rng: dict, objective_states: list | None = None) -> Path:
     """All ranks call. Rank 0 opens the temporary directory, every rank writes its shards into it (a failure on
     any rank is raised on every rank), then rank 0 adds the index and the rest and renames it."""
     final = Path(out_dir) / CHECKPOINTS / f"step-{state.step:06d}"
@@ -88,6 +88,7 @@ def save_sharded_checkpoint(ctx, out_dir, state: TrainState, model, optimizer, s
             (tmp / SHARDED_DIR / INDEX_FILE).write_text(json.dumps(index, allow_nan=False), encoding="utf-8")
             write_state(tmp, TRAINER_STEM, trainer_extra(scheduler, scaler, rng))
             write_train_state(tmp, state)
+            write_objective_state(tmp, objective_states)  # each rank's Objective.state_dict(), if any
         except BaseException as exc:
             pending.__exit__(type(exc), exc, None)
             raise

@@ -1,14 +1,17 @@
 """TrainState and checkpoints.
 
 A checkpoint is a directory `checkpoints/step-000123/` holding the trainable tensors (`trainable.safetensors`), the
-optimizer, scheduler, loss-scaler and RNG states (`optimizer.json` + `optimizer.safetensors`, see state_codec) and
-`state.json`. Nothing in it is pickled, so reading a checkpoint cannot run code. It is written under a temporary
-name and renamed into place, so a crash at any moment leaves either the previous checkpoint or the new one.
+optimizer, scheduler, loss-scaler and RNG states (`optimizer.json` + `optimizer.safetensors`, see state_codec),
+`state.json`, and what the objective keeps between steps when it keeps anything (`objective.json` +
+`objective.safetensors`: GRPO's batch of samples for its next num_iterations steps). Nothing in it is pickled, so
+reading a checkpoint cannot run code. It is written under a temporary name and renamed into place, so a crash at
+any moment leaves either the previous checkpoint or the new one.
 A resume checks every tensor and state against the run before it changes anything (state_checks).
 """
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -22,6 +25,7 @@ from .state_checks import (check_like, check_optimizer_state, check_rng_state, c
                            optimizer_param_names)
 from .state_codec import read_json, read_safetensors, read_state, write_state
 
+log = logging.getLogger("velotune")
 CHECKPOINTS = "checkpoints"
 # Beside the step-NNNNNN checkpoints, what a run computed before step 1 and must read back on resume (preference
 # objectives' precomputed reference log-probs).
@@ -29,6 +33,7 @@ REFERENCE_CACHE = "reference_logps.safetensors"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_STEM = "optimizer"  # optimizer.json + optimizer.safetensors
 STATE_FILE = "state.json"
+OBJECTIVE_STEM = "objective"  # objective.json + objective.safetensors: {"per_rank": [each rank's state_dict()]}
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # torch optimizer group keys
 # Files of older velotune checkpoints (pickles: reading one could run code) -> the file that replaced each.
 OLD_FORMAT_FILES = {"optimizer.pt": "optimizer.json", "trainer.pt": "trainer.json",
@@ -74,8 +79,9 @@ def set_rng_state(state: dict, rank: int = 0):
 
 
 def save_checkpoint(out_dir: Path, state: TrainState, model, optimizer, scheduler, scaler=None,
-                    keep_last: int = 2, rng: dict | None = None) -> Path:
-    """`rng`: the RNG states at the step boundary `state` describes (default: now)."""
+                    keep_last: int = 2, rng: dict | None = None, objective_states: list | None = None) -> Path:
+    """`rng`: the RNG states at the step boundary `state` describes (default: now). `objective_states`: each
+    rank's Objective.state_dict() at that boundary (nothing written when all are empty)."""
     from safetensors.torch import save_file
     final = Path(out_dir) / CHECKPOINTS / f"step-{state.step:06d}"
     with atomic_dir(final, overwrite=True) as tmp:
@@ -84,8 +90,35 @@ def save_checkpoint(out_dir: Path, state: TrainState, model, optimizer, schedule
             "optimizer": optimizer.state_dict(), "optimizer_class": type(optimizer).__name__,
             **trainer_extra(scheduler, scaler, rng if rng is not None else rng_state())})
         write_train_state(tmp, state)
+        write_objective_state(tmp, objective_states)
     prune_checkpoints(out_dir, keep_last)
     return final
+
+
+def write_objective_state(directory: Path, per_rank: list | None):
+    """The objective's kept state of every rank, inside the checkpoint's temporary directory (so atomic with it)."""
+    if per_rank and any(per_rank):
+        write_state(directory, OBJECTIVE_STEM, {"per_rank": list(per_rank)})
+
+
+def load_objective_state(path: Path, objective, *, rank: int = 0, world_size: int = 1) -> None:
+    """Hands this rank's kept state of checkpoint `path` to `objective.load_state_dict`; nothing when the checkpoint
+    has none. Another number of processes splits the data otherwise: the state is then left out (with a warning),
+    and the objective starts afresh (GRPO samples those batches again)."""
+    path = Path(path)
+    source = path / f"{OBJECTIVE_STEM}.json"
+    if not source.is_file():
+        return
+    data = read_state(path, OBJECTIVE_STEM)
+    if type(data) is not dict or set(data) != {"per_rank"} or type(data["per_rank"]) is not list \
+            or not all(type(s) is dict for s in data["per_rank"]):
+        raise CheckpointError(f"{source}: expected {{'per_rank': [one state per process]}}")
+    per_rank = data["per_rank"]
+    if len(per_rank) != world_size:
+        log.warning("resume: %s holds the objective's state of %d process(es), this run has %d; it is not used "
+                    "(what it kept is computed again)", source, len(per_rank), world_size)
+        return
+    objective.load_state_dict(per_rank[rank], source=str(source))
 
 
 def trainer_extra(scheduler, scaler, rng: dict) -> dict:

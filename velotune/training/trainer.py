@@ -29,6 +29,7 @@ from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
 from .model_setup import autocast_dtype, prepare_for_training
 from .objectives import RunContext, loss_terms, unit_counts
+from .objectives.base import step_sizes
 from .state import TrainState, list_checkpoints, rng_state
 
 log = logging.getLogger("velotune")
@@ -119,10 +120,11 @@ class _Loop:
                  _dtype_name(model_dtype), self.device, _dtype_name(self.amp_dtype) if self.amp_dtype else "none")
 
     # ---- data ------------------------------------------------------------------------------------------
-    def _epoch_batches(self, epoch: int, start: int):
-        """This process's batches of `epoch` from batch `start` on, each with its real (non-padding) tokens."""
+    def _epoch_batches(self, epoch_rows: list, start: int):
+        """This process's batches of an epoch (`epoch_rows`) from batch `start` on, each with its real (non-padding)
+        tokens."""
         packing = self.cfg.data.packing
-        for rows in self.objective.epoch_rows(self.train_data, epoch=epoch, **self.plan.batch_kwargs())[start:]:
+        for rows in epoch_rows[start:]:
             examples = [[self.train_data[i] for i in row] for row in rows]
             batch = self.objective.collate(examples, pad_id=self.pad_id, packing=packing,
                                            max_width=self.plan.max_seq_length)
@@ -130,20 +132,22 @@ class _Loop:
 
     def _step_batches(self):
         """Endless stream of each optimizer step's micro-batches, from the saved data position: grad_accum of
-        them, fewer at the end of an epoch (a step never spans two epochs, so an epoch reads each sample once).
+        them, fewer at the end of an epoch (a step never spans two epochs, so an epoch reads each sample once) or
+        where the objective closes a step early (step_closes: GRPO's repeated short step).
         Each is (epoch, batches of the epoch done by all ranks, batch, real tokens); counting the batches of all
         ranks lets a checkpoint resume on another number of processes."""
         ranks, accum = self.dist.world_size, self.tcfg.grad_accum
         epoch, skip = self.state.epoch, self.dist.batches_to_skip(self.state, self.tcfg.batch_size)
         while True:
-            group = []
-            for i, (batch, tokens) in enumerate(self._epoch_batches(epoch, skip), start=skip):
+            rows = self.objective.epoch_rows(self.train_data, epoch=epoch, **self.plan.batch_kwargs())
+            # The same grouping as the plan's step count (plan.py), from the resume position on.
+            sizes = iter(step_sizes(len(rows), accum, self.objective.step_closes(len(rows), accum), start=skip))
+            group, size = [], next(sizes, 0)
+            for i, (batch, tokens) in enumerate(self._epoch_batches(rows, skip), start=skip):
                 group.append((epoch, (i + 1) * ranks, batch, tokens))
-                if len(group) == accum:
+                if len(group) == size:
                     yield group
-                    group = []
-            if group:
-                yield group
+                    group, size = [], next(sizes, 0)
             epoch, skip = epoch + 1, 0
 
     # ---- steps -----------------------------------------------------------------------------------------
@@ -244,7 +248,7 @@ class _Loop:
         resume_from = self.plan.output.resume_from
         if resume_from is not None:
             self.state = self.dist.load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler,
-                                                   self.scaler)
+                                                   self.scaler, objective=self.objective)
             log.info("resumed from %s (step %d)", resume_from, self.state.step)
         self.objective.start(self.model, RunContext(
             config=self.cfg, device=self.device, autocast=self._autocast, out_dir=self.out_dir,
@@ -263,6 +267,7 @@ class _Loop:
             result.eval_before = dict(result.eval_metrics)
             progress.restart_clock()
         self._boundary_rng = rng_state()
+        self._boundary_kept = self.objective.state_dict()  # what the objective keeps, as the checkpoint saves it
         try:
             with self.dist.graceful_stop():
                 self._train_steps(metrics, progress, result)
@@ -314,6 +319,9 @@ class _Loop:
             if self.tcfg.eval_every and self.state.step % self.tcfg.eval_every == 0:
                 self._eval_and_log(metrics, result)
             self._boundary_rng = rng_state()
+            # Taken here, not when saving: a Ctrl-C inside the next step saves this boundary's state, and that step
+            # may already have used up (or replaced) what the objective kept.
+            self._boundary_kept = self.objective.state_dict()
             if self.tcfg.save_every and self.state.step % self.tcfg.save_every == 0:
                 self._read(metrics, progress, result)  # never a checkpoint of a step with a non-finite loss
                 result.checkpoint = self._save()
@@ -385,7 +393,8 @@ class _Loop:
 
     def _save(self) -> Path:
         return self.dist.save_checkpoint(self.out_dir, self.state, self.model, self.optimizer, self.scheduler,
-                                         self.scaler, self.tcfg.keep_last, rng=self._boundary_rng)
+                                         self.scaler, self.tcfg.keep_last, rng=self._boundary_rng,
+                                         objective_state=self._boundary_kept)
 
     def _finish(self, result: TrainResult):
         last = self.out_dir / "checkpoints" / f"step-{self.state.step:06d}"

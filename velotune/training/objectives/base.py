@@ -5,6 +5,7 @@ The loop calls, in this order:
     prepare(config, tokenizer, max_seq_length=, seed=)  once, before any weights load: the examples and their counts
     load_model(config)                                    once, unless a model was passed: the model to train
     epoch_rows(examples, epoch=, **batch_kwargs)         per epoch: the batches, as rows of example indices
+    step_closes(batches, grad_accum)                      per epoch: where a step ends before grad_accum batches
     collate(rows_of_examples, pad_id=, max_width=)       per batch: the tensors
     start(model, run)                                     once, after the weights load (and a resume), before step 1
     units(batch)                                          per batch, before the forward: what the loss is normalised by
@@ -13,6 +14,9 @@ The loop calls, in this order:
                                                           evaluates_before_training): metrics beyond the eval loss
     write_outputs(model, tokenizer, out_dir, lora)        once, at the end: the adapter or model (output_names);
                                                           {"adapter_dir": ..., "model_dir": ...} as written
+    state_dict() / load_state_dict(state, source=)       what the objective keeps across steps (GRPO's samples
+                                                          of num_iterations), saved in each checkpoint as it was
+                                                          at that step boundary and read back on resume
 The loss of an optimizer step is sum over micro-batches and ranks of `sum`, divided by the units of the whole
 global batch (all its micro-batches on all ranks), so 1 x 8 and 8 x 1 give the same update.
 
@@ -29,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ...errors import CheckpointError
 
 
 @dataclass
@@ -117,6 +123,12 @@ class Objective:
         return plan_for(examples, epoch=epoch, batch_size=batch_size, max_seq_length=max_seq_length,
                         packing=packing, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
 
+    def step_closes(self, batches: int, accum: int) -> set[int]:
+        """Where an epoch of `batches` batches (epoch_rows' count) ends an optimizer step before it holds `accum`
+        (train.grad_accum) batches: numbers of batches read at which a step closes early. None by default: steps of
+        grad_accum batches, the epoch's last one possibly shorter (step_sizes)."""
+        return set()
+
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         """A batch of tensors from rows of examples."""
         from ...data import collate
@@ -136,6 +148,20 @@ class Objective:
         """Called before the forwards of each optimizer step (and each evaluation batch) with the step's micro-batches
         on this process (on the CPU): an objective that needs a statistic of the whole global batch first (KTO's
         reference point) computes it here. Nothing by default."""
+
+    def state_dict(self) -> dict:
+        """What the objective keeps from one optimizer step to the next, for a checkpoint: nested dicts / lists of
+        tensors, ints, floats, str, bool, None (stored as JSON + safetensors, training/state_codec.py). The loop
+        takes it at each step boundary; the containers must be new, the tensors must not change in place later.
+        Empty by default: nothing kept."""
+        return {}
+
+    def load_state_dict(self, state: dict, *, source: str) -> None:
+        """Takes back what `state_dict` gave, on resume, before `start`; `source` (the file) goes into the errors,
+        a CheckpointError for anything malformed."""
+        if state:
+            raise CheckpointError(f"{source}: holds kept state ({', '.join(sorted(map(str, state)))}) but objective "
+                                  f"{self.name} keeps none: was it written by another objective?")
 
     # ---- batches -> loss ----------------------------------------------------------------------------------------
     def units(self, batch: dict) -> int | dict:
@@ -159,3 +185,16 @@ def loss_terms(objective: Objective, out) -> tuple[dict, dict]:
     total, metrics = out[0], (out[2] if len(out) > 2 else {}) or {}
     terms = dict(total) if isinstance(total, dict) else {objective.unit_name: total}
     return terms, metrics
+
+
+def step_sizes(batches: int, accum: int, closes: set[int] = frozenset(), start: int = 0) -> list[int]:
+    """The sizes of the optimizer steps of an epoch of `batches` batches from batch `start` on: a step closes when
+    it holds `accum` batches, at a batch count in `closes` (Objective.step_closes), or at the end of the epoch. The
+    plan counts steps with it and the loop groups batches with it, so both agree."""
+    sizes, size = [], 0
+    for read in range(start + 1, batches + 1):
+        size += 1
+        if size == accum or read in closes or read == batches:
+            sizes.append(size)
+            size = 0
+    return sizes

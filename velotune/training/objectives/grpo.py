@@ -9,23 +9,30 @@ group's; the policy-gradient loss with a clipped ratio, and optionally a KL to t
 
 With `num_iterations` = 1 (the default) pi_old is the policy being trained, so r = 1 in value and the clip never
 binds: the gradient is A * grad log pi. With mu > 1 each batch of samples (the grad_accum micro-batches of a step)
-serves mu optimizer steps in a row, pi_old's log-probs taken when they were sampled, as TRL's num_iterations does;
-a run stopped between those steps samples that batch again when it resumes. The formulas are
+serves mu optimizer steps in a row, pi_old's log-probs taken when they were sampled, as TRL's num_iterations does
+(an epoch's shorter last step too: it stays its own step, mu times). What is kept for the steps still to come goes
+into each checkpoint (state_dict), so a run stopped between those steps resumes on the same samples. The formulas are
 TRL's (trainer/grpo_trainer.py), checked in tests/test_grpo.py. Log-probs come from the fused chunked cross-entropy
 per token: no [completions, length, vocab] logits.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from ...errors import ConfigError
+from ...errors import CheckpointError, ConfigError
 from ..distributed import unwrap
 from ..rewards import resolve_rewards, score
 from .base import Objective
 from .reference import Reference, check_reference_setting, token_logprobs
 
+log = logging.getLogger("velotune")
 ADVANTAGE_EPS = 1e-4  # added to a std before dividing by it (TRL's value)
+# What a kept batch of samples must hold to serve its next steps ("ref_logps" too when beta > 0).
+KEPT_TENSORS = ("input_ids", "labels", "attention_mask", "reward_total", "rewards", "advantages", "group_std",
+                "completion_lengths", "old_logps")
 
 
 def clipped_token_loss(logps, old_logps, advantages, *, epsilon: float, epsilon_high: float, beta: float = 0.0,
@@ -42,6 +49,11 @@ def clipped_token_loss(logps, old_logps, advantages, *, epsilon: float, epsilon_
         loss = loss + beta * kl
     was_clipped = (ratio < 1 - epsilon) & (a < 0) | (ratio > 1 + epsilon_high) & (a > 0)
     return loss, kl, was_clipped
+
+
+def _train_key(key: tuple) -> bool:
+    """A kept batch of the train split (prompt indices), not of evaluation."""
+    return all(type(i) is int for i in key)
 
 
 def group_advantages(rewards, group: int, scale: str, batch_std=None):
@@ -65,7 +77,10 @@ class GRPO(Objective):
 
     def __init__(self):
         super().__init__()
-        self._reused = {}   # the examples of a batch of samples -> (its tensors, optimizer steps it still serves)
+        # The examples of a batch of samples (their indices in the train split) -> (its tensors, optimizer steps it
+        # still serves). Indices, not the examples themselves, so that a resumed run finds its kept batches.
+        self._reused = {}
+        self._index = {}    # id of a train example -> its index in the train split (set in start)
 
     # ---- records -> examples -----------------------------------------------------------------------------------
     def prepare(self, config, tokenizer, *, max_seq_length: int, seed: int):
@@ -95,14 +110,19 @@ class GRPO(Objective):
         mu = self.cfg.num_iterations
         if mu == 1:
             return rows
-        if len(rows) % self.accum:
-            # The loop makes a step of every grad_accum batches: a shorter last step, repeated, would be merged
-            # with its own repetition into one step (the same samples counted twice).
-            raise ConfigError(f"grpo.num_iterations: {mu} repeats each step's batches, but this epoch's "
-                              f"{len(rows)} batches do not divide into steps of train.grad_accum={self.accum}: "
-                              "change the data size, train.batch_size or train.grad_accum so that they do")
-        # Each step's micro-batches again, mu times in a row: the same samples serve mu optimizer steps.
+        # Each step's micro-batches again, mu times in a row: the same samples serve mu optimizer steps. A shorter
+        # last step is repeated too; step_closes keeps each repetition its own step.
         return [batch for i in range(0, len(rows), self.accum) for _ in range(mu) for batch in rows[i:i + self.accum]]
+
+    def step_closes(self, batches: int, accum: int) -> set[int]:
+        """The ends of the mu repetitions of a shorter last step (epoch_rows): grouped by grad_accum alone, a
+        repetition would be merged with the next one into one step (the same samples counted twice)."""
+        mu = self.cfg.num_iterations
+        short = batches // mu % accum  # the batches of the epoch's last step, before repetition (0: a full one)
+        if mu == 1 or not short:
+            return set()
+        first = batches - short * mu   # the batches read before the first repetition of the short step
+        return {first + short * k for k in range(1, mu + 1)}
 
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         return {"examples": [row[0] for row in rows], "rows": len(rows)}
@@ -115,17 +135,29 @@ class GRPO(Objective):
         from ...infer.defaults import eos_token_ids
         self.run = run
         self.eos = eos_token_ids(unwrap(model), self.tokenizer)
+        self._index = {id(e): i for i, e in enumerate(run.train)}
+        stale = [key for key in self._reused if any(i >= len(run.train) for i in key)]
+        if stale:  # kept samples (of a checkpoint) of prompts this run does not have: sampled again instead
+            log.warning("resume: %d kept batch(es) of samples name prompts beyond this run's %d; they are sampled "
+                        "again", len(stale), len(run.train))
+            for key in stale:
+                del self._reused[key]
         if self.cfg.beta:  # the KL term needs a reference: the adapters off, or a frozen copy of the starting model
             self.reference = Reference(run.config.preference.reference, model, run, fixed_data=False)
 
     @torch.no_grad()
     def begin_step(self, model, batches):
         """Samples and scores the completions of every micro-batch of the step, and their advantages."""
-        for batch in batches:
-            if "input_ids" not in batch and not self._reuse(batch):
-                self._rollout(model, batch)
-                if self.cfg.num_iterations > 1:
-                    self._keep(model, batch)
+        fresh = [batch for batch in batches if "input_ids" not in batch and not self._reuse(batch)]
+        if model.training and len(fresh) == len(batches):
+            # A training step that samples anew: every kept batch has served its steps, so whatever is still kept
+            # is stale (a checkpoint of other settings, say) and must not be taken for a later batch of the same
+            # prompts. Evaluation (model.eval()) keeps its own batches only for its own repetitions.
+            self._reused = {key: kept for key, kept in self._reused.items() if not _train_key(key)}
+        for batch in fresh:
+            self._rollout(model, batch)
+            if self.cfg.num_iterations > 1:
+                self._keep(model, batch)
         if self.cfg.scale_rewards == "batch":
             sums = torch.zeros(3, dtype=torch.float64, device=self.run.device)
             for batch in batches:
@@ -173,7 +205,7 @@ class GRPO(Objective):
 
     def _reuse(self, batch) -> bool:
         """Fills a repeated micro-batch with its samples of the first time; False when it is met for the first time."""
-        key = tuple(id(e) for e in batch["examples"])
+        key = self._key(batch)
         kept = self._reused.get(key)
         if kept is None:
             return False
@@ -191,7 +223,47 @@ class GRPO(Objective):
         with torch.no_grad(), self.run.autocast():
             batch["old_logps"] = token_logprobs(model, moved).cpu()
         tensors = {k: v for k, v in batch.items() if k not in ("examples", "rows")}
-        self._reused[tuple(id(e) for e in batch["examples"])] = (tensors, self.cfg.num_iterations - 1)
+        self._reused[self._key(batch)] = (tensors, self.cfg.num_iterations - 1)
+
+    def _key(self, batch) -> tuple:
+        """A batch's examples: their indices in the train split (ints); an example of another split (evaluation)
+        by its object, which no checkpoint keeps."""
+        return tuple(self._index.get(id(e), ("other", id(e))) for e in batch["examples"])
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The kept batches of samples of training (tensors and steps still served), as the step boundary has them."""
+        kept = [{"rows": list(key), "left": left, "tensors": dict(tensors)}
+                for key, (tensors, left) in self._reused.items() if _train_key(key)]
+        return {"kept": kept} if kept else {}
+
+    def load_state_dict(self, state: dict, *, source: str) -> None:
+        """Checks every kept batch (prompt indices, steps left, tensors and their rows) before taking any."""
+        if type(state) is not dict or set(state) - {"kept"} or type(state.get("kept", [])) is not list:
+            raise CheckpointError(f"{source}: expected {{'kept': [...]}} (GRPO's kept batches of samples)")
+        G, mu = self.cfg.num_generations, self.cfg.num_iterations
+        need = KEPT_TENSORS + (("ref_logps",) if self.cfg.beta else ())
+        restored = {}
+        for j, entry in enumerate(state.get("kept", [])):
+            where = f"{source}: kept.{j}"
+            if type(entry) is not dict or set(entry) != {"rows", "left", "tensors"}:
+                raise CheckpointError(f"{where}: expected the keys rows, left, tensors")
+            rows, left, tensors = entry["rows"], entry["left"], entry["tensors"]
+            if type(rows) is not list or not rows or not all(type(i) is int and i >= 0 for i in rows):
+                raise CheckpointError(f"{where}.rows: expected a list of prompt indices, found {rows!r}")
+            if type(left) is not int or not 1 <= left <= mu - 1:
+                raise CheckpointError(f"{where}.left: {left!r} steps left, but grpo.num_iterations={mu} leaves "
+                                      f"1 to {mu - 1}: was the checkpoint written with another num_iterations?")
+            if type(tensors) is not dict or set(need) - set(tensors):
+                missing = sorted(set(need) - set(tensors)) if type(tensors) is dict else list(need)
+                raise CheckpointError(f"{where}.tensors: missing {', '.join(missing)}")
+            for name, value in tensors.items():
+                if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != len(rows) * G:
+                    shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise CheckpointError(f"{where}.tensors.{name}: expected a tensor of {len(rows)} prompts x "
+                                          f"{G} completions = {len(rows) * G} rows, found {shape}")
+            restored[tuple(rows)] = (tensors, left)
+        self._reused = restored
 
     def _sequences(self, prompts, completions) -> dict:
         """Right-padded prompt + completion rows; labels on the completion tokens only."""
