@@ -178,8 +178,13 @@ def test_image_data_for_a_text_only_model_is_refused_by_record(data, tmp_path):
     tokenizer = make_tokenizer(chat_template=CHATML)
     base, _ = make_checkpoint(tmp_path, "llama", vocab_size=len(tokenizer))
     tokenizer.save_pretrained(str(base))
-    with pytest.raises(DataError, match=r"train.jsonl:1.*images train a vision-language model"):
+    with pytest.raises(DataError, match=r"train.jsonl:1.*holds an image; images and videos train a vision-language"):
         vt.train(_config(base, data[0], tmp_path / "run"))
+    from velotune.data.formats import normalise
+    video = {"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    with pytest.raises(DataError, match=r"row 3: messages\[0\].*holds a video; images and videos train"):
+        normalise(video, "messages", where="row 3")
 
 
 def test_qlora_trains_a_vision_model_with_its_language_blocks_in_nf4(tiny_llava, data, tmp_path):

@@ -167,9 +167,12 @@ def _content(content, at, name, fmt):
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI-style parts: keep the text parts
-        if any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in content):
-            raise DataError(f"{at}: holds an image; images train a vision-language model (model.path of a LLaVA, "
-                            "Qwen2-VL or Idefics3 / SmolVLM checkpoint), and this model reads text only")
+        kinds = {p.get("type") for p in content if isinstance(p, dict)} & {"image", "image_url", "video"}
+        if kinds:
+            what = "a video" if kinds == {"video"} else "an image"
+            raise DataError(f"{at}: holds {what}; images and videos train a vision-language model (model.path of a "
+                            "LLaVA, Qwen2-VL, Idefics3 / SmolVLM or Gemma 3 checkpoint; videos: Qwen2-VL), and this "
+                            "model reads text only")
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
         if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
             return "".join(texts)

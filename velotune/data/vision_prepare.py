@@ -1,8 +1,10 @@
 """`prepare_vision_data`: the `data` section of a vision-language run -> encoded train and eval examples with their
-images (data/vision_data.py says how one record becomes one example), their counts and the chat template.
+images and videos (data/vision_data.py says how one record becomes one example), their counts and the chat
+template.
 
-Images are processed once, here, and kept with their examples (the pixel tensors of a data set stay in memory for
-the run). Image files are read relative to the data file's folder."""
+Images and videos are processed once, here, and kept with their examples (the pixel tensors of a data set stay in
+memory for the run, up to vision.image_cache_mb). Image and video files are read relative to the data file's
+folder."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +14,7 @@ from ..errors import ConfigError, DataError
 from .dataset import PreparedData, _nothing_left, _source_name, _split, _warn_dropped, choose_chat_template
 from .formats import detect_format
 from .readers import read_records
-from .vision_data import VisionStats, encode_vision, read_vision_record
+from .vision_data import VisionStats, encode_vision, family_of, read_vision_record, video_placeholder_of
 
 log = logging.getLogger("velotune")
 
@@ -21,8 +23,8 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 
 def prepare_vision_data(data_cfg, tokenizer, processor, *, max_seq_length: int | None = None,
                         seed: int = 42, image_cache_mb: int | None = None) -> PreparedData:
-    """`image_cache_mb`: how much processed image data stays in memory (None: all); the images past it are read
-    and processed again when their batch is made."""
+    """`image_cache_mb`: how much processed image (and video) data stays in memory (None: all); the samples past
+    it are read and processed again when their batch is made."""
     if not data_cfg.path:
         raise ConfigError("data.path is not set: give a jsonl or json file of conversations with images")
     if tokenizer is None:
@@ -62,17 +64,17 @@ def _keep_within(examples, budget_mb: int | None, stats: VisionStats):
         if kept + size <= budget or not example.drop_images():
             kept += size
         else:
-            stats.reread += example.num_images
+            stats.reread += example.num_images + example.num_videos
     if stats.reread:
-        log.info("%d image(s) past vision.image_cache_mb=%d are read and processed again for each batch",
+        log.info("%d image(s) / video(s) past vision.image_cache_mb=%d are read and processed again for each batch",
                  stats.reread, budget_mb)
 
 
 def _cut_note(stats: VisionStats, max_len: int) -> str:
     if not stats.cut_in_images:
         return ""
-    return (f" ({stats.cut_in_images} cut inside their image tokens by max_seq_length={max_len}: raise "
-            "data.max_seq_length, or lower the processor's image size)")
+    return (f" ({stats.cut_in_images} cut inside their image or video tokens by max_seq_length={max_len}: raise "
+            "data.max_seq_length, or lower the processor's image size or the videos' frames)")
 
 
 def _read(path, data_cfg, name: str, processor):
@@ -83,11 +85,13 @@ def _read(path, data_cfg, name: str, processor):
     fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(records, name)
     if fmt not in ("messages", "sharegpt"):
         raise DataError(f"{name}: vision-language data must be conversations ('messages' or sharegpt "
-                        f"'conversations' with image parts), got the {fmt} format")
+                        f"'conversations' with image or video parts), got the {fmt} format")
+    video_placeholder = video_placeholder_of(processor)
     out = []
     for record, where in zip(records, records.origins):
         sample, refs = read_vision_record(record, fmt, where, placeholder=processor.placeholder,
-                                          system_prompt=data_cfg.system_prompt)
+                                          system_prompt=data_cfg.system_prompt, video_placeholder=video_placeholder,
+                                          family=family_of(processor))
         out.append((sample, refs, _folder_of(where)))
     return out, len(records), fmt
 

@@ -1,8 +1,11 @@
 """Prompts with images for a vision-language model: chat messages whose contents hold image parts (a file path, a
 `data:` URI or a PIL image, in `{"type": "image", "image": ...}` or OpenAI's `{"type": "image_url", "image_url":
-{"url": "data:..."}}`) -> token ids with each image's tokens in place, and the batch's pixel tensors.
+{"url": "data:..."}}`) and, for a family that reads videos (Qwen2-VL, Qwen2.5-VL), video parts (`{"type": "video",
+"video": "clip.mp4"}`, or a list of frame images; data/vision_data.py) -> token ids with each image's and video's
+tokens in place, and the batch's pixel tensors.
 
-The image processor is the model directory's own (preprocessor_config.json), read once per model."""
+The image processor is the model directory's own (preprocessor_config.json), read once per model; the video
+processor goes with it (vision/processor.py video_processor_for)."""
 from __future__ import annotations
 
 import weakref
@@ -31,40 +34,49 @@ def processor_of(model):
 
 
 def has_images(prompt) -> bool:
-    """Whether a chat prompt holds an image part."""
+    """Whether a chat prompt holds an image or a video part."""
     if not isinstance(prompt, list):
         return False
     return any(isinstance(m, dict) and isinstance(m.get("content"), list)
-               and any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in m["content"])
+               and any(isinstance(p, dict) and p.get("type") in ("image", "image_url", "video") for p in m["content"])
                for m in prompt)
 
 
 def encode_image_prompt(model, tokenizer, messages: list, *, base_dir=None, chat_template: str | None = None,
                         where: str = "the prompt", allow_files: bool = True):
-    """(token ids, image tensors) of one chat prompt with images, rendered with the generation prompt.
-    allow_files=False: images only as data: URIs or PIL images (a server must not read its own disk for a client)."""
-    from ..data.vision_data import processor_image_token_id, read_vision_record, rendered_expander
-    from ..vision.images import load_image
+    """(token ids, image and video tensors) of one chat prompt with images or videos, rendered with the generation
+    prompt. allow_files=False: images only as data: URIs or PIL images, videos only as lists of such frames (a server
+    must not read its own disk for a client)."""
+    from ..data import vision_data as vd
     processor = processor_of(model)
-    sample, refs = read_vision_record({"messages": messages}, "messages", where, placeholder=processor.placeholder)
-    images = [load_image(ref, base_dir=base_dir, source=where, allow_files=allow_files) for ref in refs]
-    processed = processor(images, source=where)
-    # The image tokens replace the marks after the chat template, as transformers' processors expand theirs.
-    text = rendered_expander(list(processed.expansions), processor)(render_chat(tokenizer, sample.messages,
-                                                                              chat_template))
+    takes_videos = bool(getattr(model, "takes_videos", False))
+    sample, refs = vd.read_vision_record({"messages": messages}, "messages", where, placeholder=processor.placeholder,
+                                         video_placeholder=vd.video_placeholder_of(processor) if takes_videos else None,
+                                         family=getattr(model, "model_type", None))
+    images, videos = vd.process_media(refs, processor, base_dir=base_dir, where=where, allow_files=allow_files)
+    video_processor = vd.video_processor_of(processor) if videos is not None else None
+    # The tokens replace the marks after the chat template, as transformers' processors expand theirs.
+    expand = vd.rendered_expander(list(images.expansions if images else ()), processor,
+                                  list(videos.expansions if videos else ()), video_processor)
+    text = expand(render_chat(tokenizer, sample.messages, chat_template))
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template writes any BOS itself
-    held = sum(1 for i in ids if i == processor_image_token_id(processor, tokenizer))
-    if held != sum(processed.tokens_per_image):
-        raise DataError(f"{where}: the chat template lost image tokens ({held} of "
-                        f"{sum(processed.tokens_per_image)} survived rendering)")
-    return ids, dict(processed.tensors)
+    for kind, done, token in (("image", images, lambda: vd.processor_image_token_id(processor, tokenizer)),
+                              ("video", videos, lambda: vd.video_token_id(video_processor, tokenizer))):
+        if done is None:
+            continue
+        wanted = sum(done.tokens_per_image if kind == "image" else done.tokens_per_video)
+        held = ids.count(token())
+        if held != wanted:
+            raise DataError(f"{where}: the chat template lost {kind} tokens ({held} of {wanted} survived "
+                            "rendering)")
+    return ids, vd.media_tensors(images, videos)
 
 
 def flatten_for_text(messages: list) -> list:
-    """Messages with image parts refused, for a text-only model."""
+    """Messages with image and video parts refused, for a text-only model."""
     if has_images(messages):
-        raise DataError("this model reads text only; images were given (use a vision-language model, such as a "
-                        "LLaVA, Qwen2-VL or Idefics3 checkpoint)")
+        raise DataError("this model reads text only; images or videos were given (use a vision-language model, such "
+                        "as a LLaVA, Qwen2-VL or Idefics3 checkpoint)")
     return messages
 
 

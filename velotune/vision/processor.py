@@ -1,7 +1,7 @@
 """What every image processor shares: the `ProcessedImages` it returns, the `ImageProcessor` interface the data
 pipeline, generation and export code against, the placeholder expansion in the prompt text, reading the
 checkpoint's processor files, and `image_processor_for(model_dir)`, which picks the family's processor by
-config.json's model_type.
+config.json's model_type (`video_processor_for(model_dir)` the video processor of a family that reads videos).
 
 A processor turns the images of ONE record (one prompt) into tensors under transformers' names and, per image,
 the text that replaces its placeholder in the prompt (the image tokens the model's features are scattered over).
@@ -72,6 +72,7 @@ class ImageProcessor(ABC):
     placeholder: str = "<image>"    # what a chat template writes per image
     image_token: str = "<image>"    # the token repeated in the expansion, one per image feature row
     tensor_names: tuple[str, ...] = ("pixel_values",)
+    source_dir: Path | None = None  # the checkpoint folder read by from_dir (None: built from dicts)
 
     @abstractmethod
     def __call__(self, images: list[Image.Image], *, source: str = "images") -> ProcessedImages:
@@ -100,7 +101,9 @@ class ImageProcessor(ABC):
         if cls.model_types and model_type is not None and model_type not in cls.model_types:
             raise CheckpointError(f"{files.model}: model_type '{model_type}' is not one {cls.__name__} processes "
                                   f"({', '.join(cls.model_types)}); use image_processor_for(model_dir)")
-        return cls.from_config(preprocessor, processor, model_config, files=files)
+        made = cls.from_config(preprocessor, processor, model_config, files=files)
+        made.source_dir = Path(model_dir)   # where video_processor_of finds the folder's video settings
+        return made
 
     # ---- the prompt side ------------------------------------------------------------------------------------
     def expand(self, text: str, processed: ProcessedImages, source: str) -> str:
@@ -346,6 +349,48 @@ def image_processor_for(model_dir) -> ImageProcessor:
     return cls.from_dir(model_dir)
 
 
+# config.json model_type -> "module:class" of its video processor; a family not here reads images only.
+VIDEO_PROCESSORS = {
+    "qwen2_vl": "velotune.vision.qwen2_vl_video:Qwen2VLVideoProcessor",
+    "qwen2_5_vl": "velotune.vision.qwen2_vl_video:Qwen2VLVideoProcessor",
+}
+VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
+
+
+def video_processor_for(model_dir):
+    """The video processor of a checkpoint folder, or None for a family that reads images only. Its settings are
+    found where transformers' AutoVideoProcessor looks: processor_config.json's "video_processor", else
+    video_preprocessor_config.json, else preprocessor_config.json (video processors fall back to the image
+    processor's file), else processor_config.json's "image_processor"."""
+    folder = Path(model_dir)
+    model_path = folder / MODEL_CONFIG_FILE
+    model_config = _read_json(model_path)
+    if model_config is None:
+        raise CheckpointError(f"{model_path}: not found; a model folder needs its config.json")
+    target = VIDEO_PROCESSORS.get(model_config.get("model_type"))
+    if target is None:
+        return None
+    processor_path = folder / PROCESSOR_FILE
+    processor = _read_json(processor_path) or {}
+    found = None
+    for name, where in (("video_processor", f"{processor_path} (video_processor)"),
+                        (None, str(folder / VIDEO_PREPROCESSOR_FILE)), (None, str(folder / PREPROCESSOR_FILE)),
+                        ("image_processor", f"{processor_path} (image_processor)")):
+        settings = processor.get(name) if name else _read_json(Path(where))
+        if settings is not None:
+            if not isinstance(settings, dict):
+                raise CheckpointError(f"{where}: expected a JSON object, got {type(settings).__name__}")
+            found = settings, where
+            break
+    if found is None:
+        raise CheckpointError(f"{folder}: no video processor settings ({VIDEO_PREPROCESSOR_FILE} or "
+                              f"{PREPROCESSOR_FILE}); copy them from the base model's folder")
+    module, name = target.split(":")
+    cls = getattr(import_module(module), name)
+    return cls.from_config(found[0], model_config, files=ProcessorFiles(found[1], str(processor_path),
+                                                                        str(model_path)))
+
+
 def stack(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
 
@@ -359,4 +404,5 @@ __all__ = [
     "image_processor_for",
     "processor_class",
     "read_processor_files",
+    "video_processor_for",
 ]

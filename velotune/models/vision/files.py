@@ -26,7 +26,8 @@ log = logging.getLogger("velotune")
 HEAD = "language_model.lm_head.weight"   # left out of files whose head is tied to the embeddings
 
 # Files beside the weights that keep a directory usable by transformers' processor, generate() and chat templates.
-SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+              "video_preprocessor_config.json", "chat_template.json",
               "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -107,16 +108,19 @@ class VisionSFT(SFT):
         return data
 
     def sample_view(self, example, tokenizer) -> str:
-        """The dry run's view of a sample, each run of image tokens written once with its count (an image is
-        hundreds of tokens)."""
+        """The dry run's view of a sample, each run of image (or video) tokens written once with its count (an image
+        is hundreds of tokens)."""
+        from ...data.vision_data import video_processor_of
         text = super().sample_view(example, tokenizer)
-        token = self.processor.image_token
-        run = re.compile(f"(?:{re.escape(token)}){{2,}}")
-        return run.sub(lambda m: f"({token} x {len(m.group(0)) // len(token)})", text)
+        video = video_processor_of(self.processor) if getattr(example, "num_videos", 0) else None
+        for token in (self.processor.image_token, *([video.video_token] if video is not None else [])):
+            run = re.compile(f"(?:{re.escape(token)}){{2,}}")
+            text = run.sub(lambda m, token=token: f"({token} x {len(m.group(0)) // len(token)})", text)
+        return text
 
     def epoch_line(self, stats) -> str:
         line = super().epoch_line(stats)
-        extra = f", {stats.images} images"
+        extra = f", {stats.images} images" + (f", {stats.videos} videos" if getattr(stats, "videos", 0) else "")
         if stats.resized:
             extra += f" ({stats.resized} shrunk to the processor's maximum)"
         if stats.reread:
@@ -149,6 +153,11 @@ class VisionSFT(SFT):
                                    ("processor_config.json", self.processor.processor_dict())):
                 text = json.dumps(settings, indent=2) + "\n"
                 (written["adapter_dir"] / name).write_text(text, encoding="utf-8")
+            # the video settings where the model has its own (Qwen2-VL's video_preprocessor_config.json)
+            source = getattr(self.processor, "source_dir", None)
+            video = Path(source) / "video_preprocessor_config.json" if source is not None else None
+            if video is not None and video.is_file():
+                shutil.copy2(video, written["adapter_dir"] / video.name)
         return written
 
 
