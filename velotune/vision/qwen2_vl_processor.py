@@ -107,16 +107,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
         if min_pixels > max_pixels:
             raise CheckpointError(f"{files.preprocessor}: min_pixels ({min_pixels}) is above max_pixels "
                                   f"({max_pixels})")
-        shapes = {}
-        for ours, theirs, default in (("patch_size", "patch_size", 14),
-                                      ("temporal_patch_size", "temporal_patch_size", 2),
-                                      ("merge_size", "spatial_merge_size", 2)):
-            tower = vision.positive_int(theirs, None)
-            value = pre.positive_int(ours, tower if tower is not None else default)
-            if tower is not None and value != tower:
-                raise CheckpointError(f"{files.preprocessor}: {ours} is {value} but the vision tower's {theirs} "
-                                      f"in {files.model} is {tower}; the images would not fit the model")
-            shapes[ours] = value
+        shapes = patch_shapes(pre, vision, files, "images")
         model_type = model_config.get("model_type") if model_config.get("model_type") in cls.model_types \
             else "qwen2_vl"
         return cls(min_pixels=min_pixels, max_pixels=max_pixels, **shapes, do_resize=pre.flag("do_resize", True),
@@ -178,4 +169,21 @@ class Qwen2VLImageProcessor(ImageProcessor):
         return np.ascontiguousarray(frames.reshape(grid_h * grid_w, channels * t * p * p)), grid_h, grid_w
 
 
-__all__ = ["Qwen2VLImageProcessor", "smart_resize"]
+def patch_shapes(pre, vision, files, what: str) -> dict:
+    """patch_size, temporal_patch_size and merge_size from the processor's settings, defaulting to the vision
+    tower's (config.json) and required to equal them: other values would cut `what` into patches the model does not
+    read."""
+    shapes = {}
+    for ours, theirs, default in (("patch_size", "patch_size", 14),
+                                  ("temporal_patch_size", "temporal_patch_size", 2),
+                                  ("merge_size", "spatial_merge_size", 2)):
+        tower = vision.positive_int(theirs, None)
+        value = pre.positive_int(ours, tower if tower is not None else default)
+        if tower is not None and value != tower:
+            raise CheckpointError(f"{files.preprocessor}: {ours} is {value} but the vision tower's {theirs} "
+                                  f"in {files.model} is {tower}; the {what} would not fit the model")
+        shapes[ours] = value
+    return shapes
+
+
+__all__ = ["Qwen2VLImageProcessor", "patch_shapes", "smart_resize"]

@@ -19,7 +19,8 @@ from PIL import Image
 
 from ..errors import CheckpointError, DataError
 from .processor import ProcessorFiles, Settings, to_rgb, vision_settings
-from .qwen2_vl_processor import BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_END, VISION_START, smart_resize
+from .qwen2_vl_processor import (BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VISION_END, VISION_START, patch_shapes,
+                                 smart_resize)
 
 # transformers' Qwen2VLVideoProcessor.size defaults (larger floor, smaller ceiling than the image processor's).
 VIDEO_MIN_PIXELS = 128 * 28 * 28
@@ -92,16 +93,7 @@ class Qwen2VLVideoProcessor:
         if min_pixels > max_pixels:
             raise CheckpointError(f"{files.preprocessor}: min_pixels ({min_pixels}) is above max_pixels "
                                   f"({max_pixels})")
-        shapes = {}
-        for ours, theirs, default in (("patch_size", "patch_size", 14),
-                                      ("temporal_patch_size", "temporal_patch_size", 2),
-                                      ("merge_size", "spatial_merge_size", 2)):
-            tower = vision.positive_int(theirs, None)
-            value = pre.positive_int(ours, tower if tower is not None else default)
-            if tower is not None and value != tower:
-                raise CheckpointError(f"{files.preprocessor}: {ours} is {value} but the vision tower's {theirs} "
-                                      f"in {files.model} is {tower}; the videos would not fit the model")
-            shapes[ours] = value
+        shapes = patch_shapes(pre, vision, files, "videos")
         resample = pre.resample("resample", BICUBIC)
         if resample not in _MODES:
             raise CheckpointError(f"{files.preprocessor}: field 'resample' ({resample}) is not a filter video "
