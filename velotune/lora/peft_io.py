@@ -280,8 +280,8 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
     in_file = [n[len(PREFIX):-len(".lora_A.weight")] for n in found if n.endswith(".lora_A.weight")]
     absent = [n for n in targets if files.get(n, n) not in set(in_file)]
     if absent:
-        raise CheckpointError(f"{source}: target_modules / target_parameters select layers that {weights} has no "
-                              f"weights for: {_few(absent)}")
+        fields = "target_modules / target_parameters" if fused or files else "target_modules"
+        raise CheckpointError(f"{source}: {fields} select layers that {weights} has no weights for: {_few(absent)}")
     extra = [n for n in in_file if n not in {files.get(t, t) for t in targets}]
     if extra:
         raise CheckpointError(f"{weights} holds LoRA weights for layers target_modules does not select: "
