@@ -94,8 +94,7 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
         if new is None:
             kept.append(name)
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+        model.set_submodule(name, new)
     warn_kept(kept, compute_dtype, blocksize)
     if method == "nf4":  # fused experts the stream left (or a model built in memory): NF4, one module at a time
         quantize_fused_experts(model, compute_dtype, device, blocksize, double_quant)
@@ -165,8 +164,7 @@ class StreamingQuantizer:
         if linear.bias is not None:
             real.bias = nn.Parameter(loaded.pop(f"{owner}.bias"), requires_grad=False)
         new = quantize_linear(self.bnb, real, self.method, self.compute_dtype, target, blocksize=self.blocksize)
-        parent_name, _, leaf = owner.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, leaf, new)
+        self.model.set_submodule(owner, new)
 
 
 def nf4_supported(in_features: int, blocksize: int, device) -> bool:

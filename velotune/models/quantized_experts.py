@@ -221,9 +221,8 @@ def quantize_fused_experts(model: nn.Module, compute_dtype: torch.dtype, device=
     time; returns how many it replaced."""
     found = fused_experts(model)
     for name, experts in found:
-        parent, _, leaf = name.rpartition(".")
         new = QuantizedExperts.from_experts(experts, compute_dtype, device, blocksize, double_quant)
-        setattr(model.get_submodule(parent) if parent else model, leaf, new.train(experts.training))
+        model.set_submodule(name, new.train(experts.training))
     return len(found)
 
 
@@ -252,8 +251,7 @@ class ExpertStream:
             new = QuantizedExperts(parts["gate_up_proj"], torch.empty(E, parts["gate_up_proj"].shape[2], device="meta"),
                                    parts["down_proj"], torch.empty(E, parts["down_proj"].shape[2], device="meta"),
                                    old.alpha, old.limit)
-            parent, _, leaf = module_name.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, new.train(old.training))
+            self.model.set_submodule(module_name, new.train(old.training))
             del self.done[module_name]
         return True
 
