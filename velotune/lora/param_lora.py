@@ -133,6 +133,19 @@ def read_targets(model: nn.Module, config: dict, source) -> set[str]:
 
 
 # ---- the layers ---------------------------------------------------------------------------------------------------
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's LoRA layout on a fused expert parameter, A [R*E, in] (row e*R + k: rank k of expert e) and
+    B [out, R*E] (column k*E + e), as per-expert factors: (A [E, R, in], B [E, out, R]) views."""
+    rank = a.shape[0] // experts
+    return a.reshape(experts, rank, a.shape[1]), b.reshape(b.shape[0], rank, experts).permute(2, 0, 1)
+
+
+def fused_factors(a_parts: list, b_parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `expert_factors`: each expert's A_e [R, in] and B_e [out, R], in order, in PEFT's layout."""
+    b = torch.stack(b_parts, dim=-1)                      # [out, R, E]: column k*E + e once flattened
+    return torch.cat(a_parts).contiguous(), b.reshape(b.shape[0], -1).contiguous()
+
 class ParamLora(nn.Module):
     """The adapter of one fused [E, in, out] parameter: PEFT's lora_A / lora_B (see the module docstring)."""
 
@@ -158,8 +171,7 @@ class ParamLora(nn.Module):
         """(A [E, R, in], B [E, out, R]) views of the live weights (cast to `dtype`: one cast a forward)."""
         a = self.lora_A.weight if dtype is None else self.lora_A.weight.to(dtype)
         b = self.lora_B.weight if dtype is None else self.lora_B.weight.to(dtype)
-        return (a.reshape(self.num_experts, self.r, self.in_features),
-                b.reshape(self.out_features, self.r, self.num_experts).permute(2, 0, 1))
+        return expert_factors(a, b, self.num_experts)
 
     def update_fn(self, dtype: torch.dtype):
         """f(e, rows [n, in]) -> scaling * rows @ A_e^T @ B_e^T [n, out], for the base's grouped forward."""

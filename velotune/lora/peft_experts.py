@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UnsupportedError
 from ..models.moe import SparseMoE
+from .param_lora import expert_factors, fused_factors
 
 PREFIX = "base_model.model."
 PARAMS = ("gate_up_proj", "down_proj")   # transformers' experts parameter order = PEFT's nesting order
@@ -179,11 +180,9 @@ def fuse_state(model, state: dict[str, torch.Tensor], layers: dict, layout: dict
                     b = torch.block_diag(pieces[0][1], pieces[1][1])
                 a_parts.append(a)
                 b_parts.append(b)
-            rank = a_parts[0].shape[0]
-            state[f"{PREFIX}{modules[param]}.lora_A.weight"] = torch.cat(a_parts).contiguous()   # [E*R, in]
-            # [out, R, E] -> [out, R*E]: column k*E + e
-            state[f"{PREFIX}{modules[param]}.lora_B.weight"] = \
-                torch.stack(b_parts, dim=-1).reshape(b_parts[0].shape[0], rank * len(b_parts)).contiguous()
+            a, b = fused_factors(a_parts, b_parts)
+            state[f"{PREFIX}{modules[param]}.lora_A.weight"] = a
+            state[f"{PREFIX}{modules[param]}.lora_B.weight"] = b
     return state
 
 
@@ -297,8 +296,7 @@ def expand(model, fused: list[Fused], found: dict, settings: dict, weights) -> d
             raise CheckpointError(f"{weights}: tensor '{keys[0]}' is rank {rank} per expert; velotune reads "
                                   f"{f.param} at the adapter's r ({r})" + (f" or 2r ({2 * r})" if len(projs) == 2
                                                                             else ""))
-        a3 = a.reshape(experts, rank, n_in)
-        b3 = b.reshape(n_out, rank, experts).permute(2, 0, 1)              # [E, out, R]
+        a3, b3 = expert_factors(a, b, experts)                            # [E, R, in], [E, out, R]
         ratio = _scaling(f.alpha, rank, rslora) / ours
         ratio = 1.0 if abs(ratio - 1.0) < 1e-12 else ratio   # our own rsLoRA alpha*sqrt(2): one rounding off
         rows = [getattr(first, p).out_features for p in projs]
