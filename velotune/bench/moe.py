@@ -10,11 +10,12 @@ Models: random weights (normal, std 0.02; norms at 1) in a Qwen3-MoE and a Mixtr
 512, 4 layers, 8 experts of 1024, top-2, 8 query / 4 key-value heads, vocabulary 32,000), written by transformers'
 save_pretrained (per-expert tensors, the hub's layout) once and cached. Batches: rows of random token ids filling
 the sequence (one document a row), labels = ids, seeded: both systems train the same batches. LoRA r=16, alpha=32
-on q/k/v/o of every layer (not on the experts: see moe_worker.py), the same lr, schedule and clipping.
-Methods: lora (the weights as stored, fp32), experts (the same, LoRA on every expert as well) and qlora (the decoder's linears in NF4 with double quantization,
-computing in bf16, the rest in bf16: bitsandbytes on both sides; transformers' fused expert tensors are not linears,
-so its QLoRA keeps the experts in bf16 where velotune quantizes each expert).
-The workers are moe_worker.py. Results: <out>/moe-<device>-<case>[-qlora].json and .md, one pair per case and method.
+on q/k/v/o of every layer, the same lr, schedule and clipping. Methods: lora (the weights as stored, fp32),
+experts (the same, LoRA on every expert as well: see moe_worker.py) and qlora (the decoder's linears in NF4 with
+double quantization, computing in bf16, the rest in bf16: bitsandbytes on both sides; transformers' fused expert
+tensors are not linears, so its QLoRA keeps the experts in bf16 where velotune quantizes each expert).
+The workers are moe_worker.py. Results: <out>/moe-<device>-<case>[-experts|-qlora].json and .md, one pair per case
+and method.
 """
 from __future__ import annotations
 
@@ -134,10 +135,11 @@ def run_case(ns, plan: dict, case: str, cache: Path, method: str = "lora") -> di
             s.update(attn_implementation=ok[0].get("attn_implementation"),
                      experts_implementation=ok[0].get("experts_implementation"))
     info = report.run_info({case: runs}, {}, load_before, time.time() - started)
-    settings = {k: plan[k] for k in ("device", "dtype", "precision", "systems", "reps", "warmup", "steps", "lr",
-                                     "threads", "quick", "seq", "batch")}
-    settings.update(case=case, method=method, dtype=dtype, precision=precision, model=shape, parameters=parameters, model_dir=str(model), lora_rank=LORA_RANK,
-                    lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS, scheduler="constant", max_grad_norm=1.0,
+    settings = {k: plan[k] for k in ("device", "systems", "reps", "warmup", "steps", "lr", "threads", "quick", "seq",
+                                     "batch")}
+    settings.update(case=case, method=method, dtype=dtype, precision=precision, model=shape, parameters=parameters,
+                    model_dir=str(model), lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=LORA_TARGETS,
+                    scheduler="constant", max_grad_norm=1.0,
                     goals=GOALS.get("cuda" if is_cuda(plan["device"]) else "cpu"))
     result = dict(machine=info, settings=settings, systems=systems,
                   ratios=ratios(systems, {"input_tokens_per_s": "input_tokens_per_s",
@@ -145,8 +147,9 @@ def run_case(ns, plan: dict, case: str, cache: Path, method: str = "lora") -> di
                   **checks(systems),
                   runs={k: [{n: v for n, v in r.items() if n != "traceback" or not r.get("ok")} for r in rs]
                         for k, rs in runs.items()})
-    dtype = "bfloat16" if plan["precision"] == "bf16" else "float32"
-    print_and_save(ns, "moe", dict(plan, dtype=dtype), case + _suffix(method) + ("-quick" if plan["quick"] else ""),
+    # The file name keeps the plan's precision (a QLoRA result is told apart by its "-qlora" suffix).
+    named = "bfloat16" if plan["precision"] == "bf16" else "float32"
+    print_and_save(ns, "moe", dict(plan, dtype=named), case + _suffix(method) + ("-quick" if plan["quick"] else ""),
                    result, markdown(result))
     return result
 
@@ -189,8 +192,8 @@ def _ratio_lines(result: dict) -> list:
                      f"{goals['memory']:g}x: {'met' if r['memory'] and r['memory'] <= goals['memory'] else 'not met'}"
                      ".  ")
     lines.append(f"Checks: the same batches (same token count at every step): {checked[result['same_batches']]}; the "
-                 f"same trainable parameters: {checked[result['same_trainable_params']]}{layouts}; first losses apart by "
-                 f"{report.fmt(result['first_loss_rel_diff'], '.1e')} (relative; the same weights and tokens: only "
+                 f"same trainable parameters: {checked[result['same_trainable_params']]}{layouts}; first losses apart "
+                 f"by {report.fmt(result['first_loss_rel_diff'], '.1e')} (relative; the same weights and tokens: only "
                  "the numerics differ).")
     return lines
 
@@ -251,10 +254,8 @@ def markdown(result: dict) -> str:
             f"Each process: {s['warmup']} untimed + {s['steps']} timed optimizer steps (loading excluded); "
             f"{s['reps']} process(es) per system, alternating; medians; {s['threads']} torch thread(s).  ",
             "tokens/s: input tokens per second of the timed steps; tokens per CPU s: the same per second of the "
-            "process's CPU time (steadier when other work shares the machine). Memory: "
-            + ("torch's peak reserved GPU memory" if cuda else "the process's peak RSS (loading included)")
-            + " at the end of the last step; the training's own peak is the peak during training minus the RSS just "
-            "before it. setup s: loading and adding LoRA.", "",
+            "process's CPU time (steadier when other work shares the machine). " + report.memory_words(cuda)
+            + " setup s: loading and adding LoRA.", "",
             "## Results", "", _table(result), "", *_ratio_lines(result), ""]
     return "\n".join(text + machine_markdown(m))
 

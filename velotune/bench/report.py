@@ -142,6 +142,13 @@ def run_info(runs: dict, peaks: dict, load_before, seconds: float) -> dict:
 
 # ---- markdown ---------------------------------------------------------------------------------------------------
 
+def memory_words(cuda: bool) -> str:
+    """What a side-by-side report's memory columns measure (the same meter in every benchmark: bench/memory.py)."""
+    return ("Memory: " + ("torch's peak reserved GPU memory" if cuda else "the process's peak RSS (loading included)")
+            + " at the end of the last step; the training's own peak is the peak during training minus the RSS just "
+            "before it.")
+
+
 def fmt(value, spec=".1f", suffix=""):
     return "—" if value is None else f"{value:{spec}}{suffix}"
 

@@ -295,10 +295,8 @@ def markdown(result: dict) -> str:
             "samples/s: conversations (one image each) per second of the timed steps; label tokens/s: the tokens "
             "that carry a loss; without hf's collator: the same with the collator's seconds taken out of hf's "
             "steps; samples per CPU s: the same per second of the process's CPU time (steadier than wall time "
-            "when other work shares the machine). Memory: "
-            + ("torch's peak reserved GPU memory" if cuda else "the process's peak RSS (loading included)")
-            + " at the end of the last step; the training's own peak is the peak during training minus the RSS just "
-            "before it. setup s: from the start of the system's code to its first step (loading; velotune also "
+            "when other work shares the machine). " + report.memory_words(cuda)
+            + " setup s: from the start of the system's code to its first step (loading; velotune also "
             "processes every image then).", "",
             "## Results", "", _table(result), "", *_ratio_lines(result), ""]
     return "\n".join(text + machine_markdown(m))

@@ -233,9 +233,7 @@ def markdown(result: dict) -> str:
             f"Each process: {s['warmup']} untimed + {s['steps']} timed optimizer steps (loading excluded); "
             f"{s['reps']} process(es) per system, alternating; medians; {s['threads']} torch thread(s).  ",
             "clips/s: training clips per second of the timed steps; label tokens/s: the tokens that carry a loss. "
-            "Memory: " + ("torch's peak reserved GPU memory" if cuda else "the process's peak RSS (loading "
-                          "included)") + " at the end of the last step; the training's own peak is the peak during "
-            "training minus the RSS just before it. collator s/batch: the hf collator's seconds per batch "
+            + report.memory_words(cuda) + " collator s/batch: the hf collator's seconds per batch "
             "(features and labels), part of its step time.", "",
             "## Results", "", _table(result), "", *_ratio_lines(result), ""]
     return "\n".join(text + machine_markdown(m))
