@@ -39,10 +39,17 @@ def _calls_to_auto(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("declared", ["PreTrainedTokenizerFast", "TokenizersBackend"])
-def test_plain_declaration_skips_autotokenizer_and_equals_it(tmp_path, monkeypatch, declared):
+@pytest.mark.parametrize("model_type, declared", [
+    ("llama", "PreTrainedTokenizerFast"), ("llama", "TokenizersBackend"),
+    # transformers lists llava among the types whose hub declaration it overrides, with the plain class itself
+    ("llava", "TokenizersBackend"),
+])
+def test_plain_declaration_skips_autotokenizer_and_equals_it(tmp_path, monkeypatch, model_type, declared):
     from transformers import AutoTokenizer
     path = _checkpoint(tmp_path, tokenizer_class=declared)
+    if model_type != "llama":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
     calls = _calls_to_auto(monkeypatch)
     ours = load_tokenizer(path)
     assert calls == []

@@ -60,9 +60,10 @@ def demo_config(tokenizer, size: str = "demo", max_position_embeddings: int = 51
 def init_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights under checkpoint names, as transformers initialises a Llama: N(0, 0.02) for matrices and
     the embedding (its padding row zero), ones for norms. Seeded, so the same seed gives the same tensors."""
+    from ..models.build import parameters_on_meta, skip_weight_init
     from ..models.llama import Args, Model
     args = Args.from_dict(config)
-    with torch.device("meta"):
+    with skip_weight_init(), parameters_on_meta():  # shapes only (see build.py: not `with torch.device("meta")`)
         shapes = {k: v.shape for k, v in Model(args).state_dict().items()}
     if args.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)

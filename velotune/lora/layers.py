@@ -17,6 +17,7 @@ from torch import nn
 
 from ..kernels.lora_ops import AdaptedLinear, AdapterView, fused_lora_linear
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
+from .empty_linear import empty_linear
 
 
 class LoraLinear(AdaptedLinear):
@@ -29,8 +30,8 @@ class LoraLinear(AdaptedLinear):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base_layer.weight.device
-        self.lora_A = nn.utils.skip_init(nn.Linear, self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.utils.skip_init(nn.Linear, r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = empty_linear(self.in_features, r, device=device, dtype=dtype)
+        self.lora_B = empty_linear(r, self.out_features, device=device, dtype=dtype)
         if dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
         else:

@@ -77,7 +77,9 @@ def _load_plain_fast_tokenizer(model_dir: Path):
     except Exception:  # another transformers layout, or files missing: AutoTokenizer decides (and explains)
         return None
     if (not isinstance(config, dict) or config.get("tokenizer_class") not in _PLAIN_CLASSES or "auto_map" in config
-            or not (model_dir / "tokenizer.json").is_file() or model_type in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+            or not (model_dir / "tokenizer.json").is_file()
+            or (model_type in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS  # its registered class wins: plain too?
+                and TOKENIZER_MAPPING_NAMES.get(model_type) not in _PLAIN_CLASSES)
             or TOKENIZER_MAPPING_NAMES.get(model_type) == "MistralCommonBackend"):
         return None
     from transformers import PreTrainedTokenizerFast
