@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import VelotuneError
 
 HELP = ("commands: /reset (clear history)  /params (sampling settings and their sources)  /system TEXT  "
-        "/image FILE (vision models)  /quit  /help\n(to send a message that starts with /, double the slash: //text sends /text)")
+        "/image FILE (vision models)  /video FILE (Qwen2-VL, Qwen2.5-VL)  /quit  /help\n"
+        "(to send a message that starts with /, double the slash: //text sends /text)")
 
 
 def add_model_args(p):
@@ -45,6 +46,9 @@ def add_chat_parsers(subparsers):
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image for the first message (vision-language models; repeat for several; /image FILE "
                         "attaches one later)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="a video for the first message (models that read videos: Qwen2-VL, Qwen2.5-VL; repeat for "
+                        "several; /video FILE attaches one later)")
     p.set_defaults(func=run_chat)
 
     p = subparsers.add_parser("generate", help="generate a reply to one prompt, for scripts")
@@ -55,6 +59,9 @@ def add_chat_parsers(subparsers):
     p.add_argument("--raw", action="store_true", help="use --prompt as raw text, without the chat template")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image the prompt is about (vision-language models; repeat for several)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="a video the prompt is about (models that read videos: Qwen2-VL, Qwen2.5-VL; repeat for "
+                        "several)")
     p.set_defaults(func=run_generate)
 
 
@@ -82,18 +89,26 @@ def sampling_from_args(ns) -> dict:
 
 def run_generate(ns):
     from .generation import generate
+    videos = media_files(getattr(ns, "video", []), "--video")   # missing files fail before the model loads
+    if videos and (ns.messages or ns.prompt is None):
+        raise VelotuneError("--video goes with --prompt (the video and the prompt make one user message); with "
+                            "--messages, put video parts in the messages")
     model, tokenizer = load_for_inference(ns.model, ns.adapter, ns.dtype, ns.quantize, ns.device,
                                           ns.chat_template)
+    if videos:
+        check_reads_videos(model, "--video")
     if ns.messages:
         path = Path(ns.messages)
         try:
             prompt = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise VelotuneError(f"{path}: cannot read a JSON list of messages ({exc})") from None
-    elif ns.prompt is not None and ns.image:
+    elif ns.prompt is not None and (ns.image or videos):
         if ns.raw:
-            raise VelotuneError("--image needs the chat template (images go in a user message): drop --raw")
-        prompt = [{"role": "user", "content": with_images(ns.prompt, image_files(ns.image))}]
+            flag = "--image" if ns.image else "--video"
+            raise VelotuneError(f"{flag} needs the chat template (images and videos go in a user message): drop "
+                                "--raw")
+        prompt = [{"role": "user", "content": with_images(ns.prompt, image_files(ns.image), videos)}]
     elif ns.prompt is not None:
         prompt = [{"role": "user", "content": ns.prompt}] if tokenizer.chat_template and not ns.raw else ns.prompt
     else:
@@ -109,7 +124,10 @@ def run_chat(ns, input_fn=input, out=sys.stdout):
     print(f"velotune chat - {ns.model}" + (f" + adapter {ns.adapter}" if ns.adapter else ""), file=out)
     print(resolve_sampling(request, None, model).describe(), file=out)
     print(HELP, file=out)
-    session = {"system": ns.system, "history": [], "images": image_files(getattr(ns, "image", []))}
+    session = {"system": ns.system, "history": [], "images": image_files(getattr(ns, "image", [])),
+               "videos": media_files(getattr(ns, "video", []), "--video"), "model": model}
+    if session["videos"]:
+        check_reads_videos(model, "--video")
     while True:
         try:
             line = input_fn("> ")
@@ -128,18 +146,35 @@ def run_chat(ns, input_fn=input, out=sys.stdout):
 
 def image_files(paths) -> list[str]:
     """--image / /image arguments as absolute paths, each checked to be a file now (before any model work)."""
+    return media_files(paths, "--image")
+
+
+def media_files(paths, flag: str) -> list[str]:
+    """--image / --video arguments as absolute paths, each checked to be a file now (before any model work)."""
     found = []
     for path in paths:
         file = Path(path).expanduser()
         if not path or not file.is_file():
-            raise VelotuneError(f"--image {path}: no such file")
+            raise VelotuneError(f"{flag} {path}: no such file")
         found.append(str(file.resolve()))
     return found
 
 
-def with_images(text: str, images: list[str]) -> list:
-    """A user message's content parts: the images, then the text."""
-    return [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+def check_reads_videos(model, flag: str) -> None:
+    """A VelotuneError naming `flag` when the model does not read videos (before any video is decoded)."""
+    if getattr(model, "takes_videos", False):
+        return
+    from ..data.vision_media import VIDEO_FAMILIES
+    from .vision_prompt import is_vision_model
+    reads = "images" if is_vision_model(model) else "text"
+    family = getattr(model, "model_type", None) or "this model"
+    raise VelotuneError(f"{flag}: {family} reads {reads} only; videos need a {VIDEO_FAMILIES} model")
+
+
+def with_images(text: str, images: list[str], videos: list[str] = ()) -> list:
+    """A user message's content parts: the images, the videos, then the text."""
+    return ([{"type": "image", "image": image} for image in images]
+            + [{"type": "video", "video": video} for video in videos] + [{"type": "text", "text": text}])
 
 
 def run_command(line: str, session: dict, sampling, out) -> str | None:
@@ -160,6 +195,14 @@ def run_command(line: str, session: dict, sampling, out) -> str | None:
             print(f"(image attached to your next message: {argument.strip()})", file=out)
         except VelotuneError as exc:
             print(f"error: {exc}", file=out)
+    elif command == "/video":
+        try:
+            if session.get("model") is not None:
+                check_reads_videos(session["model"], "/video")
+            session.setdefault("videos", []).extend(media_files([argument.strip()], "/video"))
+            print(f"(video attached to your next message: {argument.strip()})", file=out)
+        except VelotuneError as exc:
+            print(f"error: {exc}", file=out)
     elif command == "/system":
         session["system"], session["history"] = argument.strip() or None, []
         print(f"(system prompt {'set' if session['system'] else 'cleared'}; history cleared)", file=out)
@@ -172,7 +215,9 @@ def reply_to(model, tokenizer, message: str, session: dict, sampling: dict, out)
     """Streams the model's reply to `message` and adds both to the history."""
     from .generation import stream
     images, session["images"] = session.get("images") or [], []
-    session["history"].append({"role": "user", "content": with_images(message, images) if images else message})
+    videos, session["videos"] = session.get("videos") or [], []
+    content = with_images(message, images, videos) if images or videos else message
+    session["history"].append({"role": "user", "content": content})
     system = session["system"]
     messages = ([{"role": "system", "content": system}] if system else []) + session["history"]
     reply, start = "", time.perf_counter()

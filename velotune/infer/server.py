@@ -4,6 +4,10 @@
     POST /v1/audio/speech   GET /v1/models
     GET /health (not OpenAI's)
 
+Chat messages may hold OpenAI's image_url parts for a vision-language model, and video_url parts
+(`{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}`, as vLLM takes them) for one that reads
+videos (Qwen2-VL, Qwen2.5-VL): data: URIs only, decoded in memory (server_schema.py bounds how many and how large).
+
 The request's `model` field picks the base (its served name) or an adapter (the name given with
 `--adapter NAME=DIR`); for /v1/embeddings, an embedding model or one of its adapters (server_embeddings.py); for
 /v1/audio/transcriptions, a Whisper model (server_speech.py); for /v1/audio/speech, a model trained with objective
@@ -31,7 +35,8 @@ from .server_embeddings import EmbeddingService
 from .server_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, read_json_body
 from .server_jobs import JobBuilder, chat_templates_for
 from .server_queue import Scheduler
-from .server_schema import APIError, ChatRequest, CompletionRequest, include_usage, parse_body, validate
+from .server_schema import (APIError, ChatRequest, CompletionRequest, check_video_parts, include_usage, parse_body,
+                            validate)
 
 log = logging.getLogger("velotune")
 
@@ -136,6 +141,9 @@ class Server:
         request = validate(request_cls, parse_body(raw))
         if self.builder is None or request.model in self.embeddings.routes:
             raise self.embeddings.not_for_chat(request.model)
+        if isinstance(request, ChatRequest) and not getattr(self.builder.model, "takes_videos", False):
+            from .vision_prompt import is_vision_model
+            check_video_parts(request, "images" if is_vision_model(self.builder.model) else "text")
         return request, self.builder.build(request, deliver)
 
     async def complete(self, http_request, request_cls, shape):

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from ..data.vision_media import VIDEO_FAMILIES
 from .sampling import REPETITION_PENALTY_RANGE, SEED_MAX
 
 # Stop strings are searched for after every token, and the text's end checked against their starts: many or
@@ -156,40 +157,77 @@ def sampling_fields(request) -> dict:
 
 
 MAX_IMAGES_PER_REQUEST = 8   # each image costs its processor's tokens and a vision-tower pass
+# Each video costs decoding (vision/video.py bounds the frames and pixels) and up to thousands of tokens.
+MAX_VIDEOS_PER_REQUEST = 2
+# A video's data: URI, refused above this many bytes before anything is decoded (base64: ~3/4 of it is the file).
+MAX_VIDEO_URI_BYTES = 16 * 1024 * 1024
+_MEDIA = {"image_url": ("image", MAX_IMAGES_PER_REQUEST), "video_url": ("video", MAX_VIDEOS_PER_REQUEST)}
+
+
+def _media_url(part: ContentPart, kind: str, where: str, param: str) -> str:
+    """The data: URI of an image_url / video_url part, or a 400: the server fetches no URLs and reads no files."""
+    url = (part.model_extra or {}).get(part.type)
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or url[:5].lower() != "data:":
+        raise bad_request(f"{where}: {part.type}.url must be a data: URI (base64 {kind} bytes); this server fetches "
+                          "no URLs", param=param)
+    if kind == "video" and len(url) > MAX_VIDEO_URI_BYTES:
+        raise bad_request(f"{where}: the video's data URI is {len(url)} bytes, over the {MAX_VIDEO_URI_BYTES} a "
+                          "video may have here; send a shorter or smaller clip", param=param,
+                          code="video_too_large")
+    return url
 
 
 def chat_messages(request: ChatRequest, images: bool = False) -> list[dict]:
     """The messages as the chat template takes them: text content (parts joined), extra keys dropped. With
-    `images` (a vision-language model), image_url parts with a data: URI are kept as parts, up to
-    MAX_IMAGES_PER_REQUEST; remote URLs are refused (the server fetches nothing)."""
-    messages, seen = [], 0
+    `images` (a vision-language model), image_url and video_url parts with a data: URI are kept as parts, up to
+    MAX_IMAGES_PER_REQUEST images and MAX_VIDEOS_PER_REQUEST videos (each video's URI at most
+    MAX_VIDEO_URI_BYTES); remote URLs are refused (the server fetches nothing). Whether the model reads videos is
+    checked before (check_video_parts); the videos are decoded with the prompt (vision_prompt.py)."""
+    messages, seen = [], {"image": 0, "video": 0}
     for i, message in enumerate(request.messages):
         content = message.content
         if isinstance(content, list):
-            parts, has_image = [], False
+            parts, has_media = [], False
             for j, part in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                if part.type == "image_url" and images:
-                    url = (part.model_extra or {}).get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                    if not isinstance(url, str) or not url.startswith("data:"):
-                        raise bad_request(f"{where}: image_url.url must be a data: URI (base64 image bytes); this "
-                                          "server fetches no URLs", param=f"messages.{i}.content.{j}")
-                    seen += 1
-                    if seen > MAX_IMAGES_PER_REQUEST:
-                        raise bad_request(f"{where}: at most {MAX_IMAGES_PER_REQUEST} images per request",
-                                          param=f"messages.{i}.content.{j}")
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
-                    has_image = True
+                where, param = f"messages[{i}].content[{j}]", f"messages.{i}.content.{j}"
+                if part.type in _MEDIA and images:
+                    kind, most = _MEDIA[part.type]
+                    url = _media_url(part, kind, where, param)
+                    seen[kind] += 1
+                    if seen[kind] > most:
+                        raise bad_request(f"{where}: at most {most} {kind}s per request", param=param)
+                    parts.append({"type": part.type, part.type: {"url": url}})
+                    has_media = True
                 elif part.type != "text" or part.text is None:
-                    hint = "" if images else " (this model reads text only)" if part.type == "image_url" else ""
-                    raise bad_request(f"{where}: only text parts are supported{hint} (got type {part.type!r})",
-                                      param=f"messages.{i}.content.{j}")
+                    raise bad_request(f"{where}: only text parts are supported{_hint(part.type, images)} (got type "
+                                      f"{part.type!r})", param=param)
                 else:
                     parts.append({"type": "text", "text": part.text})
-            content = parts if has_image else "".join(p["text"] for p in parts)
+            content = parts if has_media else "".join(p["text"] for p in parts)
         messages.append({"role": message.role, "content": content or ""})
     return messages
+
+
+def _hint(kind: str, images: bool) -> str:
+    if kind == "video_url":
+        return f" (this model reads text only; videos need a {VIDEO_FAMILIES} model)"
+    if kind == "video":
+        return " (send a video as a video_url part with a data:video/...;base64 URI)" if images else ""
+    return " (this model reads text only)" if kind == "image_url" and not images else ""
+
+
+def check_video_parts(request: ChatRequest, reads: str) -> None:
+    """A 400 naming the first video_url part when the served model does not read videos; `reads` says what it
+    reads instead ("text" or "images"). Runs before the prompt is built, so the refusal names the part."""
+    for i, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            if part.type == "video_url":
+                raise bad_request(f"messages[{i}].content[{j}]: a video part, but this model reads {reads} only; "
+                                  f"videos need a {VIDEO_FAMILIES} model", param=f"messages.{i}.content.{j}",
+                                  code="unsupported_content")
 
 
 def include_usage(request) -> bool:

@@ -1,19 +1,29 @@
 """Prompts with images for a vision-language model: chat messages whose contents hold image parts (a file path, a
 `data:` URI or a PIL image, in `{"type": "image", "image": ...}` or OpenAI's `{"type": "image_url", "image_url":
 {"url": "data:..."}}`) and, for a family that reads videos (Qwen2-VL, Qwen2.5-VL), video parts (`{"type": "video",
-"video": "clip.mp4"}`, or a list of frame images; data/vision_data.py) -> token ids with each image's and video's
-tokens in place, and the batch's pixel tensors.
+"video": "clip.mp4"}`, or a list of frame images; data/vision_data.py; or, as a server receives them,
+`{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}`) -> token ids with each image's and
+video's tokens in place, and the batch's pixel tensors.
+
+A video_url part is decoded in memory (vision/video.py read_video_bytes: the file's sampling and caps, and bounds on
+decoding an untrusted upload) into its sampled frames and their rate, which is what a video file's part becomes: the
+same bytes give the same tokens and tensors either way. Its URL must be a data: URI; nothing is fetched.
 
 The image processor is the model directory's own (preprocessor_config.json), read once per model; the video
 processor goes with it (vision/processor.py video_processor_for)."""
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import weakref
 
 from ..errors import DataError
 from .chat_render import chat_text as render_chat
 
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+MEDIA_TYPES = ("image", "image_url", "video", "video_url")
+_DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", re.DOTALL)
 
 
 def is_vision_model(model) -> bool:
@@ -38,7 +48,7 @@ def has_images(prompt) -> bool:
     if not isinstance(prompt, list):
         return False
     return any(isinstance(m, dict) and isinstance(m.get("content"), list)
-               and any(isinstance(p, dict) and p.get("type") in ("image", "image_url", "video") for p in m["content"])
+               and any(isinstance(p, dict) and p.get("type") in MEDIA_TYPES for p in m["content"])
                for m in prompt)
 
 
@@ -50,6 +60,7 @@ def encode_image_prompt(model, tokenizer, messages: list, *, base_dir=None, chat
     from ..data import vision_data as vd
     processor = processor_of(model)
     takes_videos = bool(getattr(model, "takes_videos", False))
+    messages = _decode_video_urls(messages, processor, takes_videos, where)
     sample, refs = vd.read_vision_record({"messages": messages}, "messages", where, placeholder=processor.placeholder,
                                          video_placeholder=vd.video_placeholder_of(processor) if takes_videos else None,
                                          family=getattr(model, "model_type", None))
@@ -70,6 +81,67 @@ def encode_image_prompt(model, tokenizer, messages: list, *, base_dir=None, chat
             raise DataError(f"{where}: the chat template lost {kind} tokens ({held} of {wanted} survived "
                             "rendering)")
     return ids, vd.media_tensors(images, videos)
+
+
+def _decode_video_urls(messages: list, processor, takes_videos: bool, where: str) -> list:
+    """The messages with each video_url part replaced by a video part holding its decoded frames and their rate
+    (the list it was given when there is none)."""
+    if not any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(p, dict) and p.get("type") == "video_url" for p in m["content"]) for m in messages):
+        return messages
+    from ..data import vision_data as vd
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "video_url":
+                at = f"messages[{i}].content[{j}]" if where == "messages" else f"{where}: messages[{i}].content[{j}]"
+                if not takes_videos:
+                    raise DataError(f"{at}: a video part, but {vd.family_of(processor)} reads images only; videos "
+                                    f"need a {vd.VIDEO_FAMILIES} model")
+                part = _video_part(part, vd.video_processor_of(processor), at)
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out
+
+
+def _video_part(part: dict, video_processor, at: str) -> dict:
+    """`{"type": "video", "video": [frames], "fps": their rate}` of one video_url part (a data: URI)."""
+    from PIL import Image
+
+    from ..vision.video import read_video_bytes
+    url = part.get("video_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str) or url.strip()[:5].lower() != "data:":
+        raise DataError(f"{at}: video_url.url must be a data:video/...;base64 URI; video URLs are not fetched and "
+                        "files are not read from a URL")
+    clip = read_video_bytes(_data_uri_bytes(url.strip(), at), source=at,
+                            frame_factor=video_processor.temporal_patch_size)
+    # PIL frames hold the same uint8 pixels: the video processor turns them back into the array a file gives
+    return {"type": "video", "video": [Image.fromarray(frame) for frame in clip.frames], "fps": clip.fps}
+
+
+def _data_uri_bytes(url: str, at: str) -> bytes:
+    match = _DATA_URI.match(url)
+    if match is None:
+        raise DataError(f"{at}: malformed data URI (expected data:video/<type>;base64,<data>)")
+    media_type, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
+    if media_type not in ("", "application/octet-stream") and not media_type.startswith("video/"):
+        raise DataError(f"{at}: the data URI holds '{media_type}', not a video (expected data:video/<type>;base64,"
+                        "<data>)")
+    if ";base64" not in params:
+        raise DataError(f"{at}: the data URI video is not base64-encoded (expected ;base64,)")
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"{at}: the data URI video is not valid base64") from None
+    if not data:
+        raise DataError(f"{at}: the data URI video is empty")
+    return data
 
 
 def flatten_for_text(messages: list) -> list:
