@@ -187,14 +187,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, counted as PEFT's `get_nb_trainable_parameters` counts them. NF4 experts
     held as packed buffers (models/quantized_experts.py) count their weights' logical elements, as a 4-bit linear's
     weight counts."""
-    from ..models.quantized_experts import PackedNF4
+    from ..models.quantized_experts import PackedExperts
     trainable = total = 0
     for p in model.parameters():
         n = _numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     for m in model.modules():
-        if isinstance(m, PackedNF4):
+        if isinstance(m, PackedExperts):
             total += m.shape.numel()
     return trainable, total
 

@@ -1,4 +1,5 @@
-"""LoRA on fused 3-D expert parameters (gpt-oss's `mlp.experts.gate_up_proj` / `down_proj`), in PEFT's layout.
+"""LoRA on fused 3-D expert parameters (gpt-oss's `mlp.experts.gate_up_proj` / `down_proj`) and on a router's bare 2-D
+weight (gpt-oss's `mlp.router.weight`), in PEFT's layout.
 
 A fused-experts module declares the parameters LoRA may adapt in `lora_parameters`, each [E, in, out] (x @ W[e]),
 and takes `adapters` (param name -> f(e, rows)) in its forward (models/gpt_oss.py's Experts). `LoraExperts` wraps
@@ -17,7 +18,13 @@ here), so the file tensors map one to one. What is special:
 - names in PEFT's files: one ParamWrapper per targeted parameter, nested in the base's parameter order, the first
   innermost, so with both adapted gate_up_proj's tensors are `...experts.base_layer.lora_A.weight` and down_proj's
   `...experts.lora_A.weight` (`file_modules`); adapter_config.json names them in `target_parameters`;
-- no dropout and no DoRA: PEFT's ParamWrapper refuses both (dropout cannot be factored out of B A x per expert).
+- no dropout and no DoRA: PEFT's ParamWrapper refuses both (dropout cannot be factored out of B A x per expert);
+- a router held as a bare 2-D parameter (gpt-oss's `mlp.router.weight` [E, hidden], with a bias: not a Linear) is
+  adapted the same way, only when named (targets=["router.weight"]; quantize.router_names keeps it out of
+  "all-linear"): PEFT's ParamWrapper on a 2-D parameter is one "expert" with in = dim 1, out = dim 0, so lora_A
+  [R, in], lora_B [out, R] and W + scaling * B @ A. The router has no per-expert hook: its module runs with
+  W + delta in place of W (torch.func.functional_call), as PEFT's parametrization does; the [E, hidden] delta is
+  small. PEFT's file names are `...mlp.router.lora_A.weight`, its config target_parameters ["mlp.router.weight"].
 """
 from __future__ import annotations
 
@@ -28,22 +35,44 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsupportedError
+from .empty_linear import empty_linear
 
 
 def is_fused_experts(module: nn.Module) -> bool:
     return bool(getattr(module, "lora_parameters", None)) and not isinstance(module, LoraExperts)
 
 
+def adaptable(module: nn.Module) -> tuple[str, ...]:
+    """The parameters of `module` LoRA adapts directly: a fused-experts module's `lora_parameters`, else ("weight",)
+    for a module holding a bare 2-D weight (a router that is not a Linear: see the module docstring)."""
+    declared = getattr(module, "lora_parameters", None)
+    if declared:
+        return tuple(declared)
+    weight = getattr(module, "weight", None)
+    return ("weight",) if isinstance(weight, nn.Parameter) and weight.dim() == 2 else ()
+
+
+def bare_routers(model: nn.Module) -> set[str]:
+    """Module names of the routers held as bare parameters, not Linears (gpt-oss's `mlp.router`)."""
+    from ..models.quantize import router_names
+    names = router_names(model)
+    return {n for n, m in model.named_modules()
+            if n in names and not isinstance(m, nn.Linear) and (isinstance(m, LoraExperts) or adaptable(m))}
+
+
 def fused_param_names(model: nn.Module) -> list[str]:
-    """Full names of the adaptable fused expert parameters (`model.layers.0.mlp.experts.gate_up_proj`), in model
-    order; a wrapped module's under the wrapper's name (the name its parameters have without LoRA)."""
+    """Full names of the parameters LoRA adapts directly, in model order: fused expert parameters
+    (`model.layers.0.mlp.experts.gate_up_proj`) and the weights of routers held as bare parameters
+    (`model.layers.0.mlp.router.weight`); a wrapped module's under the wrapper's name (the name its parameters have
+    without LoRA)."""
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraExperts)}
+    routers = bare_routers(model)
     out = []
     for name, module in model.named_modules():
         if isinstance(module, LoraExperts):
-            out += [f"{name}.{p}" for p in module.base_layer.lora_parameters]
-        elif is_fused_experts(module) and name.removesuffix(".base_layer") not in wrapped:
-            out += [f"{name}.{p}" for p in module.lora_parameters]
+            out += [f"{name}.{p}" for p in adaptable(module.base_layer)]
+        elif (is_fused_experts(module) or name in routers) and name.removesuffix(".base_layer") not in wrapped:
+            out += [f"{name}.{p}" for p in adaptable(module)]
     return out
 
 
@@ -63,30 +92,34 @@ def file_modules(model: nn.Module, names: list[str]) -> dict[str, str]:
     for module, params in group_targets(names).items():
         base = model.get_submodule(module)
         base = base.base_layer if isinstance(base, LoraExperts) else base
-        order = [p for p in base.lora_parameters if p in params]
+        order = [p for p in adaptable(base) if p in params]
         out.update({f"{module}.{p}": module + ".base_layer" * (len(order) - 1 - order.index(p)) for p in order})
     return out
 
 
-def fused_param(model: nn.Module, name: str) -> nn.Parameter:
-    """The fused parameter a full name (as fused_param_names gives it) stands for, wrapped or not."""
+def fused_param(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter a full name (as fused_param_names gives it) stands for, wrapped or not, as [experts, in, out]:
+    a fused one itself, a router's 2-D [out, in] weight as the [1, in, out] view PEFT's layout reads it as."""
     module, _, param = name.rpartition(".")
     base = model.get_submodule(module)
-    return getattr(base.base_layer if isinstance(base, LoraExperts) else base, param)
+    weight = getattr(base.base_layer if isinstance(base, LoraExperts) else base, param)
+    return weight.T.unsqueeze(0) if len(weight.shape) == 2 else weight   # (a quantized base's has no dim())
 
 
 def check_settings(names: list[str], dropout: float, dora: bool) -> None:
-    """Dropout and DoRA do not exist for fused expert parameters (nor in PEFT): refused, naming a target."""
+    """Dropout and DoRA do not exist for parameters adapted directly (fused experts, a router's bare weight; nor in
+    PEFT): refused, naming a target."""
     if not names:
         return
+    # a router's bare weight ends in ".weight"; fused expert parameters are named by their own leaf
+    what = "a router's bare weight" if names[0].endswith(".weight") else "fused expert parameters"
     if dropout:
-        raise ConfigError(f"lora dropout {dropout} cannot apply to fused expert parameters ({names[0]}): the update "
-                          "is a per-expert low-rank product with no place for dropout (PEFT refuses it too); use "
-                          "dropout 0, or targets that leave the experts out (e.g. q_proj, k_proj, v_proj, o_proj)")
+        raise ConfigError(f"lora dropout {dropout} cannot apply to {what} ({names[0]}): the update is a low-rank "
+                          "product of the weight with no place for dropout (PEFT refuses it too); use dropout 0, or "
+                          "targets that leave it out (e.g. q_proj, k_proj, v_proj, o_proj)")
     if dora:
-        raise ConfigError(f"DoRA cannot apply to fused expert parameters ({names[0]}; PEFT has no DoRA for them): "
-                          "use plain LoRA, or targets that leave the experts out (e.g. q_proj, k_proj, v_proj, "
-                          "o_proj)")
+        raise ConfigError(f"DoRA cannot apply to {what} ({names[0]}; PEFT has no DoRA for them): use plain LoRA, or "
+                          "targets that leave it out (e.g. q_proj, k_proj, v_proj, o_proj)")
 
 
 # ---- adapter_config.json's target_parameters ---------------------------------------------------------------------
@@ -154,10 +187,8 @@ class ParamLora(nn.Module):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.r, self.scaling = r, scaling
-        self.lora_A = nn.utils.skip_init(nn.Linear, in_features, r * num_experts, bias=False, device=device,
-                                         dtype=dtype)
-        self.lora_B = nn.utils.skip_init(nn.Linear, r * num_experts, out_features, bias=False, device=device,
-                                         dtype=dtype)
+        self.lora_A = empty_linear(in_features, r * num_experts, device=device, dtype=dtype)
+        self.lora_B = empty_linear(r * num_experts, out_features, device=device, dtype=dtype)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
@@ -187,25 +218,36 @@ class ParamLora(nn.Module):
         a, b = self.factors()
         return self.scaling * (b[e].detach().float() @ a[e].detach().float()).T
 
+    def matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """scaling * B @ A [out, in] in `dtype`, with its graph: the update of a 2-D parameter (one "expert")."""
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        return (b @ a) * self.scaling
+
 
 class LoraExperts(nn.Module):
-    """A fused-experts module with LoRA on some of its `lora_parameters`; the same call as the base."""
+    """A fused-experts module with LoRA on some of its `lora_parameters`, or a router with LoRA on its bare 2-D
+    weight (see the module docstring); the same call as the base."""
 
     def __init__(self, base_layer: nn.Module, params: list[str], r: int, alpha: float, rslora: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        unknown = [p for p in params if p not in base_layer.lora_parameters]
+        known = adaptable(base_layer)
+        unknown = [p for p in params if p not in known]
         if unknown:
             raise ConfigError(f"{type(base_layer).__name__} has no adaptable parameter {unknown[0]!r} "
-                              f"(it has {', '.join(base_layer.lora_parameters)})")
+                              f"(it has {', '.join(known) or 'none'})")
         self.base_layer = base_layer
+        # No per-expert hook (a router's weight): the base runs with W + delta in place of W.
+        self.direct = not getattr(base_layer, "lora_parameters", None)
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, rslora, False
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         adapters = {}
-        for p in base_layer.lora_parameters:   # the base's order: PEFT's nesting order
+        for p in known:   # the base's order: PEFT's nesting order
             if p in params:
                 weight = getattr(base_layer, p)
-                experts, n_in, n_out = weight.shape
+                # PEFT reads a 2-D [out, in] parameter as one expert
+                shape = tuple(weight.shape)   # a quantized base's packed weight has a shape, not dim()
+                experts, n_in, n_out = shape if len(shape) == 3 else (1, shape[1], shape[0])
                 adapters[p] = ParamLora(experts, n_in, n_out, r, self.scaling, weight.device, dtype)
         self.adapters = nn.ModuleDict(adapters)
         self.merged = False
@@ -220,6 +262,10 @@ class LoraExperts(nn.Module):
             raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
         if self.disabled or self.merged:
             return self.base_layer(flat, *args, **kwargs)
+        if self.direct:
+            replaced = {p: getattr(self.base_layer, p) + a.matrix(getattr(self.base_layer, p).dtype)
+                        for p, a in self.adapters.items()}
+            return torch.func.functional_call(self.base_layer, replaced, (flat, *args), kwargs)
         # A and B cast to the activations' dtype once a forward, not once per expert
         adapters = {p: a.update_fn(flat.dtype) for p, a in self.adapters.items()}
         return self.base_layer(flat, *args, adapters=adapters, **kwargs)
@@ -235,7 +281,9 @@ class LoraExperts(nn.Module):
         params = base.plain_parameters(torch.float32) if quantized else dict(base.named_parameters(recurse=False))
         for pname, p in params.items():
             value = p.detach()
-            if pname in self.adapters and not self.merged:
+            if pname in self.adapters and not self.merged and value.dim() == 2:   # a router's weight [out, in]
+                value = value.float() + self.adapters[pname].delta(0).T
+            elif pname in self.adapters and not self.merged:
                 value = torch.stack([value[e].float() + self.adapters[pname].delta(e)
                                      for e in range(value.shape[0])])
             out[pname] = value.to(dtype or (base.compute_dtype if quantized else p.dtype))
@@ -266,6 +314,9 @@ class LoraExperts(nn.Module):
     def _add(self, sign: float):
         for pname, adapter in self.adapters.items():
             weight = getattr(self.base_layer, pname)
+            if weight.dim() == 2:   # a router's weight [out, in]: delta(0) is [in, out]
+                weight.data = (weight.data.float() + sign * adapter.delta(0).T).to(weight.dtype)
+                continue
             for e in range(weight.shape[0]):
                 weight.data[e] = (weight.data[e].float() + sign * adapter.delta(e)).to(weight.dtype)
 

@@ -19,6 +19,11 @@ File names: PEFT nests one wrapper per targeted parameter in the experts module'
 (gate_up_proj, then down_proj), the first innermost, so with both targeted gate_up_proj's tensors are
 `...mlp.experts.base_layer.lora_A.weight` and down_proj's `...mlp.experts.lora_A.weight`.
 ParamWrapper has no dropout: with experts in the file `lora_dropout` is written as 0 (inference is the same).
+
+The router: ours is the `gate` Linear, adapted only when named (targets=["gate"]) and written as a module target
+(PEFT maps `gate` onto transformers 5's router parameter itself). PEFT's own router adapter names the parameter,
+target_parameters `mlp.gate.weight` (or `gate.weight`), with a plain [r, in] / [out, r] pair under the router's path:
+read here as a LoRA on our `gate` (`ROUTER`; nothing to expand).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .param_lora import expert_factors, fused_factors
 
 PREFIX = "base_model.model."
 PARAMS = ("gate_up_proj", "down_proj")   # transformers' experts parameter order = PEFT's nesting order
+ROUTER = "gate.weight"                    # the router's parameter as PEFT targets it on transformers 5
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
@@ -43,7 +49,7 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 class Fused:
     """One fused expert parameter of one layer, as the adapter file holds it."""
     moe: str            # our name of the SparseMoE module, e.g. model.layers.1.block_sparse_moe
-    param: str          # "gate_up_proj" or "down_proj"
+    param: str          # "gate_up_proj" or "down_proj", or ROUTER (the router's weight: a plain LoRA pair)
     file_module: str    # PEFT's module path of its tensors (without PREFIX), base_layer segments included
     rank: int
     alpha: float
@@ -208,7 +214,8 @@ def _pattern(pattern: dict, key: str, default):
 
 
 def read_targets(model, config: dict, source) -> list[Fused]:
-    """adapter_config.json's target_parameters resolved against the model's sparse layers (our MoE names)."""
+    """adapter_config.json's target_parameters resolved against the model's sparse layers (our MoE names): the
+    fused expert parameters, and the routers' weights (ROUTER)."""
     wanted = config.get("target_parameters") or []
     if not wanted:
         return []
@@ -216,6 +223,7 @@ def read_targets(model, config: dict, source) -> list[Fused]:
         raise CheckpointError(f"{source}: field 'target_parameters' must be a list of names, got {wanted!r}")
     moes = moe_modules(model)
     candidates = {f"{model.peft_name(n + '.experts')}.{p}": (n, p) for n in moes for p in PARAMS}
+    candidates.update({f"{model.peft_name(n + '.gate')}.weight": (n, ROUTER) for n in moes})
     chosen, unknown = {}, []
     for t in wanted:
         hits = [key for key in candidates if key == t or key.endswith("." + t)]
@@ -223,7 +231,8 @@ def read_targets(model, config: dict, source) -> list[Fused]:
             unknown.append(t)
         chosen.update({key: candidates[key] for key in hits})
     if unknown:
-        known = ", ".join(f"mlp.experts.{p}" for p in PARAMS) if moes else "none: the model has no experts"
+        known = (", ".join([f"mlp.experts.{p}" for p in PARAMS] + [f"mlp.{ROUTER}"]) if moes
+                 else "none: the model has no experts")
         raise CheckpointError(f"{source}: target_parameters entr{'y' if len(unknown) == 1 else 'ies'} "
                               f"{unknown} match no expert parameter of this model (known: {known})")
     out = []
@@ -234,13 +243,19 @@ def read_targets(model, config: dict, source) -> list[Fused]:
             key = f"{model.peft_name(moe_name + '.experts')}.{p}"
             out.append(Fused(moe_name, p, modules[p], _pattern(config.get("rank_pattern") or {}, key, config["r"]),
                              _pattern(config.get("alpha_pattern") or {}, key, config["lora_alpha"])))
+        if (moe_name, ROUTER) in chosen.values():   # the adapter's own r and alpha (check_patterns: none of its own)
+            out.append(Fused(moe_name, ROUTER, model.peft_name(moe_name + ".gate"), config["r"],
+                             config["lora_alpha"]))
     return out
 
 
 def expert_linears(model, fused: list[Fused]) -> list[str]:
-    """Our names of the expert linears the fused targets adapt."""
+    """Our names of the expert linears the fused targets adapt (and of the routers they name)."""
     out = []
     for f in fused:
+        if f.param == ROUTER:
+            out.append(f"{f.moe}.gate")
+            continue
         moe = model.get_submodule(f.moe)
         out += [f"{f.moe}.experts.{e}.{p}" for e in range(moe.num_experts) for p in _projections(moe, f.param)]
     return out
@@ -270,7 +285,7 @@ def expand(model, fused: list[Fused], found: dict, settings: dict, weights) -> d
              for k, v in found.items()}
     r, rslora = settings["r"], settings["rslora"]
     ours = _scaling(settings["alpha"], r, rslora)
-    for f in fused:
+    for f in [f for f in fused if f.param != ROUTER]:   # a router's pair is a plain LoRA pair already
         moe = model.get_submodule(f.moe)
         first = moe.experts[0]
         projs = _projections(moe, f.param)

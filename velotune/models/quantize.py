@@ -4,7 +4,8 @@
 bitsandbytes `Linear4bit` / `Linear8bitLt` in place, one layer at a time, keeping the module names, so the
 parameter stays `...q_proj.weight`. `dequantize_weight` reads any of them back in high precision (DoRA norms,
 merging, export). bitsandbytes is imported only here and only when asked for: it is an optional extra.
-gpt-oss's fused experts are not linears: models/quantized_experts.py quantizes them (NF4 only).
+gpt-oss's fused experts are not linears: models/quantized_experts.py quantizes them, expert by expert (NF4, or
+int8 as weight-only row-wise absmax: LLM.int8's activation scheme has no per-expert form).
 """
 from __future__ import annotations
 
@@ -41,10 +42,20 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def router_names(model: nn.Module) -> set[str]:
-    """Module names of mixture-of-experts routers: kept exact (not quantized) and out of "all-linear" LoRA, as PEFT
-    leaves transformers' routers; LoRA takes one only when named."""
+    """Module names of mixture-of-experts routers: kept exact (not quantized) and out of "all-linear" LoRA; LoRA
+    takes one only when named (PEFT 0.21's "all-linear" differs on transformers 5 Mixtral / Qwen-MoE: its v4-to-v5
+    conversion adds the router; gpt-oss's it leaves). Mixtral / Qwen3-MoE: the `gate` Linear. gpt-oss: the
+    `router` module, and its weight's full name too, by which LoRA targets a router held as a bare parameter
+    (lora/param_lora.py)."""
+    from .gpt_oss import SparseFeedForward
     from .moe import SparseMoE
-    return {f"{name}.gate" for name, m in model.named_modules() if isinstance(m, SparseMoE)}
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, SparseMoE):
+            out.add(f"{name}.gate")
+        elif isinstance(m, SparseFeedForward):
+            out |= {f"{name}.router", f"{name}.router.weight"}
+    return out
 
 
 def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -71,6 +82,7 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
 
     nf4: `Linear4bit` (NF4 weights, blockwise absmax, double quantization of the absmax by default), computing in
     `compute_dtype`. int8: `Linear8bitLt` (row-wise int8, LLM.int8 outlier threshold). Works on the CPU and CUDA.
+    gpt-oss's fused experts get the same method expert by expert (int8 weight-only; models/quantized_experts.py).
     """
     if method not in METHODS:
         raise ValueError(f"quantize={method!r}: expected one of {', '.join(METHODS)}")
@@ -82,9 +94,7 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
     elif not isinstance(compute_dtype, torch.dtype):
         from .dtypes import parse_dtype
         compute_dtype = parse_dtype(compute_dtype)
-    # gpt-oss's fused experts (models/quantized_experts.py): int8 refused before anything is changed
-    from .quantized_experts import check_method, quantize_fused_experts
-    check_method(model, method)
+    from .quantized_experts import quantize_fused_experts
     kept = []
     for name, linear in decoder_linears(model):
         if is_quantized_linear(linear):
@@ -96,8 +106,9 @@ def quantize_model(model: nn.Module, method: str, compute_dtype=None, device=Non
             continue
         model.set_submodule(name, new)
     warn_kept(kept, compute_dtype, blocksize)
-    if method == "nf4":  # fused experts the stream left (or a model built in memory): NF4, one module at a time
-        quantize_fused_experts(model, compute_dtype, device, blocksize, double_quant)
+    # gpt-oss's fused experts the stream left (or a model built in memory), one module at a time, by the same
+    # method (int8: weight-only there, models/quantized_experts.py)
+    quantize_fused_experts(model, compute_dtype, device, blocksize, double_quant, codec=method)
     if isinstance(model, VelotuneModel):  # a bare layer stack (kernel tests) has no such record
         model.quantization = method
     return model
@@ -143,10 +154,9 @@ class StreamingQuantizer:
             names = [f"{name}.{p}" for p, _ in linear.named_parameters(recurse=False)]
             self.params[name] = names
             self.owner.update(dict.fromkeys(names, name))
-        # gpt-oss's fused expert weights, each quantized to NF4 as it is read (models/quantized_experts.py)
-        from .quantized_experts import ExpertStream, check_method
-        check_method(model, method)
-        self.experts = ExpertStream(model, compute_dtype, self.device, blocksize)
+        # gpt-oss's fused expert weights, each quantized (NF4 / int8) as it is read (models/quantized_experts.py)
+        from .quantized_experts import ExpertStream
+        self.experts = ExpertStream(model, compute_dtype, self.device, blocksize, codec=method)
 
     def offer(self, name: str, loaded: dict[str, torch.Tensor]) -> None:
         """Quantizes the linear `name` belongs to once all its tensors are in `loaded` (taking them out of it)."""
