@@ -18,8 +18,8 @@ from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
 from ..models.interface import VelotuneModel, require_model
 from . import param_lora, peft_experts
-from .inject import (add_lora, check_hyperparameters, linear_names, lora_layers, name_matches, remove_lora,
-                     resolve_targets)
+from .inject import (ALL_LINEAR, add_lora, check_hyperparameters, linear_names, lora_layers, name_matches,
+                     remove_lora, resolve_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,7 +126,7 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
         return model
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    kwargs = _our_names(model, settings_from_config(config, adapter_dir / CONFIG_NAME))
+    kwargs = _our_names(model, settings_from_config(config, adapter_dir / CONFIG_NAME), adapter_dir / CONFIG_NAME)
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         also = " (adapter_model.bin is there: only safetensors adapters are read)" \
@@ -193,10 +193,22 @@ def settings_from_config(config: dict, source) -> dict:
                 dora=bool(config.get("use_dora")), modules_to_save=config.get("modules_to_save") or None)
 
 
-def _our_names(model, kwargs: dict) -> dict:
-    """Full module names in an adapter config (transformers' names) -> ours; leaf names and regexes stay."""
+def _our_names(model, kwargs: dict, source: Path) -> dict:
+    """Full module names in an adapter config (transformers' names) -> ours; leaf names stay. A regex is PEFT's
+    match against transformers' in-memory names, which differ from ours in a vision family (`model.text_model.` for
+    our `language_model.model.`): it is resolved there, to the list of our linears it selects."""
     targets = kwargs["targets"]
-    if isinstance(targets, list) and targets:
+    if isinstance(targets, str) and targets != ALL_LINEAR and not re.fullmatch(r"[\w.]+", targets):
+        try:
+            chosen = [n for n in linear_names(model) if re.fullmatch(targets, model.peft_name(n))]
+        except re.error as exc:
+            raise CheckpointError(f"{source}: target_modules {targets!r} is not a valid regex ({exc})") from None
+        if not chosen:
+            raise CheckpointError(f"{source}: target_modules regex {targets!r} matches no linear layer of this "
+                                  f"model (matched against transformers' module names, e.g. "
+                                  f"{model.peft_name(linear_names(model)[0])})")
+        kwargs["targets"] = chosen
+    elif isinstance(targets, list) and targets:
         kwargs["targets"] = [model.name_from_peft(t) if "." in t else t for t in targets]
     if kwargs.get("modules_to_save"):
         kwargs["modules_to_save"] = [model.name_from_peft(n) for n in kwargs["modules_to_save"]]
@@ -269,6 +281,7 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
     if fused:  # fused expert tensors -> per-expert shapes (meta tensors: no data read)
         header = peft_experts.expand(model, fused, header, kwargs, weights)
     found = {_normalize(name, model): tuple(t.shape) for name, t in header.items()}
+    in_files = {_normalize(name, model): name for name in header}   # ours -> as the file spells it
     targets = resolve_targets(model, kwargs["targets"])
     # fused expert parameters: their tensors sit under PEFT's (nested) module path, [r x experts, in] / [out, ...]
     files = param_lora.file_modules(model, [n for n in targets if n in set(param_lora.fused_param_names(model))])
@@ -283,6 +296,12 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
         fields = "target_modules / target_parameters" if fused or files else "target_modules"
         raise CheckpointError(f"{source}: {fields} select layers that {weights} has no weights for: {_few(absent)}")
     extra = [n for n in in_file if n not in {files.get(t, t) for t in targets}]
+    odd = [(n, why) for n in extra if (why := _not_a_linear(model, n))]
+    if odd:  # what PEFT adapted is not a linear velotune has (another model's module, a convolution)
+        tensors = [in_files[f"{PREFIX}{n}.lora_A.weight"] for n, _ in odd]
+        also = f" (also: {_few(tensors[1:])})" if len(odd) > 1 else ""
+        raise CheckpointError(f"{weights}: tensor {tensors[0]} is LoRA for {model.peft_name(odd[0][0])}, "
+                              f"{odd[0][1]}{also}")
     if extra:
         raise CheckpointError(f"{weights} holds LoRA weights for layers target_modules does not select: "
                               f"{_few(extra)}")
@@ -313,8 +332,9 @@ def _copy_tensors(model, weights: Path, fused: list | None = None, kwargs: dict 
     if fused:
         raw = peft_experts.expand(model, fused, raw, kwargs, weights)
     found = {_normalize(name, model): tensor for name, tensor in raw.items()}
+    in_file = {_normalize(name, model): name for name in raw}   # ours -> as the file spells it
     missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
+    unexpected = [in_file[k] for k in found if k not in expected]
     shapes = _wrong_shapes({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()})
     problems = [f"{label}: {_few(items)}" for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
@@ -334,6 +354,18 @@ def _normalize(name: str, model) -> str:
             name = name[: -len(old)] + ".lora_magnitude_vector"
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     return PREFIX + model.name_from_peft(name)
+
+
+def _not_a_linear(model, name: str) -> str | None:
+    """Why LoRA weights for module `name` (ours) can never load here, or None for a linear of the model."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return "a module this model does not have (an adapter for another model?)"
+    if not isinstance(module, nn.Linear):  # PEFT also adapts convolutions and embeddings (a patch embedding)
+        return (f"a {type(module).__name__} here: velotune puts LoRA on linear layers only (leave it out of "
+                "target_modules)")
+    return None
 
 
 def _few(items, n=4) -> str:
