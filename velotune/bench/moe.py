@@ -247,7 +247,9 @@ def markdown(result: dict) -> str:
             f"Data: {s['batch']} row(s) x {s['seq']} random token ids a step (one document filling each row), labels "
             "= ids, seeded: the same batches on both sides.  ",
             f"Training: the same plain loop on both sides (`model(input_ids=ids, labels=ids)`, backward, clipping "
-            f"{s['max_grad_norm']:g}, AdamW with {s['scheduler']} lr {s['lr']:g}, no weight decay).  ",
+            f"{s['max_grad_norm']:g}, AdamW with {s['scheduler']} lr {s['lr']:g}, no weight decay; each system's own "
+            "AdamW: velotune's is `vt.train`'s (torch's fused update without importing torch's compiler stack, "
+            "~150 MB resident), hf's torch.optim.AdamW as transformers' Trainer builds it).  ",
             f"Systems: velotune (`vt.load` + `vt.add_lora`: its own MoE code), hf (transformers "
             f"{versions.get('transformers')} AutoModelForCausalLM with its default attention and experts "
             f"implementations, see the table, + PEFT {versions.get('peft')} get_peft_model).  ",

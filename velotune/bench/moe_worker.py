@@ -9,7 +9,7 @@ default experts implementation, both recorded in the result) wrapped by PEFT's g
 Both: the same checkpoint, the same batches (rows of random token ids, labels = ids, seeded), LoRA r=16, alpha=32,
 dropout 0 on q_proj, k_proj, v_proj and o_proj of every layer, and with method "experts" on every expert too
 (velotune: each expert's three linears, each its own A and B; PEFT: target_parameters on transformers 5's fused
-[experts, out, in] tensors, where gate and up share one A: a few fewer trainable parameters, both counted); AdamW (weight decay 0) at a constant lr, clipping at 1.0, the model's
+[experts, out, in] tensors, where gate and up share one A: a few fewer trainable parameters, both counted); each system's AdamW (make_optimizer; weight decay 0) at a constant lr, clipping at 1.0, the model's
 config.json as written (no router load-balancing loss: output_router_logits false), seed 0; CUDA "bf16": autocast
 over fp32 weights on both sides.
 
@@ -46,12 +46,24 @@ def make_batches(spec: dict, vocab_size: int) -> list:
             for _ in range(spec["warmup"] + spec["steps"])]
 
 
+def make_optimizer(system: str, trainable: list, lr: float):
+    """Each system's own AdamW, weight decay 0: velotune's is what `vt.train` builds (torch's fused update without
+    torch's compiler import, ~150 MB resident: training/lean_optim.py), transformers' Trainer builds torch's. The
+    update is the same arithmetic; only the process's imports differ."""
+    if system == "velotune":
+        from ..training.optim import adamw_impl
+        from ..training.lean_optim import AdamW
+        return AdamW(trainable, lr=lr, weight_decay=0.0, **adamw_impl(trainable))
+    import torch
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+
+
 def train(model, batches: list, spec: dict, clock: CpuClock) -> list[float]:
     """The loop both systems run: labels = ids, AdamW over the trainable parameters, clipping, constant lr."""
     import torch
     device = torch.device(spec["device"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=0.0)
+    optimizer = make_optimizer(spec["system"], trainable, spec["lr"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
     model.train()
     losses = []

@@ -27,10 +27,10 @@ def build_optimizer(params, cfg):
         except ImportError:
             raise ConfigError("train.optimizer: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
         return lean(bnb.optim.AdamW8bit)(groups, lr=cfg.lr, betas=betas)
-    return AdamW(groups, lr=cfg.lr, betas=betas, **_adamw_impl(params))
+    return AdamW(groups, lr=cfg.lr, betas=betas, **adamw_impl(params))
 
 
-def _adamw_impl(params) -> dict:
+def adamw_impl(params) -> dict:
     """The fused AdamW kernel (one pass per tensor, no temporaries: ~7x faster than the per-tensor loop on the
     CPU for a full fine-tune, and no transient copies of the largest tensors) for plain CPU / CUDA tensors;
     the per-tensor loop for the rest (sharded DTensors, other devices)."""
