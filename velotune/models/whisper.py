@@ -11,6 +11,7 @@ decoder_input_ids the decoder reads the labels shifted right behind decoder_star
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ from torch.utils.checkpoint import checkpoint
 from ..data.encode import IGNORE_INDEX
 from ..errors import CheckpointError
 from ..kernels.offload import offloaded_checkpoint
+from ..kernels.recompute_saved import recomputed_in_backward
 from .base import position_loss
 from .encoders.base import activation
 from .field_checks import check_fields
 from .interface import VelotuneModel, check_checkpointing_mode
-from .whisper_blocks import DecodingCache, WhisperBackbone, decoder_self_mask
+from .whisper_blocks import DecodingCache, WhisperBackbone, decoder_self_mask, layer_norm
 from .whisper_decode import transcribe_ids
 from .whisper_files import SPEECH_SEQ2SEQ, load_whisper, save_whisper
 
@@ -186,9 +188,12 @@ class Whisper(VelotuneModel):
     # ---- forward ---------------------------------------------------------------------------------------------
     def encode(self, input_features: torch.Tensor) -> torch.Tensor:
         """log-mel frames [batch, num_mel_bins, 2 * max_source_positions] -> [batch, max_source_positions, d_model]."""
+        return self.model.encoder.layer_norm(self._encoder_layers(input_features))
+
+    def _encoder_layers(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The encoder before its final norm."""
         encoder = self.model.encoder
-        h = self._run_layers(encoder.layers, encoder.embed(input_features), self.args.encoder_layerdrop, ())
-        return encoder.layer_norm(h)
+        return self._run_layers(encoder.layers, encoder.embed(input_features), self.args.encoder_layerdrop, ())
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                decoder_attention_mask: torch.Tensor | None = None, cache: DecodingCache | None = None):
@@ -219,13 +224,21 @@ class Whisper(VelotuneModel):
                                                                   self.args.pad_token_id)
         if decoder_input_ids is None:
             raise ValueError("Whisper's forward needs decoder_input_ids or labels")
+        recompute = contextlib.nullcontext()
         if encoder_hidden_states is None:
             if input_features is None:
                 raise ValueError("Whisper's forward needs input_features (or encoder_hidden_states from encode)")
-            encoder_hidden_states = self.encode(input_features)
+            before_norm = self._encoder_layers(input_features)
+            norm = self.model.encoder.layer_norm
+            encoder_hidden_states = norm(before_norm)
+            if not (self.checkpointing and self.training):
+                # The final norm keeps its input: every decoder layer's cross-attention keeps a recipe for the
+                # encoder's output instead of the output itself, rebuilt once when backward reaches the decoder.
+                recompute = recomputed_in_backward(encoder_hidden_states, lambda: layer_norm(norm, before_norm))
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
-        hidden = self.decode(decoder_input_ids, encoder_hidden_states, decoder_attention_mask, cache)
+        with recompute:
+            hidden = self.decode(decoder_input_ids, encoder_hidden_states, decoder_attention_mask, cache)
         out = WhisperOutput(encoder_hidden_states=encoder_hidden_states)
         if return_logits:
             out.logits = self.logits(hidden)

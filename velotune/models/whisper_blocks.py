@@ -3,6 +3,12 @@ encoder, the text decoder, the decoder's self-attention mask, and the cache gree
 
 Module names are transformers' (`self_attn.k_proj`, `encoder_attn`, `fc1`, `final_layer_norm`, ...), so a
 checkpoint's tensors load by name. The model itself (config, loss, loading) is whisper.py.
+
+Training memory (the encoder's 30 s window makes every [batch, 1500, width] activation count): the encoder's
+attention norm output is rebuilt in backward rather than kept twice (kernels/recompute_saved.py), a frozen MLP keeps
+fc1's output only and runs its backward in row chunks (kernels/frozen_mlp.py), and cross-attention with few
+queries never forms the keys and values (WhisperAttention.cross_attend). Each falls back to the plain modules where
+it does not apply; tests/test_whisper_memory.py holds the gradients against the plain paths.
 """
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..infer.cache import KVCache
+from ..kernels.dispatch import kernel_mode
+from ..kernels.frozen_mlp import frozen_gelu_mlp
+from ..kernels.lora_ops import AdaptedLinear
+from ..kernels.recompute_saved import recomputed_in_backward
 from .base import padding_idx
 
 
@@ -46,13 +56,83 @@ class WhisperAttention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0, scale=1.0)
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
+    def cross_attend(self, x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """x [batch, seq, width] attends to the encoder's output `states` [batch, frames, width] (no cache).
+
+        With autograd on and few queries (heads x seq <= width) the keys and values are never formed: per head h,
+        q_h k_h^T = (q_h Wk_h) states^T and softmax(.) v_h = (P_h states) Wv_h^T + bv_h, since P's rows sum to 1.
+        Backward then keeps the states (kept anyway) and P [batch, heads, seq, frames] instead of keys and values
+        [batch, frames, width] each, in every decoder layer (140 MB of a tiny.en batch of 8), and both passes take
+        fewer FLOPs. The numbers are the plain path's to fp32 rounding (another summation order); elsewhere
+        (inference, long label sequences, attention dropout, bf16, VELOTUNE_KERNELS=reference) it is the plain path."""
+        terms = self._folded_keys_values(x, states)
+        if terms is None:
+            return self(x, self.keys_values(states))
+        wk, (wv, bv) = terms
+        batch, seq, width = x.shape
+        q = self.split_heads(self.q_proj(x) * self.scaling)                           # [B, H, T, hd]
+        qk = torch.einsum("bhtd,hdc->bhtc", q, wk.view(self.heads, self.head_dim, width))
+        scores = torch.matmul(qk.reshape(batch, self.heads * seq, width), states.transpose(1, 2))
+        mixed = torch.matmul(scores.softmax(dim=-1), states)                             # [B, H*T, width]
+        out = torch.einsum("bhtc,hdc->bhtd", mixed.view(batch, self.heads, seq, width),
+                           wv.view(self.heads, self.head_dim, width))
+        if bv is not None:
+            out = out + bv.view(self.heads, 1, self.head_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape))
+
+    def _folded_keys_values(self, x: torch.Tensor, states: torch.Tensor):
+        """(k weight, (v weight, v bias)) as differentiable tensors when cross_attend may skip the keys and values,
+        else None."""
+        if not torch.is_grad_enabled() or x.shape[1] * self.heads > x.shape[2] or kernel_mode() == "reference":
+            return None
+        if states.dtype not in (torch.float32, torch.float64) or x.dtype != states.dtype:
+            return None
+        if torch.is_autocast_enabled(states.device.type) or (self.training and self.dropout > 0):
+            return None
+        k, v = _linear_terms(self.k_proj, states.dtype), _linear_terms(self.v_proj, states.dtype)
+        if k is None or v is None or k[1] is not None:
+            return None
+        return k[0], v
+
+
+def _linear_terms(module: nn.Module, dtype: torch.dtype):
+    """(weight, bias) of the map `module` computes, as tensors autograd differentiates: a plain Linear's own, or an
+    adapted (LoRA) linear's frozen base plus scaling * B A; None for any other module, or another dtype."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+    elif isinstance(module, AdaptedLinear):
+        view = module.adapter_view()  # None: DoRA, or dropout on the adapter's input
+        if view is None or type(view.base) is not nn.Linear:
+            return None
+        weight, bias = view.base.weight, view.base.bias
+        if view.a is not None and weight.dtype == dtype:
+            weight = weight + view.scaling * (view.b.to(dtype) @ view.a.to(dtype))
+    else:
+        return None
+    return (weight, bias) if weight.dtype == dtype and (bias is None or bias.dtype == dtype) else None
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """What `norm(x)` computes, bit for bit, without the module's hooks: the recipe that rebuilds a norm's output."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+# activation_function -> F.gelu's `approximate` (velotune computes every GELU variant with F.gelu); other
+# activations: None.
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+
 
 def feed_forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """h + fc2(act(fc1(norm(h)))): the second half of both layer kinds, whose checkpoint names put fc1, fc2 and
-    final_layer_norm on the layer itself."""
-    x = layer.activation(layer.fc1(layer.final_layer_norm(h)))
-    x = F.dropout(x, layer.activation_dropout, layer.training)
-    return h + F.dropout(layer.fc2(x), layer.dropout, layer.training)
+    final_layer_norm on the layer itself. With fc1 and fc2 frozen (LoRA elsewhere) one op whose backward runs in
+    row chunks (kernels/frozen_mlp.py), else the modules."""
+    x = layer.final_layer_norm(h)
+    out = frozen_gelu_mlp(layer.fc1, layer.fc2, layer.gelu_approximate, x,
+                          layer.activation_dropout if layer.training else 0.0)
+    if out is None:
+        x = F.dropout(layer.activation(layer.fc1(x)), layer.activation_dropout, layer.training)
+        out = layer.fc2(x)
+    return h + F.dropout(out, layer.dropout, layer.training)
 
 
 class EncoderLayer(nn.Module):
@@ -67,10 +147,15 @@ class EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(args.encoder_ffn_dim, width)
         self.final_layer_norm = nn.LayerNorm(width)
         self.activation, self.dropout, self.activation_dropout = activation, args.dropout, args.activation_dropout
+        self.gelu_approximate = GELU_APPROXIMATE.get(args.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.self_attn_layer_norm(x)
-        h = x + F.dropout(self.self_attn(h, self.self_attn.keys_values(h)), self.dropout, self.training)
+        # The norm keeps x for its backward; the adapted projections would keep h too (a [batch, frames, width]
+        # tensor per layer): they keep a recipe instead, and h is rebuilt from x when backward reaches them.
+        with recomputed_in_backward(h, lambda: layer_norm(self.self_attn_layer_norm, x)):
+            attended = self.self_attn(h, self.self_attn.keys_values(h))
+        h = x + F.dropout(attended, self.dropout, self.training)
         h = feed_forward(self, h)
         if h.dtype == torch.float16:  # as transformers: fp16 activations of long audio can overflow to inf
             limit = torch.finfo(torch.float16).max - 1000
@@ -93,6 +178,7 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(args.decoder_ffn_dim, width)
         self.final_layer_norm = nn.LayerNorm(width)
         self.activation, self.dropout, self.activation_dropout = activation, args.dropout, args.activation_dropout
+        self.gelu_approximate = GELU_APPROXIMATE.get(args.activation_function)
 
     def forward(self, x, encoder_states, mask, cache: "DecodingCache | None" = None) -> torch.Tensor:
         """`mask` a boolean self-attention mask, or None for plain causal attention (a single query with a cache:
@@ -105,10 +191,11 @@ class DecoderLayer(nn.Module):
         h = x + F.dropout(attended, self.dropout, self.training)
         q = self.encoder_attn_layer_norm(h)
         if cache is None:
-            kv = self.encoder_attn.keys_values(encoder_states)
+            attended = self.encoder_attn.cross_attend(q, encoder_states)
         else:
             kv = cache.cross_keys_values(self.layer_idx, lambda: self.encoder_attn.keys_values(encoder_states))
-        h = h + F.dropout(self.encoder_attn(q, kv), self.dropout, self.training)
+            attended = self.encoder_attn(q, kv)
+        h = h + F.dropout(attended, self.dropout, self.training)
         return feed_forward(self, h)
 
 
@@ -219,4 +306,4 @@ class DecodingCache:
 
 
 __all__ = ["DecoderLayer", "DecodingCache", "EncoderLayer", "WhisperAttention", "WhisperBackbone", "WhisperDecoder",
-           "WhisperEncoder", "decoder_self_mask", "feed_forward"]
+           "WhisperEncoder", "decoder_self_mask", "feed_forward", "GELU_APPROXIMATE", "layer_norm"]
