@@ -168,9 +168,16 @@ def test_lora_on_nf4_experts_trains_adapters_only(path):
     assert all(torch.equal(t, frozen[n]) for n, t in model.state_dict().items() if "lora_" not in n)
 
 
-def test_merge_and_merged_export_load_in_transformers(path, tmp_path):
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+def test_merge_export_and_adapter_reload(path, tmp_path, codec):
+    """LoRA over either codec's experts: merging gives plain fp32 experts with the adapted outputs, unmerging the
+    quantized base back, the adapter file (PEFT's layout) reloads onto a fresh base, and the merged export loads in
+    transformers with the adapted logits."""
     from transformers import AutoModelForCausalLM
-    model = vt.add_lora(load(path, "nf4"), r=4, alpha=8, seed=0).eval()
+    model = vt.add_lora(load(path, codec), r=4, alpha=8, seed=0)
+    # int8 in training mode throughout: Linear8bitLt rounds activations at inference, merged (plain) weights do not
+    mode = (lambda m: m.train()) if codec == "int8" else (lambda m: m.eval())
+    mode(model)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():   # B = 0 would hide mistakes
         for name, p in model.named_parameters():
@@ -185,25 +192,26 @@ def test_merge_and_merged_export_load_in_transformers(path, tmp_path):
     quantized = layer.base_layer
     vt.merge_lora(model)
     assert type(layer.base_layer) is Experts
-    assert torch.equal(layer.base_layer.gate_up_proj, state["model.layers.1.mlp.experts.gate_up_proj"])
+    for weight in ("gate_up_proj", "down_proj"):
+        assert torch.equal(getattr(layer.base_layer, weight), state[f"model.layers.1.mlp.experts.{weight}"])
     with torch.no_grad():
         merge_err = rel(model(x).logits, adapted)
     vt.unmerge_lora(model)
     assert layer.base_layer is quantized
     with torch.no_grad():
         assert rel(model(x).logits, adapted) <= 1e-7
-    # the adapter file (PEFT layout) loads onto a fresh NF4 base with the same outputs
     vt.save_adapter(model, tmp_path / "adapter")
-    again = vt.load_adapter(load(path, "nf4"), tmp_path / "adapter").eval()
+    again = mode(vt.load_adapter(load(path, codec), tmp_path / "adapter"))
+    assert isinstance(again.model.layers[1].mlp.experts.base_layer, QuantizedExperts)
     with torch.no_grad():
-        assert rel(again(x).logits, adapted) <= 1e-7
+        reload_err = rel(again(x).logits, adapted)
     out = vt.export(model, None, tmp_path / "merged", format="merged", dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         export_err = rel(hf(input_ids=x).logits, adapted)
-    print(f"nf4 + LoRA: merge_lora vs adapted {merge_err:.2e}; merged export in transformers vs adapted "
-          f"{export_err:.2e}")
-    assert merge_err <= TOL and export_err <= TOL
+    print(f"{codec} + LoRA: merge_lora vs adapted {merge_err:.2e}; adapter reloaded {reload_err:.2e}; merged "
+          f"export in transformers vs adapted {export_err:.2e}")
+    assert merge_err <= TOL and export_err <= TOL and reload_err <= 1e-7
 
 
 def test_parameter_counts_hold_the_nf4_experts(path):
