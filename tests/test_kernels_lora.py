@@ -96,6 +96,19 @@ def test_partial_targets_fuse_frozen_linears_too():
     assert_fused_matches_plain(mlp, torch.randn(2, 9, 40), node="LoraMLP")
 
 
+@pytest.mark.parametrize("targets, keeps_x", [(["down_proj"], False), (["up_proj"], True)])
+def test_mlp_keeps_its_input_only_for_gate_or_up_adapters(targets, keeps_x):
+    """Frozen gate and up need only their outputs in backward: with LoRA on down alone (or on nothing, as in a
+    mixture-of-experts block adapted elsewhere) the block keeps no copy of x; the gradients stay the plain path's."""
+    mlp = lora_mlp_module("silu", hidden=40, inter=56, targets=targets)
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved) is keeps_x
+    assert_fused_matches_plain(mlp, torch.randn(2, 9, 40), node="LoraMLP")
+
+
 # ---------------------------------------------------------------- float64 gradcheck of the autograd ops
 
 def _projections(modules, dtype):

@@ -239,7 +239,9 @@ def _gated_grads(spec, gate, up, dh):
 
 
 class LoraMLP(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)) with LoRA on any of the three. Saves x, gate, up and the adapters."""
+    """down(act(gate(x)) * up(x)) with LoRA on any of the three. Saves gate, up and the adapters, and x when gate or
+    up has an adapter (its gradient reads x; frozen gate and up need only their outputs: a mixture-of-experts block
+    with LoRA elsewhere keeps no copy of its experts' inputs)."""
 
     @staticmethod
     def forward(ctx, x, spec, *adapters):
@@ -248,8 +250,8 @@ class LoraMLP(torch.autograd.Function):
             parts = _project(_rows(x), spec.gate_up, adapters[:k], spec.dtype)
             h = spec.act(*_gate_and_up(spec, parts))
             (out,) = _project(h, [spec.down], adapters[k:], spec.dtype)
-        ctx.spec = spec
-        ctx.save_for_backward(x, *parts, *adapters)
+        ctx.spec, ctx.x_shape = spec, x.shape
+        ctx.save_for_backward(x if k else None, *parts, *adapters)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -259,7 +261,7 @@ class LoraMLP(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         parts, adapters = rest[:n_parts], rest[n_parts:]
         needs = ctx.needs_input_grad[2:]
-        with _no_autocast(x.device.type):
+        with _no_autocast(dout.device.type):
             gate, up = _gate_and_up(spec, parts)
             h = spec.act(gate, up)  # recomputed: the one [tokens, intermediate] tensor the down LoRA needs
             dh, d_down = _project_backward(h, [spec.down], adapters[k:], [_rows(dout)], spec.dtype, True, needs[k:])
@@ -267,9 +269,9 @@ class LoraMLP(torch.autograd.Function):
             d_gate, d_up = _gated_grads(spec, gate, up, dh)
             del dh
             grads = [d_gate, d_up] if n_parts == 2 else [torch.cat((d_gate, d_up), dim=-1)]
-            dx, d_in = _project_backward(_rows(x), spec.gate_up, adapters[:k], grads, spec.dtype,
-                                         ctx.needs_input_grad[0], needs[:k])
-        return (None if dx is None else dx.view(x.shape), None, *d_in, *d_down)
+            dx, d_in = _project_backward(None if x is None else _rows(x), spec.gate_up, adapters[:k], grads,
+                                         spec.dtype, ctx.needs_input_grad[0], needs[:k])
+        return (None if dx is None else dx.view(ctx.x_shape), None, *d_in, *d_down)
 
 
 def lora_mlp(gate_up_modules, down_module, act, kind, x: torch.Tensor):
