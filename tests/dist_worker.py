@@ -7,6 +7,7 @@ For the jobs the worker joins the process group itself, so `vt.train` uses it an
 each job writes OUT_DIR/<name>.rank<r>.pt with its losses and the whole trainable parameters as this rank holds
 them (FSDP2 shards gathered), for the test to compare across ranks and with one-process runs.
 """
+import importlib
 import json
 import os
 import sys
@@ -50,6 +51,8 @@ def step_hooks(job: dict, record: dict):
 
 def run_job(job: dict, out_dir: Path, rank: int):
     cfg = job["config"]
+    if job.get("objective_module"):  # a test's own objective, registered when its module is imported
+        importlib.import_module(job["objective_module"])
     if job.get("embedder"):
         model, tok = vt.load_embedder(cfg["model"]["path"], dtype="float32", device="cpu")
     else:

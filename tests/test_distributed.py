@@ -24,6 +24,7 @@ from velotune.errors import CheckpointError, ConfigError, DataError
 # every later test file unless that function was looked up first: look it up, then import what we use.
 _ = vt.train
 from velotune.training.trainer import train  # noqa: E402
+import hidden_states_objective  # noqa: E402,F401  registers "hidden-states-sft" here (the ranks import it by name)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -116,10 +117,15 @@ def launch(tmp_path_factory):
     texts = write_jsonl(tmp / "texts.jsonl", [{"anchor": q, "positive": a} for q, a in FACTS] * 2)
     job("ddp_contrastive", "ddp", {"objective": "contrastive", "data": {"path": str(texts)},
                                    "train": {"batch_size": 2}}, embedder=True)
+    # A custom objective calling model.hidden_states() and the head outside the model's forward, full fine-tuning
+    # (the embedding and head are the FSDP2 root's own parameters: sharded outside its forward).
+    job("fsdp2_hidden_states_full", "fsdp2", {"objective": "hidden-states-sft", "finetune": {"method": "full"},
+                                              "train": {"lr": 1e-3}}, objective_module="hidden_states_objective")
     jobs_by_name = {j["name"]: j for j in jobs}
 
     refs = {name: single_run(configs[name], quantize=jobs_by_name[name].get("quantize"))
-            for name in ("ddp_lora", "fsdp2_full", "ddp_qlora", "ddp_dpo", "fsdp2_dpo_full")}
+            for name in ("ddp_lora", "fsdp2_full", "ddp_qlora", "ddp_dpo", "fsdp2_dpo_full",
+                         "fsdp2_hidden_states_full")}
     refs["fsdp2_lora"] = refs["ddp_lora"]  # the same LoRA job: one reference serves both
     # A one-process run stopped after 2 steps, for a 2-rank FSDP2 run to resume (1 -> 2 processes).
     handle = interrupt_at_step(3)
@@ -164,7 +170,8 @@ def assert_ranks_identical(recs):
     assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
 
 
-@pytest.mark.parametrize("name", ["ddp_lora", "fsdp2_lora", "fsdp2_full", "ddp_dpo", "fsdp2_dpo_full"])
+@pytest.mark.parametrize("name", ["ddp_lora", "fsdp2_lora", "fsdp2_full", "ddp_dpo", "fsdp2_dpo_full",
+                                  "fsdp2_hidden_states_full"])
 def test_two_ranks_reproduce_the_single_process_run(launch, name):
     """Same global batch: the same gradient at step 1 (so the token normalisation is global and the ranks'
     mean is undone), the same loss curve, and parameters equal on both ranks."""

@@ -2,6 +2,7 @@
 causal-LM head with its loss. An architecture file picks the pieces and the family's constants."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,14 @@ from .interface import LanguageModel, check_checkpointing_mode
 from .mlp import GatedMLP
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
+
+
+def is_sharded_root(module: nn.Module) -> bool:
+    """Whether FSDP2's fully_shard was applied to `module` (only possible once torch.distributed.fsdp is loaded)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    sharded = getattr(fsdp, "FSDPModule", None)
+    return sharded is not None and isinstance(module, sharded)
+
 
 @dataclass
 class CausalLMOutput:
@@ -91,6 +100,8 @@ class CausalLM(LanguageModel):
     scale_embeddings = False     # Gemma multiplies embeddings by sqrt(hidden_size)
     supports_logits_to_keep = True
 
+    _forward_depth = 0  # > 0 while the model's own forward runs (see hidden_states)
+
     def __init__(self, args):
         super().__init__(args)
         self.model = Backbone(args, self.make_block, self.norm_offset)
@@ -153,7 +164,19 @@ class CausalLM(LanguageModel):
     def hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
                       cache=None, inputs_embeds=None, rows=None):
         """Packed rows need `document_ids`; their positions then default to restarting at each document. `rows`
-        [B, K] (no cache): the final states of those positions only, [B, K, hidden]."""
+        [B, K] (no cache): the final states of those positions only, [B, K, hidden].
+        On a model sharded by FSDP2 (train.distributed=fsdp2), a call from outside the model's own forward (a custom
+        objective's) goes through that forward: FSDP2 gathers the root's parameters (embedding, final norm, head)
+        and registers their gradients' reduction in the hooks of the model's call, so a direct call would read
+        shards. The head stays gathered after it until backward, so `head_weight()` / `logits()` may follow."""
+        inputs = dict(position_ids=position_ids, document_ids=document_ids, attention_mask=attention_mask,
+                      cache=cache, inputs_embeds=inputs_embeds, rows=rows)
+        if self._forward_depth == 0 and is_sharded_root(self):
+            return self(input_ids, _hidden_states=inputs)
+        return self._hidden_states(input_ids, **inputs)
+
+    def _hidden_states(self, input_ids=None, *, position_ids=None, document_ids=None, attention_mask=None,
+                       cache=None, inputs_embeds=None, rows=None):
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
         past = cache.past_length if cache is not None else 0
@@ -171,11 +194,25 @@ class CausalLM(LanguageModel):
 
     def forward(self, input_ids=None, *, labels=None, position_ids=None, document_ids=None, attention_mask=None,
                 cache=None, inputs_embeds=None, return_logits: bool | None = None, reduction: str = "mean",
-                logits_to_keep: int = 0, output_hidden_states: bool = False) -> CausalLMOutput:
+                logits_to_keep: int = 0, output_hidden_states: bool = False,
+                _hidden_states: dict | None = None) -> CausalLMOutput:
         """`model(input_ids=ids, labels=ids)` as in transformers. With labels and gradients on, the loss is the
         fused chunked one and `out.logits` is None (the [batch, seq, vocab] logits are never built) unless
         `return_logits=True` asks for them; without labels, or under no_grad, logits are returned. Packed rows:
         `document_ids` (position_ids alone are plain positions, one document per row)."""
+        if _hidden_states is not None:  # hidden_states() on an FSDP2-sharded model, routed through this call
+            return self._hidden_states(input_ids, **_hidden_states)
+        self._forward_depth += 1
+        try:
+            return self._forward(input_ids, labels=labels, position_ids=position_ids, document_ids=document_ids,
+                                 attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
+                                 return_logits=return_logits, reduction=reduction, logits_to_keep=logits_to_keep,
+                                 output_hidden_states=output_hidden_states)
+        finally:
+            self._forward_depth -= 1
+
+    def _forward(self, input_ids, *, labels, position_ids, document_ids, attention_mask, cache, inputs_embeds,
+                 return_logits, reduction, logits_to_keep, output_hidden_states) -> CausalLMOutput:
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
         if labels is not None and not return_logits and cache is None and not output_hidden_states \
