@@ -112,9 +112,12 @@ def speech_files(root: Path):
 
 
 def vision_files(root: Path) -> Path:
-    """What the vision lines read: digit images with their conversations, and a tiny Qwen2-VL (random weights)."""
+    """What the vision lines read: digit images with their conversations, a short video, and a tiny Qwen2-VL
+    (random weights)."""
+    from test_vision_video import tiny_video
     from velotune.bench.tiny_vlm_families import make_tiny_qwen2_vl
     from vision_fixtures import QUESTION, digit_pngs, digit_records, write_jsonl
+    tiny_video(root / "clip.mp4", frames=6, size=28)
     items = digit_pngs(root / "digits", 8, size=24)
     write_jsonl(root / "digits" / "train.jsonl", digit_records(items, root / "digits"))
     return make_tiny_qwen2_vl(root / "models" / "qwen2_vl", [QUESTION, " ".join("0123456789")] * 30)
