@@ -13,6 +13,8 @@ release drops it, the decorated method is called instead: the same result, with 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -59,6 +61,7 @@ class AdamW(NoCompilerImports, torch.optim.AdamW):
             return _ADAMW_STEP_UNDECORATED(self, closure)
 
 
+@functools.cache  # one subclass per optimizer class, however many runs build it
 def lean(optimizer_class: type) -> type:
     """A subclass of `optimizer_class` (a torch.optim.Optimizer, such as bitsandbytes' AdamW8bit, whose `step`
     carries no compiler decorator) with the same name and the bookkeeping methods undecorated."""
