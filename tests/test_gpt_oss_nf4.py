@@ -98,30 +98,34 @@ def test_load_quantizes_the_experts_while_streaming(path, monkeypatch):
         quantized_experts.check_codec("fp8")
 
 
+def experts_against_plain(experts) -> tuple[float, float]:
+    """(output, input gradient) relative errors of quantized experts against the plain module holding their
+    dequantized weights, on random rows with random routing."""
+    plain = experts.dequantized()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(23, 64, generator=g)
+    chosen = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(23)])
+    weights = torch.rand(23, 2, generator=g)
+    results = []
+    for module in (experts, plain):
+        leaf = rows.clone().requires_grad_(True)
+        out = module(leaf, chosen, weights)
+        (out * torch.linspace(-1, 1, 64)).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    assert results[0][1].abs().sum() > 0   # a gradient that can fail the comparison
+    return rel(results[0][0], results[1][0]), rel(results[0][1], results[1][1])
+
+
 def test_logits_and_input_gradients_match_the_dequantized_twin(path):
     model = load(path, "nf4")
     twin = dequantized_twin(path, model)
     x = ids()
     err = rel(model(x).logits.detach(), twin(x).logits.detach())
     nf4_err = rel(model(x).logits.detach(), load(path)(x).logits.detach())
-    # one layer's experts on random rows: the same output and input gradient as the plain module
-    experts = model.model.layers[2].mlp.experts
-    plain = experts.dequantized()
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randn(23, 64, generator=g)
-    chosen = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(23)])
-    weights = torch.rand(23, 2, generator=g)
-    grads = []
-    for module in (experts, plain):
-        leaf = rows.clone().requires_grad_(True)
-        out = module(leaf, chosen, weights)
-        (out * torch.linspace(-1, 1, 64)).sum().backward()
-        grads.append((out.detach(), leaf.grad))
-    out_err, grad_err = rel(grads[0][0], grads[1][0]), rel(grads[0][1], grads[1][1])
+    out_err, grad_err = experts_against_plain(model.model.layers[2].mlp.experts)
     print(f"nf4 vs dequantized twin: logits {err:.2e}, experts {out_err:.2e}, input grad {grad_err:.2e}; "
           f"nf4 vs original logits {nf4_err:.3f}")
     assert err <= TOL and out_err <= TOL and grad_err <= TOL
-    assert grads[0][1].abs().sum() > 0
     # measured 0.53: this tiny model amplifies weight noise ~6x (Gaussian noise of NF4's 0.09 relative size on
     # the expert weights alone gives 0.53 too; 0.01 gives 0.09), so this only bounds it
     assert nf4_err <= 0.7
@@ -148,9 +152,11 @@ def test_weight_error_is_nf4_sized_and_storage_is_a_seventh(path):
     assert q.down_proj_bias.dtype == torch.bfloat16 and q.down_proj.dequantize(1, torch.float32).equal(before)
 
 
-def test_lora_on_nf4_experts_trains_adapters_only(path):
-    model = vt.add_lora(load(path, "nf4"), r=4, alpha=8, seed=0).train()
+@pytest.mark.parametrize("codec", ["nf4", "int8"])
+def test_lora_on_quantized_experts_trains_adapters_only(path, codec):
+    model = vt.add_lora(load(path, codec), r=4, alpha=8, seed=0).train()
     experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts.base_layer, QuantizedExperts)
     adapters = dict(experts.adapters.named_parameters())
     assert set(adapters) == {f"{p}.lora_{ab}.weight" for p in ("gate_up_proj", "down_proj") for ab in "AB"}
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}

@@ -5,6 +5,7 @@ videos refused with a 400 naming the part; `velotune generate --video` and `velo
 Models are tiny Qwen2-VL / Qwen2.5-VL / LLaVA checkpoints with random weights; videos tiny mpeg4 files made with
 PyAV."""
 import base64
+import io
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -187,16 +188,9 @@ def test_generate_and_chat_take_videos(qwen_dir, tiny_llava, clips, capsys):
     run_generate(_cli(qwen_dir, prompt=VIDEO_QUESTION, messages=None, raw=False, image=[], video=[str(clips[0])]))
     assert capsys.readouterr().out.rstrip("\n") == reference[0]
     lines = iter([f"/video {clips[1]}", VIDEO_QUESTION, "/quit"])
-    out = []
-
-    class Out:
-        def write(self, text):
-            out.append(text)
-
-        def flush(self):
-            pass
-    run_chat(_cli(qwen_dir, system=None, image=[], video=[]), input_fn=lambda _: next(lines), out=Out())
-    text = "".join(out)
+    out = io.StringIO()
+    run_chat(_cli(qwen_dir, system=None, image=[], video=[]), input_fn=lambda _: next(lines), out=out)
+    text = out.getvalue()
     assert "video attached" in text and reference[1] in text
     with pytest.raises(VelotuneError, match="--video missing.mp4: no such file"):
         run_generate(_cli(qwen_dir, prompt="x", messages=None, raw=False, image=[], video=["missing.mp4"]))
@@ -204,9 +198,9 @@ def test_generate_and_chat_take_videos(qwen_dir, tiny_llava, clips, capsys):
                                             "Qwen2.5-VL model"):
         run_generate(_cli(tiny_llava, prompt="x", messages=None, raw=False, image=[], video=[str(clips[0])]))
     lines = iter([f"/video {clips[1]}", "/quit"])
-    out.clear()
-    run_chat(_cli(tiny_llava, system=None, image=[], video=[]), input_fn=lambda _: next(lines), out=Out())
-    assert "error: /video: llava reads images only" in "".join(out)
+    out = io.StringIO()
+    run_chat(_cli(tiny_llava, system=None, image=[], video=[]), input_fn=lambda _: next(lines), out=out)
+    assert "error: /video: llava reads images only" in out.getvalue()
 
 
 def test_the_cli_takes_video_flags(qwen_dir, clips):

@@ -2,6 +2,7 @@
 and `velotune serve` answering the official openai client's image_url parts (data URIs) as vt.generate does, with
 remote URLs, server-side paths and too many images refused."""
 import base64
+import io
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -39,16 +40,9 @@ def test_generate_and_chat_take_images(tiny_llava, images, capsys):
     run_generate(SimpleNamespace(**common, prompt=QUESTION, messages=None, raw=False, image=[str(images[0])]))
     assert capsys.readouterr().out.rstrip("\n") == _reference(tiny_llava, images[0])
     lines = iter([f"/image {images[1]}", QUESTION, "/quit"])
-    out = []
-
-    class Out:
-        def write(self, text):
-            out.append(text)
-
-        def flush(self):
-            pass
-    run_chat(SimpleNamespace(**common, system=None, image=[]), input_fn=lambda _: next(lines), out=Out())
-    text = "".join(out)
+    out = io.StringIO()
+    run_chat(SimpleNamespace(**common, system=None, image=[]), input_fn=lambda _: next(lines), out=out)
+    text = out.getvalue()
     assert "image attached" in text and _reference(tiny_llava, images[1]) in text
     with pytest.raises(VelotuneError, match="no such file"):
         run_generate(SimpleNamespace(**common, prompt="x", messages=None, raw=False, image=["missing.png"]))
