@@ -404,4 +404,10 @@ def _peft_targets(model, settings) -> list[str]:
     linears = [n for n in linear_names(model) if not (fused and peft_experts.is_expert_linear(n))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
     chosen = [n for n in linears if any(name_matches(n, leaf) for leaf in leaves)]
-    return leaves if sorted(chosen) == sorted(targets) else [model.peft_name(n) for n in targets]
+    # PEFT also adapts convolutions and embeddings a leaf name matches (Qwen2-VL's Conv3d `patch_embed.proj` for
+    # `proj`): with such a namesake, full names keep its adapter to our layers.
+    namesakes = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.modules.conv._ConvNd))
+                 and any(name_matches(n, leaf) for leaf in leaves)]
+    if sorted(chosen) == sorted(targets) and not namesakes:
+        return leaves
+    return [model.peft_name(n) for n in targets]
