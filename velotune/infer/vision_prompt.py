@@ -13,9 +13,6 @@ The image processor is the model directory's own (preprocessor_config.json), rea
 processor goes with it (vision/processor.py video_processor_for)."""
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import weakref
 
 from ..errors import DataError
@@ -23,7 +20,6 @@ from .chat_render import chat_text as render_chat
 
 _PROCESSORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 MEDIA_TYPES = ("image", "image_url", "video", "video_url")
-_DATA_URI = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),(.*)$", re.DOTALL)
 
 
 def is_vision_model(model) -> bool:
@@ -113,35 +109,18 @@ def _video_part(part: dict, video_processor, at: str) -> dict:
     """`{"type": "video", "video": [frames], "fps": their rate}` of one video_url part (a data: URI)."""
     from PIL import Image
 
+    from ..vision.images import data_uri_bytes
     from ..vision.video import read_video_bytes
     url = part.get("video_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str) or url.strip()[:5].lower() != "data:":
         raise DataError(f"{at}: video_url.url must be a data:video/...;base64 URI; video URLs are not fetched and "
                         "files are not read from a URL")
-    clip = read_video_bytes(_data_uri_bytes(url.strip(), at), source=at,
-                            frame_factor=video_processor.temporal_patch_size)
+    # a bare "data:,..." or octet-stream upload is taken as a video too: the demuxer decides what it holds
+    data = data_uri_bytes(url.strip(), at, kind="video", also=("", "application/octet-stream"))
+    clip = read_video_bytes(data, source=at, frame_factor=video_processor.temporal_patch_size)
     # PIL frames hold the same uint8 pixels: the video processor turns them back into the array a file gives
     return {"type": "video", "video": [Image.fromarray(frame) for frame in clip.frames], "fps": clip.fps}
-
-
-def _data_uri_bytes(url: str, at: str) -> bytes:
-    match = _DATA_URI.match(url)
-    if match is None:
-        raise DataError(f"{at}: malformed data URI (expected data:video/<type>;base64,<data>)")
-    media_type, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
-    if media_type not in ("", "application/octet-stream") and not media_type.startswith("video/"):
-        raise DataError(f"{at}: the data URI holds '{media_type}', not a video (expected data:video/<type>;base64,"
-                        "<data>)")
-    if ";base64" not in params:
-        raise DataError(f"{at}: the data URI video is not base64-encoded (expected ;base64,)")
-    try:
-        data = base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
-    except (binascii.Error, ValueError):
-        raise DataError(f"{at}: the data URI video is not valid base64") from None
-    if not data:
-        raise DataError(f"{at}: the data URI video is empty")
-    return data
 
 
 def flatten_for_text(messages: list) -> list:

@@ -84,7 +84,7 @@ def load_image(ref, *, base_dir=None, source: str, max_pixels: int = DEFAULT_MAX
     if not text:
         raise DataError(f"{source}: the image reference is empty")
     if text[:5].lower() == "data:":
-        return _decode(io.BytesIO(_data_uri_bytes(text, source)), f"{source}: the data URI image", max_pixels,
+        return _decode(io.BytesIO(data_uri_bytes(text, source)), f"{source}: the data URI image", max_pixels,
                        counters)
     if _URL.match(text):
         raise DataError(f"{source}: image URLs are not fetched ({_shorten(text)}); velotune works offline and a "
@@ -112,25 +112,29 @@ def load_image(ref, *, base_dir=None, source: str, max_pixels: int = DEFAULT_MAX
         raise DataError(f"{where} cannot be read ({exc.strerror or exc})") from None
 
 
-def _data_uri_bytes(text: str, source: str) -> bytes:
+def data_uri_bytes(text: str, source: str, kind: str = "image", also: tuple[str, ...] = ()) -> bytes:
+    """The bytes of a `data:<kind>/<type>;base64,<data>` URI (media types `also` accepted too), or a DataError
+    naming `source` and what is wrong. Images and uploaded videos (infer/vision_prompt.py) read theirs here."""
+    expected = f"expected data:{kind}/<type>;base64,<data>"
     match = _DATA_URI.match(text)
     if match is None:
-        raise DataError(f"{source}: malformed data URI (expected data:image/<type>;base64,<data>)")
+        raise DataError(f"{source}: malformed data URI ({expected})")
     media_type, params, payload = match.group(1).strip().lower(), match.group(2).lower(), match.group(3)
-    if not media_type.startswith("image/"):
-        raise DataError(f"{source}: the data URI holds '{media_type or 'text/plain'}', not an image "
-                        "(expected data:image/<type>;base64,<data>)")
+    if not media_type.startswith(kind + "/") and media_type not in also:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise DataError(f"{source}: the data URI holds '{media_type or 'text/plain'}', not {article} {kind} "
+                        f"({expected})")
     if ";base64" not in params:
-        raise DataError(f"{source}: the data URI image is not base64-encoded (expected ;base64,)")
+        raise DataError(f"{source}: the data URI {kind} is not base64-encoded (expected ;base64,)")
     payload = re.sub(r"\s+", "", payload)
     if not payload:
-        raise DataError(f"{source}: the data URI image is empty")
+        raise DataError(f"{source}: the data URI {kind} is empty")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise DataError(f"{source}: the data URI image is not valid base64") from None
+        raise DataError(f"{source}: the data URI {kind} is not valid base64") from None
     if not data:
-        raise DataError(f"{source}: the data URI image is empty")
+        raise DataError(f"{source}: the data URI {kind} is empty")
     return data
 
 
@@ -225,4 +229,4 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "ImageCounters", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "ImageCounters", "data_uri_bytes", "load_image"]
