@@ -179,6 +179,7 @@ def fused_factors(a_parts: list, b_parts: list) -> tuple[torch.Tensor, torch.Ten
     b = torch.stack(b_parts, dim=-1)                      # [out, R, E]: column k*E + e once flattened
     return torch.cat(a_parts).contiguous(), b.reshape(b.shape[0], -1).contiguous()
 
+
 class ParamLora(nn.Module):
     """The adapter of one fused [E, in, out] parameter: PEFT's lora_A / lora_B (see the module docstring)."""
 

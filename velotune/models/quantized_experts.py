@@ -37,7 +37,7 @@ from ..errors import UnsupportedError
 from .gpt_oss import Experts
 
 WEIGHTS = ("gate_up_proj", "down_proj")
-CODECS = ("nf4", "int8")   # quantize.METHODS: the same names
+CODECS = ("nf4", "int8")   # quantize.METHODS: the same names (quantize.py imports this module)
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, Experts]]:
@@ -161,7 +161,6 @@ class PackedExperts(nn.Module):
                  else "int8 (row-wise absmax, weight-only)")
         return (f"experts={self.shape[0]}, in={self.shape[1]}, out={self.shape[2]}, {codec}, "
                 f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}")
-
 
 
 class _DequantMatmul(torch.autograd.Function):

@@ -22,6 +22,7 @@ from ..kernels.frozen_mlp import frozen_gelu_mlp
 from ..kernels.lora_ops import AdaptedLinear
 from ..kernels.recompute_saved import recomputed_in_backward
 from .base import padding_idx
+from .mlp import ACTIVATIONS
 
 
 class WhisperAttention(nn.Module):
@@ -117,9 +118,9 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-# activation_function -> F.gelu's `approximate` (velotune computes every GELU variant with F.gelu); other
-# activations: None.
-GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+# activation_function -> F.gelu's `approximate`, the GELU names of the gated MLPs' table (velotune computes every
+# GELU variant with F.gelu); other activations: None.
+GELU_APPROXIMATE = {name: approx for name, (kind, approx) in ACTIVATIONS.items() if kind == "geglu"}
 
 
 def feed_forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
