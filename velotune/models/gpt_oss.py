@@ -35,7 +35,7 @@ from .args import BaseArgs
 from .attention import Attention, AttentionMask
 from .field_checks import check_fields
 from .mixtral import check_routing
-from .moe import MoECausalLM, load_balancing_loss, run_groups
+from .moe import MoECausalLM, load_balancing_loss, run_routed
 from .norms import RMSNorm
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -179,16 +179,9 @@ class Experts(nn.Module):
     def forward(self, flat, chosen, weights, adapters: dict | None = None):
         """sum_k weights[t, k] * expert[chosen[t, k]](flat[t]), each expert run once on its tokens (moe.py's
         grouping: assignments sorted by expert, one host sync per layer for the group sizes)."""
-        top_k = chosen.shape[-1]
-        assignments = chosen.reshape(-1)
-        order = torch.argsort(assignments, stable=True)
-        token = order // top_k
-        counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
-        grouped = flat.index_select(0, token)
         # Empty groups run too (0 rows): cheap, and every parameter takes part in the graph (DDP / FSDP).
         experts = [functools.partial(self.expert, e, adapters=adapters) for e in range(self.num_experts)]
-        weighted = run_groups(experts, grouped, counts) * weights.reshape(-1)[order, None]
-        return flat.new_zeros(flat.shape).index_add(0, token, weighted.to(flat.dtype))
+        return run_routed(experts, flat, chosen, weights)
 
 
 class SparseFeedForward(nn.Module):

@@ -4,7 +4,7 @@ load-balancing loss, and the checks of a checkpoint's expert tensors.
 A router linear (`gate`) scores each token against every expert; each token goes to its top-k experts and their
 outputs are summed, weighted by the routing probabilities. The experts run grouped: the (token, expert) assignments
 are sorted by expert, each expert's SwiGLU runs once on its contiguous group (one matmul per projection), and the
-weighted results are added back per token with one index_add. No loop over tokens.
+weighted results are put back in token order and summed (run_routed). No loop over tokens.
 
 Experts are held as separate `nn.Linear` modules, under the hub's per-expert names (Mixtral
 `block_sparse_moe.experts.N.w1/w2/w3`, Qwen3-MoE `mlp.experts.N.gate_proj/up_proj/down_proj`): these are what the
@@ -89,16 +89,7 @@ class SparseMoE(nn.Module):
 
     def grouped_experts(self, flat, chosen, weights):
         """sum_k weights[t, k] * expert[chosen[t, k]](flat[t]), each expert run once on all its tokens."""
-        assignments = chosen.reshape(-1)                                # [tokens * k]
-        order = torch.argsort(assignments, stable=True)                 # grouped by expert
-        token = order // self.top_k
-        # One host sync per layer for the group sizes: the slices below need them.
-        counts = torch.bincount(assignments, minlength=self.num_experts).tolist()
-        grouped = flat.index_select(0, token)
-        # Every expert runs, an empty group included: each then gets a (zero) gradient, as a fused expert tensor
-        # would, and DDP/FSDP see every parameter used.
-        weighted = run_groups(list(self.experts), grouped, counts) * weights.reshape(-1)[order, None]
-        return flat.new_zeros(flat.shape).index_add(0, token, weighted.to(flat.dtype))
+        return run_routed(list(self.experts), flat, chosen, weights)
 
 
 class MoEBlock(nn.Module):
@@ -166,6 +157,25 @@ class MoECausalLM(CausalLM):
     def checkpoint_tensors(cls, name: str, tensor: torch.Tensor):
         """(name, tensor) pairs under our names for one checkpoint tensor."""
         return split_fused(name, tensor, cls.ffn_name, cls.expert_names)
+
+
+def run_routed(experts: list, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * experts[chosen[t, k]](flat[t]) for every token t: the (token, expert) assignments
+    sorted by expert, each expert run once on its contiguous group (run_groups), the outputs put back in
+    [tokens, k] order, weighed and summed over k. `experts` are callables on rows, one per expert."""
+    assignments = chosen.reshape(-1)                                # [tokens * k]
+    order = torch.argsort(assignments, stable=True)                 # grouped by expert
+    # One host sync per layer for the group sizes: the slices need them.
+    counts = torch.bincount(assignments, minlength=len(experts)).tolist()
+    grouped = flat.index_select(0, order // chosen.shape[-1])
+    # Every expert runs, an empty group included: each then gets a (zero) gradient, as a fused expert tensor
+    # would, and DDP/FSDP see every parameter used.
+    out = run_groups(experts, grouped, counts)
+    # Back in [tokens, k] order by the inverse permutation, then weighed (each term cast to the model dtype, as
+    # transformers does) and summed over k. An index_add of the weighted rows gives the same sums but torch keeps
+    # its [tokens * k, hidden] source for backward beside the expert outputs the weighing keeps.
+    unsorted = out.index_select(0, torch.argsort(order)).view(*chosen.shape, -1)   # [tokens, k, hidden]
+    return (unsorted * weights[..., None]).to(flat.dtype).sum(dim=1)
 
 
 def run_groups(experts: list, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
