@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Every check only a GPU can make, in one run on one H100 / H200. Once installed, the parts' time limits sum to
-# 8 minutes (VELOTUNE_SUITE_SCALE=1.5 gives each 50% more); a part that fails or runs out of time does not stop
+# Every check only a GPU can make, in one run on one H100 / H200. Once installed, the default parts' time limits sum
+# to 8 minutes (VELOTUNE_SUITE_SCALE=1.5 gives each 50% more); a part that fails or runs out of time does not stop
 # the others.
-#   kernel-tests   pytest tests/test_kernels_*.py compiled on CUDA (VELOTUNE_TEST_CUDA=1, TRITON_INTERPRET unset)
-#   kernel-shapes  the Triton kernels vs PyTorch at Llama-3.1-8B shapes, bf16 and fp16 (python -m
-#                  velotune.bench.gpu_kernels): errors against float64, fwd+bwd time and peak memory
+#   kernel-shapes  every Triton kernel vs PyTorch, compiled on the GPU at Llama-3.1-8B / Mixtral shapes, bf16 and
+#                  fp16 (python -m velotune.bench.gpu_kernels): RMSNorm, RoPE, SwiGLU/GeGLU, the fused linear
+#                  cross-entropy (sum, per row, soft-capped), the MoE grouped matmul, NF4 dequantization; errors
+#                  against float64, fwd+bwd time and peak memory
 #   lora-8b        8B-shaped QLoRA and LoRA, 2 x 2048: velotune vs transformers + peft (+ Liger when installed)
 #   long-context   the longest 8B QLoRA sequence within 80 GB (velotune with checkpointing; up to 64k tokens)
 #   full-mfu       full fine-tuning of the 1B shape: tokens/s, memory and MFU vs transformers
 #   loop           (only when named) the transformers-style loop benchmark on the GPU
 #   vision         (only when named) LLaVA LoRA vs transformers + peft (velotune bench --vision), bf16
 #   moe            (only when named) Qwen3-MoE / Mixtral LoRA (attention; attention + experts) vs transformers + peft
+#   kernel-tests   (only when named) pytest tests/test_kernels_*.py: those tests run the kernels in Triton's CPU
+#                  interpreter (tiny shapes), so on a GPU machine they only check that Triton version's interpreter
 # Results: benchmarks/results/gpu-suite/<part>/ (JSON + markdown with device, versions, command), <part>.log,
 # summary.md (device, versions, this command, each part's status and time).
 #
@@ -18,10 +21,15 @@
 #   bash benchmarks/gpu_suite.sh lora-8b full-mfu     # the parts named
 #   bash benchmarks/gpu_suite.sh --quick              # on the CPU, tiny shapes: checks this script (no install)
 #
-# Installation (skipped with --quick or VELOTUNE_SUITE_SKIP_INSTALL=1): a venv at $VELOTUNE_GPU_VENV (default
-# ~/.cache/velotune-gpu-venv) that sees $PYTHON's packages (default python3); when no CUDA build of torch is
-# importable, torch (VELOTUNE_TORCH, default 2.13.0, else the newest) and triton are installed there; then
-# velotune's test extras with that torch pinned, and liger-kernel if it installs. What was used is printed.
+# Installation (skipped with --quick or VELOTUNE_SUITE_SKIP_INSTALL=1):
+# - offline, when the checkout holds wheels in .whl/ (benchmarks/gpu_wheels.sh fetches them on a machine that
+#   reaches PyPI) or VELOTUNE_SUITE_OFFLINE=1: $PYTHON (default python3) must already hold a CUDA build of torch,
+#   triton, transformers and peft; the wheels (bitsandbytes, liger-kernel) go into a folder on PYTHONPATH with
+#   --no-index, and pip never touches the network (no retries eating the GPU's time).
+# - else a venv at $VELOTUNE_GPU_VENV (default ~/.cache/velotune-gpu-venv) that sees $PYTHON's packages; when no
+#   CUDA build of torch is importable, torch (VELOTUNE_TORCH, default 2.13.0, else the newest) and triton are
+#   installed there; then velotune's test extras with that torch pinned, and liger-kernel if it installs.
+# What was used is printed. VELOTUNE_SUITE_ARCHIVE=FILE.tgz also packs the results folder into one file at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -36,8 +44,8 @@ for arg in "$@"; do
             "full-mfu loop vision moe; or --quick)" >&2; exit 2 ;;
   esac
 done
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(kernel-tests kernel-shapes lora-8b long-context full-mfu)
-[ "$QUICK" = 1 ] && [ $# -le 1 ] && PARTS+=(loop)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(kernel-shapes lora-8b long-context full-mfu)
+[ "$QUICK" = 1 ] && [ $# -le 1 ] && PARTS+=(kernel-tests loop)
 
 RESULTS="$ROOT/benchmarks/results/gpu-suite"
 [ "$QUICK" = 1 ] && RESULTS="${VELOTUNE_SUITE_OUT:-$ROOT/benchmarks/results/gpu-suite-quick}"
@@ -67,11 +75,28 @@ pip_install() {  # quiet, its last lines shown on failure
   tail -n 8 "$out"; rm -f "$out"; return 1
 }
 
+install_offline() {  # the wheels carried in .whl/, without an index; what they need must be there already
+  local site="${VELOTUNE_SUITE_SITE:-/tmp/velotune-suite-site}" wheels=("$ROOT"/.whl/*.whl)
+  log "offline: $PY as it is$([ -e "${wheels[0]}" ] && echo ", plus ${#wheels[@]} wheel(s) from .whl/ in $site")"
+  if [ -e "${wheels[0]}" ]; then
+    mkdir -p "$site"
+    if PIP_NO_INDEX=1 pip_install --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "${wheels[@]}"; then
+      export PYTHONPATH="$PYTHONPATH:$site"   # after the checkout: our velotune first, the image's packages kept
+    else
+      log "installing the carried wheels failed"
+    fi
+  fi
+  has_cuda_torch "$PY" || log "WARNING: torch from $PY does not see a CUDA device"
+}
+
 install() {
   local base venv torch_version
   base=$(find_python) || { log "no python found (set PYTHON)"; exit 1; }
   PY="$base"
   if [ "$QUICK" = 1 ] || [ "${VELOTUNE_SUITE_SKIP_INSTALL:-0}" = 1 ]; then return 0; fi
+  if [ "${VELOTUNE_SUITE_OFFLINE:-0}" = 1 ] || compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    install_offline; return 0
+  fi
   venv="${VELOTUNE_GPU_VENV:-$HOME/.cache/velotune-gpu-venv}"
   if [ -x "$venv/bin/python" ] || "$base" -m venv --system-site-packages "$venv" >/dev/null 2>&1; then
     PY="$venv/bin/python"
@@ -158,11 +183,20 @@ write_summary() {
   rm -f "$ROWS"
 }
 
+finish() {  # the summary, and the results packed into one file when asked (a device tool returns few files)
+  write_summary
+  log "done: $RESULTS/summary.md"
+  if [ -n "${VELOTUNE_SUITE_ARCHIVE:-}" ]; then
+    tar czf "$VELOTUNE_SUITE_ARCHIVE" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" \
+      && echo "[gpu-suite] packed: $VELOTUNE_SUITE_ARCHIVE"
+  fi
+}
+
 install
 log "suite: ${PARTS[*]} (quick: $QUICK); results in $RESULTS"
 report_environment >/dev/null
 if [ "$QUICK" = 0 ] && ! has_cuda_torch "$PY"; then
-  log "no CUDA device visible to torch from $PY: the GPU parts cannot run"; write_summary; exit 1
+  log "no CUDA device visible to torch from $PY: the GPU parts cannot run"; finish; exit 1
 fi
 
 if [ "$QUICK" = 1 ]; then
@@ -178,14 +212,12 @@ if [ "$QUICK" = 1 ]; then
   run_part vision 300 "$PY" benchmarks/vision_bench.py --quick --out "$RESULTS/vision"
   run_part moe 300 "$PY" benchmarks/moe_bench.py --quick --methods lora --out "$RESULTS/moe"
 else
-  if ! grep -q VELOTUNE_TEST_CUDA tests/conftest.py; then
-    log "WARNING: tests/conftest.py does not read VELOTUNE_TEST_CUDA: the kernel tests run interpreted on the CPU"
-  fi
-  run_part kernel-tests 70 env -u TRITON_INTERPRET VELOTUNE_TEST_CUDA=1 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cross_entropy.py tests/test_kernels_lora.py \
-    tests/test_kernels_nf4.py tests/test_kernels_rmsnorm_torch.py tests/test_kernels_triton.py \
-    tests/test_kernels_grouped_mm.py
-  run_part kernel-shapes 60 "$PY" -m velotune.bench.gpu_kernels --device cuda --out "$RESULTS/kernel-shapes"
+  # The kernel tests interpret (tests/conftest.py sets TRITON_INTERPRET=1): here they check this Triton's
+  # interpreter only; kernel-shapes is the compiled check.
+  run_part kernel-tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cross_entropy.py \
+    tests/test_kernels_lora.py tests/test_kernels_nf4.py tests/test_kernels_rmsnorm_torch.py \
+    tests/test_kernels_triton.py tests/test_kernels_grouped_mm.py
+  run_part kernel-shapes 120 "$PY" -m velotune.bench.gpu_kernels --device cuda --out "$RESULTS/kernel-shapes"
   run_part lora-8b 190 "$PY" benchmarks/train_bench.py --device cuda --cases qlora,lora \
     --systems "velotune,hf,hf-gc$(liger_systems)" --reps 1 --warmup 1 --steps 3 --timeout 90 \
     --out "$RESULTS/lora-8b"
@@ -199,5 +231,4 @@ else
   run_part moe 200 "$PY" benchmarks/moe_bench.py --device cuda --methods lora,experts --reps 1 --timeout 60 \
     --out "$RESULTS/moe"
 fi
-write_summary
-log "done: $RESULTS/summary.md"
+finish

@@ -22,8 +22,12 @@ from .machine import default_out_dir, machine_info, machine_markdown, write_resu
 
 FACTOR, TINY = 2.0, 1e-6
 REALISTIC = dict(tokens=8192, hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, seq=4096,
-                 vocab=128256, ce_tokens=4096)
-QUICK = dict(tokens=37, hidden=96, inter=160, heads=4, kv_heads=2, head_dim=32, seq=17, vocab=1000, ce_tokens=45)
+                 vocab=128256, ce_tokens=4096, experts=8)
+QUICK = dict(tokens=37, hidden=96, inter=160, heads=4, kv_heads=2, head_dim=32, seq=17, vocab=1000, ce_tokens=45,
+             experts=4)
+# How a mixture-of-experts layer's rows split over its experts (Mixtral's shape: 8 experts, `tokens` rows of
+# (token, expert) pairs): uneven, one expert given none (the kernel's empty-group path).
+EXPERT_SHARES = (0.22, 0.0, 0.05, 0.18, 0.1, 0.15, 0.2, 0.1)
 
 
 def rel_err(torch, a, ref) -> float:
@@ -38,7 +42,9 @@ def cases(torch, s: dict, device):
     import torch.nn.functional as F
 
     from velotune.kernels import apply_rope, geglu, linear_cross_entropy, rms_norm, swiglu
+    from velotune.kernels.grouped_mm import grouped_linear
     g = torch.Generator(device=device).manual_seed(0)
+    counts = expert_counts(s["tokens"], s["experts"])
 
     def randn(*shape, scale=1.0, grad=True):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float64) * scale, grad)
@@ -66,6 +72,18 @@ def cases(torch, s: dict, device):
         cos, sin = cos[:, None], sin[:, None]
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
+    def ce_oracle(reduction, softcap=None):
+        def oracle(h, w, t):
+            logits = h @ w.t()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return F.cross_entropy(logits, t, ignore_index=-100, reduction=reduction)
+        return oracle
+
+    def grouped_inputs():
+        return [randn(s["tokens"], s["hidden"])] + [randn(s["inter"], s["hidden"], scale=0.02)
+                                                      for _ in range(s["experts"])]
+
     return {
         "rms_norm": (lambda: [randn(s["tokens"], s["hidden"]), randn(s["hidden"], scale=0.1)],
                      lambda x, w: rms_norm(x, w + 1.0, 1e-5), lambda x, w: rms_oracle(0.0)(x, w + 1.0)),
@@ -76,9 +94,22 @@ def cases(torch, s: dict, device):
                    lambda a, b: F.silu(a) * b),
         "geglu (tanh)": (lambda: [randn(s["tokens"], s["inter"]), randn(s["tokens"], s["inter"])], geglu,
                          lambda a, b: F.gelu(a, approximate="tanh") * b),
-        "linear_cross_entropy": (ce_inputs, lambda h, w, t: linear_cross_entropy(h, w, t),
-                                 lambda h, w, t: F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction="sum")),
+        "linear_cross_entropy": (ce_inputs, lambda h, w, t: linear_cross_entropy(h, w, t), ce_oracle("sum")),
+        # each row's loss, each with its own output gradient: the path preference and RL objectives take
+        "linear_cross_entropy (per row)": (ce_inputs, lambda h, w, t: linear_cross_entropy(h, w, t, reduction="none"),
+                                           ce_oracle("none")),
+        "linear_cross_entropy (softcap 30)": (ce_inputs, lambda h, w, t: linear_cross_entropy(h, w, t, softcap=30.0),
+                                              ce_oracle("sum", softcap=30.0)),
+        "grouped_linear (MoE)": (grouped_inputs, lambda x, *ws: grouped_linear(x, ws, counts),
+                                 lambda x, *ws: torch.cat([p @ w.t() for p, w in zip(x.split(counts), ws)])),
     }
+
+
+def expert_counts(rows: int, experts: int) -> list[int]:
+    """`rows` split over `experts` by EXPERT_SHARES (the last expert takes the remainder)."""
+    shares = EXPERT_SHARES[:experts]
+    counts = [int(rows * share / sum(shares)) for share in shares[:-1]]
+    return counts + [rows - sum(counts)]
 
 
 # ---- one check ---------------------------------------------------------------------------------------------------
@@ -178,7 +209,7 @@ def run(device: str, quick: bool) -> list:
 
 
 def line(r: dict) -> str:
-    head = f"{r['op']:26s} {r.get('dtype', ''):9s} {'ok  ' if r['ok'] else 'FAIL'}"
+    head = f"{r['op']:33s} {r.get('dtype', ''):9s} {'ok  ' if r['ok'] else 'FAIL'}"
     if "error" in r or "skipped" in r:
         return f"{head} {r.get('error') or r.get('skipped')}"
     if "errors" not in r:

@@ -270,7 +270,7 @@ def linear_cross_entropy(hidden, weight, targets, *, softcap=None, ignore_index=
         hidden, targets = _rows_to_bucket(hidden, targets, ignore_index)
         loss = chunked_linear_cross_entropy(hidden, weight, targets, softcap=softcap, ignore_index=ignore_index,
                                             reduction=reduction, use_triton=impl == "triton")
-        return loss[:n] if reduction == "none" else loss
+        return loss[:n] if reduction == "none" and loss.shape[0] != n else loss  # the bucket's rows dropped
     return linear_cross_entropy_reference(hidden, weight, targets, softcap=softcap,
                                           ignore_index=ignore_index, reduction=reduction)
 
