@@ -116,13 +116,14 @@ def _sdpa_lengths(monkeypatch):
 
 
 def test_bucketed_segments_give_the_dense_paths_numbers(monkeypatch):
-    """Each sample's attention runs at a bucket length: over the next sample's tokens (9 -> 10, 13 -> 14) or
-    past the row's end with zero padding (17 -> 20). fp32 with bucketing forced: the dense mask's logits and
-    gradients to 1e-6 / 1e-5."""
+    """Each sample's attention (samples one by one: varlen.WINDOW_TOKENS 0) runs at a bucket length: over the
+    next sample's tokens (9 -> 10, 13 -> 14) or past the row's end with zero padding (17 -> 20). fp32 with
+    bucketing forced: the dense mask's logits and gradients to 1e-6 / 1e-5."""
     model = tiny_model(layers=2).train()
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
     logits, grads = _logits_and_grads(model)
     monkeypatch.delenv("VELOTUNE_ATTENTION")
+    monkeypatch.setattr(varlen, "WINDOW_TOKENS", 0)
     monkeypatch.setattr(varlen, "shape_keyed_kernels", lambda device, dtype: True)
     calls = _sdpa_lengths(monkeypatch)
     with monkeypatch.context() as patch:
@@ -141,10 +142,12 @@ def test_bf16_segments_run_at_bucket_lengths_within_bf16_error(monkeypatch):
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
     dense, _ = _logits_and_grads(model)
     monkeypatch.delenv("VELOTUNE_ATTENTION")
-    calls = _sdpa_lengths(monkeypatch)
-    segments, _ = _logits_and_grads(model)
-    assert calls == [10, 14, 20, 1, 40] * 2
-    assert rel_err(segments, reference) < 2 * rel_err(dense, reference) + 1e-3
+    for limit, lengths in ((0, [10, 14, 20, 1, 40]), (256, [40, 40])):  # one by one; row 0's samples together
+        monkeypatch.setattr(varlen, "WINDOW_TOKENS", limit)
+        calls = _sdpa_lengths(monkeypatch)
+        segments, _ = _logits_and_grads(model)
+        assert calls == lengths * 2
+        assert rel_err(segments, reference) < 2 * rel_err(dense, reference) + 1e-3
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])

@@ -181,14 +181,17 @@ def _logits_and_grads(model, documents):
 
 @pytest.mark.parametrize("window", [None, 24])
 @pytest.mark.parametrize("single", [False, True], ids=["packed", "one_sample_per_row"])
-def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single):
-    """The CPU default for packed rows: SDPA per sample slice (no [T, T] mask built), the dense path's logits
-    and gradients. A window no shorter than any sample changes nothing, so it too runs per sample."""
+@pytest.mark.parametrize("limit", [0, 256], ids=["sample_by_sample", "short_samples_together"])
+def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single, limit):
+    """The CPU default for packed rows: SDPA per slice (no [T, T] mask built), the dense path's logits and
+    gradients. Each sample alone (limit 0), or short neighbours in one slice with a small block-diagonal mask
+    (the default). A window no shorter than any sample changes nothing."""
     model = tiny_model(layers=2, sliding_window=window).train()
     documents = torch.zeros(2, 24, dtype=torch.long) if single else SEG_DOCS
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
     logits, grads = _logits_and_grads(model, documents)
     monkeypatch.delenv("VELOTUNE_ATTENTION")
+    monkeypatch.setattr(varlen, "WINDOW_TOKENS", limit)
     calls = []
     real_sdpa = varlen.F.scaled_dot_product_attention
     monkeypatch.setattr(varlen.F, "scaled_dot_product_attention",
@@ -196,9 +199,50 @@ def test_cpu_segments_path_matches_the_dense_mask(monkeypatch, window, single):
     with monkeypatch.context() as patch:
         patch.setattr(AttentionMask, "_build", lambda *a: pytest.fail("a dense mask was built"))
         seg_logits, seg_grads = _logits_and_grads(model, documents)
-    # per layer: one call on the whole batch, or one per sample slice
-    assert calls == ([24] * 2 if single else [7, 6, 5, 6, 24] * 2)
+    # per layer: one call on the whole batch, or one per slice (each sample, or row 0's four samples together)
+    assert calls == ([24] * 2 if single else ([24, 24] if limit else [7, 6, 5, 6, 24]) * 2)
     assert rel_err(seg_logits, logits) < 1e-6 and grads.keys() == seg_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert rel_err(seg_grads[name], grads[name]) < 1e-5, name
+
+
+def test_slice_plan_puts_short_neighbours_together_and_long_samples_alone():
+    docs = torch.tensor([[0] * 100 + [1] * 120 + [2] * 30 + [3] * 300 + [4] * 20 + [5] * 10])
+    assert varlen.slice_plan(docs, 256) == [(0, 0, 250, 3), (0, 250, 550, 1), (0, 550, 580, 2)]
+    assert varlen.slice_plan(docs, 0) == [(0, s, e, 1) for s, e in varlen.row_segments(docs)[0]]
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["exact_lengths", "bucket_lengths"])
+def test_slices_of_several_samples_give_the_dense_paths_numbers(monkeypatch, bucketed):
+    """Rows of 580 tokens in three slices (100 + 120 + 30 together, 300 alone, 20 + 10 together): the dense
+    mask's logits and every gradient, also when the slices run at bucket lengths over the next sample's tokens
+    and past the row's end (250 -> 256, 300 -> 320, 30 -> 32)."""
+    docs = torch.tensor([[0] * 100 + [1] * 120 + [2] * 30 + [3] * 300 + [4] * 20 + [5] * 10] * 2)
+    ids = torch.randint(0, 101, docs.shape, generator=torch.Generator().manual_seed(7))
+    model = tiny_model(layers=2).train()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, document_ids=docs, return_logits=True)
+        (out.loss + out.logits.square().mean()).backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
+    logits, grads = run()
+    monkeypatch.delenv("VELOTUNE_ATTENTION")
+    if bucketed:
+        monkeypatch.setattr(varlen, "shape_keyed_kernels", lambda device, dtype: True)
+    calls = []
+    real_sdpa = varlen.F.scaled_dot_product_attention
+    monkeypatch.setattr(varlen.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append((a[0].shape[2], kw.get("attn_mask") is not None))
+                        or real_sdpa(*a, **kw))
+    with monkeypatch.context() as patch:
+        patch.setattr(AttentionMask, "_build", lambda *a: pytest.fail("a dense mask was built"))
+        seg_logits, seg_grads = run()
+    lengths = [256, 320, 32] if bucketed else [250, 300, 30]
+    assert calls == [(n, masked) for n, masked in zip(lengths, [True, False, True])] * 4  # 2 rows, 2 layers
+    assert rel_err(seg_logits, logits) < 1e-6 and seg_grads.keys() == grads.keys()
     for name in grads:
         assert rel_err(seg_grads[name], grads[name]) < 1e-5, name
 
