@@ -225,17 +225,31 @@ def _gate_and_up(spec, parts):
     return parts if len(spec.gate_up) == 2 else parts[0].chunk(2, dim=-1)
 
 
-def _gated_grads(spec, gate, up, dh):
-    """d gate, d up of act(gate) * up: the Triton backward kernel where it runs, else autograd on the reference."""
+def _plain_activation(spec, gate):
+    """act(gate) by PyTorch's own op, where the Triton kernels do not run (else None)."""
     kind, approx = spec.kind
     if use_triton(gate) and (kind == "swiglu" or approx in ("none", "tanh")):
+        return None
+    return F.silu(gate) if kind == "swiglu" else F.gelu(gate, approximate=approx)
+
+
+def _gated_grads(spec, gate, up, dh, act_gate=None):
+    """d gate, d up of act(gate) * up: the Triton backward kernel where it runs, else the formulas autograd applies,
+    called directly. `act_gate` (act(gate), from _plain_activation) and `dh` are consumed: both are overwritten."""
+    kind, approx = spec.kind
+    if act_gate is None:
+        act_gate = _plain_activation(spec, gate)
+    if act_gate is None:
         from .triton_activations import gated_grads
         return gated_grads(gate, up, dh, kind, approx)
-    # The formulas autograd applies to act(gate) * up, called directly (bit-identical): torch.autograd.grad with a
-    # given output gradient imports PyTorch's symbolic-shape module (sympy, ~35 MB resident) on its first call.
+    # Bit for bit autograd's formulas (torch.autograd.grad with an output gradient would import PyTorch's
+    # symbolic-shape module, sympy, ~35 MB resident, on its first call), in the two buffers already at hand: one
+    # elementwise pass and two [tokens, intermediate] allocations fewer than out-of-place ops.
+    d_up = act_gate.mul_(dh)
+    d_act = dh.mul_(up)
     if kind == "swiglu":
-        return torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)
-    return torch.ops.aten.gelu_backward(dh * up, gate, approximate=approx), dh * F.gelu(gate, approximate=approx)
+        return torch.ops.aten.silu_backward.grad_input(d_act, gate, grad_input=d_act), d_up
+    return torch.ops.aten.gelu_backward.grad_input(d_act, gate, approximate=approx, grad_input=d_act), d_up
 
 
 class LoraMLP(torch.autograd.Function):
@@ -248,7 +262,10 @@ class LoraMLP(torch.autograd.Function):
         k = spec.n_in_adapters
         with _no_autocast(x.device.type):
             parts = _project(_rows(x), spec.gate_up, adapters[:k], spec.dtype)
-            h = spec.act(*_gate_and_up(spec, parts))
+            gate, up = _gate_and_up(spec, parts)
+            h = _plain_activation(spec, gate)
+            h = spec.act(gate, up) if h is None else h.mul_(up)  # act(gate) * up in act(gate)'s own buffer
+            del gate, up
             (out,) = _project(h, [spec.down], adapters[k:], spec.dtype)
         ctx.spec, ctx.x_shape = spec, x.shape
         ctx.save_for_backward(x if k else None, *parts, *adapters)
@@ -263,11 +280,14 @@ class LoraMLP(torch.autograd.Function):
         needs = ctx.needs_input_grad[2:]
         with _no_autocast(dout.device.type):
             gate, up = _gate_and_up(spec, parts)
-            h = spec.act(gate, up)  # recomputed: the one [tokens, intermediate] tensor the down LoRA needs
+            act_gate = _plain_activation(spec, gate)  # once, for h and for d up
+            h = None  # recomputed only for the down LoRA's own gradients, the one reader of it
+            if spec.down.lora and any(needs[k:]):
+                h = spec.act(gate, up) if act_gate is None else act_gate * up
             dh, d_down = _project_backward(h, [spec.down], adapters[k:], [_rows(dout)], spec.dtype, True, needs[k:])
             del h
-            d_gate, d_up = _gated_grads(spec, gate, up, dh)
-            del dh
+            d_gate, d_up = _gated_grads(spec, gate, up, dh, act_gate)
+            del dh, act_gate
             grads = [d_gate, d_up] if n_parts == 2 else [torch.cat((d_gate, d_up), dim=-1)]
             dx, d_in = _project_backward(None if x is None else _rows(x), spec.gate_up, adapters[:k], grads,
                                          spec.dtype, ctx.needs_input_grad[0], needs[:k])
