@@ -92,3 +92,29 @@ def test_saves_only_x_and_rstd():
     ours = _saved_bytes(lambda a, b: rms_norm_torch(a, b, 1e-6), x, w)
     assert ours == x.numel() * 2 + w.numel() * 2 + 64 * 4
     assert ours / _saved_bytes(lambda a, b: rms_norm_reference(a, b, 1e-6), x, w) < 0.4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_first_rule_multiplies_before_the_one_cast(dtype):
+    """gpt-oss and OLMo 2 (offset 0, weight_first): the CPU op and the reference both give round(normed * w),
+    bit for bit, the input's dtype out; Llama's order (round(normed) * w) differs; the gradients agree."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 33, 80, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(80, generator=g) * 0.3 + 1.0).to(dtype).requires_grad_()
+    y = rms_norm(x, w, 1e-5, 0.0, True)
+    assert type(y.grad_fn).__name__ == TorchRMSNorm.__name__ + "Backward"
+    x32 = x.detach().float()
+    want = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * w.detach().float()).to(dtype)
+    assert y.dtype == dtype and torch.equal(y.detach(), want)
+    assert torch.equal(rms_norm_reference(x, w, 1e-5, 0.0, True).detach(), want)
+    assert not torch.equal(rms_norm(x, w, 1e-5).detach(), want)  # Llama's order rounds twice
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    ref = rms_norm_reference(x, w, 1e-5, 0.0, True)
+    for got, exp in zip(_grads(y, (x, w), dy), _grads(ref, (x, w), dy)):
+        assert rel_err(got, exp) < 1e-2
+
+
+def test_weight_first_float64_gradcheck():
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_torch(a, b, 1e-6, 0.0, True), (x, w), fast_mode=True)

@@ -87,6 +87,22 @@ def test_rmsnorm_low_precision_within_torch_error(dtype, offset):
     assert_rms_norm_within_torch_error(rms_norm_triton, dtype, offset)
 
 
+def test_rmsnorm_weight_first_rule_matches_reference(triton_mode):
+    """gpt-oss / OLMo 2 (offset 0, weight first): the kernel's values and gradients are the reference's."""
+    x = torch.randn(3, 37, 96, requires_grad=True)
+    w = (torch.randn(96) * 0.1 + 1.0).requires_grad_()
+    y = rms_norm(x, w, 1e-6, 0.0, True)
+    assert type(y.grad_fn).__name__ == TritonRMSNorm.__name__ + "Backward"
+    yr = rms_norm_reference(x, w, 1e-6, 0.0, True)
+    dy = torch.randn_like(y)
+    assert y.dtype == yr.dtype and rel_err(y, yr) < 1e-6
+    for g, gr in zip(_grads(y, (x, w), dy), _grads(yr, (x, w), dy)):
+        assert rel_err(g, gr) < 2e-6
+    xb, wb = x.detach().to(torch.bfloat16), w.detach().to(torch.bfloat16)
+    with torch.no_grad():  # bf16: one cast after the weight, as the reference (the interpreter rounds like a GPU)
+        assert rel_err(rms_norm(xb, wb, 1e-6, 0.0, True), rms_norm_reference(xb, wb, 1e-6, 0.0, True)) < 4e-3
+
+
 def test_rmsnorm_mixed_dtypes_follow_reference():
     """llama rule with an fp32 weight on bf16 activations: output promotes to fp32, as the reference."""
     x = torch.randn(5, 40, dtype=torch.bfloat16)

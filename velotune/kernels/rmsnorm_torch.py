@@ -16,17 +16,17 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class TorchRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(ctx, x, weight, eps, offset, weight_first):
         cdt = _compute_dtype(x, weight)
         xc = x.to(cdt)
         rstd = xc.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
         normed = xc.mul_(rstd) if xc is not x else xc * rstd  # in place only on our own upcast copy
-        if offset:  # gemma: (offset + w) in the compute dtype, then one cast
+        if weight_first:  # gemma, gpt-oss, OLMo 2: (offset + w) in the compute dtype, then one cast
             y = normed.mul_(weight.to(cdt) + offset).to(x.dtype)
         else:  # llama: cast the normalised value to the input dtype first, then multiply by the weight
             y = weight * normed.to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.offset = float(offset)
+        ctx.offset, ctx.weight_first = float(offset), weight_first
         return y
 
     @staticmethod
@@ -37,14 +37,15 @@ class TorchRMSNorm(torch.autograd.Function):
         dyc = dy.to(cdt)
         dw = None
         if ctx.needs_input_grad[1]:
-            seen = normed if ctx.offset else normed.to(x.dtype).to(cdt)
+            seen = normed if ctx.weight_first else normed.to(x.dtype).to(cdt)
             dw = (dyc * seen).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         scale = weight.to(cdt) + ctx.offset
         dn = dyc.mul_(scale) if dyc is not dy else dyc * scale  # never in place on the caller's gradient
         dot = (dn * normed).mean(-1, keepdim=True)
         dx = dn.sub_(normed.mul_(dot)).mul_(rstd)
-        return dx.to(x.dtype), dw, None, None
+        return dx.to(x.dtype), dw, None, None, None
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    return TorchRMSNorm.apply(x, weight, eps, offset)
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                   weight_first: bool | None = None) -> torch.Tensor:
+    return TorchRMSNorm.apply(x, weight, eps, offset, bool(offset) if weight_first is None else weight_first)

@@ -72,11 +72,11 @@ def _launch_sizes(N: int):
 
 class TritonRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(ctx, x, weight, eps, offset, weight_first):
         shape, N = x.shape, x.shape[-1]
         x2 = as_rows(x)
         M = x2.shape[0]
-        gemma = bool(offset)
+        gemma = bool(weight_first)  # the kernels' GEMMA: (offset + w) in the compute dtype, then one cast
         out_dtype = x.dtype if gemma else torch.result_type(x, weight)
         y = torch.empty((M, N), dtype=out_dtype, device=x.device)
         cdt = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
@@ -87,7 +87,7 @@ class TritonRMSNorm(torch.autograd.Function):
                                                       float(offset), GEMMA=gemma, CDT=compute_dtype(cdt),
                                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape, ctx.offset = shape, float(offset)
+        ctx.shape, ctx.offset, ctx.weight_first = shape, float(offset), gemma
         return y.view(shape)
 
     @staticmethod
@@ -100,12 +100,13 @@ class TritonRMSNorm(torch.autograd.Function):
         programs = max(1, min(triton.cdiv(M, block_m), max_programs(x2)))
         dw_part = torch.empty((programs, N), dtype=rstd.dtype, device=x2.device)
         _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_part, M, N, dy2.stride(0), x2.stride(0),
-                                   dx.stride(0), ctx.offset, GEMMA=bool(ctx.offset),
+                                   dx.stride(0), ctx.offset, GEMMA=ctx.weight_first,
                                    CDT=compute_dtype(rstd.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
                                    num_warps=warps)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dw, None, None
+        return dx.view(ctx.shape), dw, None, None, None
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    return TritonRMSNorm.apply(x, weight, eps, offset)
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                    weight_first: bool | None = None) -> torch.Tensor:
+    return TritonRMSNorm.apply(x, weight, eps, offset, bool(offset) if weight_first is None else weight_first)

@@ -36,7 +36,7 @@ from .attention import Attention, AttentionMask
 from .field_checks import check_fields
 from .mixtral import check_routing
 from .moe import MoECausalLM, load_balancing_loss, run_routed
-from .norms import RMSNorm
+from .norms import RMSNorm, weigh_norms_first
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # transformers' default when config.json names no RoPE: YaRN stretching 4k pretraining positions 32 times.
@@ -218,6 +218,10 @@ class Block(nn.Module):
 
 class Model(MoECausalLM):
     Args = Args
+
+    def __init__(self, args):
+        super().__init__(args)
+        weigh_norms_first(self)  # transformers' GptOssRMSNorm: weight * normed in fp32, then one cast
 
     @staticmethod
     def make_block(args, layer_idx):

@@ -6,10 +6,9 @@
   num_key_value_heads * head_dim wide), before the split into heads and RoPE — not per head as Qwen 3's;
 - no sliding window; an untied head by default.
 
-transformers multiplies the norm weight with the fp32 normalised value and then casts; the shared RMSNorm casts
-first (Llama's order). In fp32 the two are the same; in bf16 they differ by at most one rounding of the
-normalised value. Since the blocks are not PreNormBlocks, a training forward runs the last block whole (the
-`_target_rows_forward` shortcut is for PreNormBlock only).
+transformers multiplies the norm weight with the fp32 normalised value and then casts (one rounding): so do our
+norms here (`weight_first`; Llama's order casts first). Since the blocks are not PreNormBlocks, a training forward
+runs the last block whole (the `_target_rows_forward` shortcut is for PreNormBlock only).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from .args import BaseArgs
 from .attention import Attention
 from .base import CausalLM
 from .mlp import GatedMLP
-from .norms import RMSNorm
+from .norms import RMSNorm, weigh_norms_first
 
 
 @dataclass
@@ -75,6 +74,10 @@ class Block(nn.Module):
 
 class Model(CausalLM):
     Args = Args
+
+    def __init__(self, args):
+        super().__init__(args)
+        weigh_norms_first(self)
 
     @staticmethod
     def make_block(args, layer_idx):
