@@ -1,4 +1,5 @@
-"""bf16 on the families of issue 18 (Mixtral, Qwen3-MoE, gpt-oss, Gemma 3, OLMo 2, Granite): our logits are as far
+"""bf16 on every decoder family (issue 18's Mixtral, Qwen3-MoE, gpt-oss, Gemma 3, OLMo 2, Granite, and Llama, Mistral,
+Qwen 2 / 3, Gemma, Gemma 2, Phi-3): our logits are as far
 from a float64 reference as transformers' own bf16 logits are (at most 1.25x its relative error, + 1e-4), on the
 tiny configs of the parity tests, a padded row included. The bound is measured, not a tolerance that cannot fail: an
 fp32 path is exact, and a wrong bf16 path (a missing upcast in a norm or softmax) lands far above it."""
@@ -41,6 +42,10 @@ FAMILIES = {
     "olmo2": _from_checkpoint("olmo2"),
     "granite": _from_checkpoint("granite"),
 }
+# The earlier families (tests/hf_reference.py's tiny configs: Llama 3 RoPE, sliding windows, Gemma 2's soft-caps,
+# Phi-3's partial rotary), held to the same bound.
+FAMILIES.update({family: (lambda folder, family=family: make_checkpoint(folder, family)[0])
+                 for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")})
 
 
 def rel(a, b):
