@@ -7,7 +7,8 @@ import torch
 
 import velotune as vt
 from test_vision_families import family_dir  # noqa: F401  (the fixture: one tiny checkpoint per family)
-from vision_fixtures import QUESTION, digit_pngs
+from test_vision_families import image_prompt_inputs
+from vision_fixtures import digit_pngs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -19,16 +20,9 @@ def rel(a, b):
 def test_bf16_error_is_transformers_own(family_dir, tmp_path):  # noqa: F811 (the imported fixture)
     from transformers import AutoModelForImageTextToText
 
-    from velotune.infer.vision_prompt import encode_image_prompt
     items = digit_pngs(tmp_path, 1, size=20)
     ours, tokenizer = vt.load(str(family_dir), dtype="bfloat16", device="cpu")
-    prompt = [{"role": "user", "content": [{"type": "image", "image": str(items[0][0])},
-                                           {"type": "text", "text": QUESTION}]}]
-    ids, images = encode_image_prompt(ours, tokenizer, prompt)
-    ids = torch.tensor([ids])
-    types = (ids == ours.image_token_id).long()
-    extra = {"gemma3": {"token_type_ids": types}, "qwen2_vl": {"mm_token_type_ids": types},
-             "qwen2_5_vl": {"mm_token_type_ids": types}}.get(ours.model_type, {})
+    ids, images, extra = image_prompt_inputs(ours, tokenizer, items[0][0])
 
     def theirs(dtype):
         model = AutoModelForImageTextToText.from_pretrained(str(family_dir), dtype=dtype,

@@ -95,7 +95,6 @@ def test_our_adapter_loads_in_peft_on_transformers_model(family_dir, data, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from velotune.infer.vision_prompt import encode_image_prompt
     _, items = data
     ours, tokenizer = vt.load(str(family_dir), dtype="float32")
     targets, saved = VisionSFT().lora_choice(ours, load_config({"vision": {"projector": "full"}}))
@@ -107,15 +106,7 @@ def test_our_adapter_loads_in_peft_on_transformers_model(family_dir, data, tmp_p
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
     ours.eval()
     vt.save_adapter(ours, tmp_path / "ours")
-    prompt = [{"role": "user", "content": [{"type": "image", "image": str(items[0][0])},
-                                           {"type": "text", "text": QUESTION}]}]
-    ids, images = encode_image_prompt(ours, tokenizer, prompt)
-    ids = torch.tensor([ids])
-    # transformers reads the image places from the processor's type ids: Gemma 3 for its image blocks, Qwen2-VL
-    # for its 3-D positions (1 marks an image token)
-    types = (ids == ours.image_token_id).long()
-    extra = {"gemma3": {"token_type_ids": types}, "qwen2_vl": {"mm_token_type_ids": types},
-             "qwen2_5_vl": {"mm_token_type_ids": types}}.get(ours.model_type, {})
+    ids, images, extra = image_prompt_inputs(ours, tokenizer, items[0][0])
     base = AutoModelForImageTextToText.from_pretrained(str(family_dir), dtype=torch.float32).eval()
     theirs = PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval()
     with torch.no_grad():
@@ -123,3 +114,18 @@ def test_our_adapter_loads_in_peft_on_transformers_model(family_dir, data, tmp_p
         got = theirs(input_ids=ids, **images, **extra).logits
     assert (want - got).abs().max() < 1e-5
     assert saved and any(".lora_A." in n for n in vt.lora.adapter_state_dict(ours))
+
+
+def image_prompt_inputs(model, tokenizer, image_path):
+    """(ids [1, T], our image inputs, what transformers' model of the family also needs) for QUESTION on one image:
+    transformers reads the image places from the processor's type ids (Gemma 3 for its image blocks, Qwen2-VL for
+    its 3-D positions; 1 marks an image token)."""
+    from velotune.infer.vision_prompt import encode_image_prompt
+    prompt = [{"role": "user", "content": [{"type": "image", "image": str(image_path)},
+                                           {"type": "text", "text": QUESTION}]}]
+    ids, images = encode_image_prompt(model, tokenizer, prompt)
+    ids = torch.tensor([ids])
+    types = (ids == model.image_token_id).long()
+    extra = {"gemma3": {"token_type_ids": types}, "qwen2_vl": {"mm_token_type_ids": types},
+             "qwen2_5_vl": {"mm_token_type_ids": types}}.get(model.model_type, {})
+    return ids, images, extra
