@@ -10,11 +10,7 @@ Triton does not run, one PyTorch autograd op that saves only x and rstd (rmsnorm
 import torch
 
 from .dispatch import kernel_mode, use_triton
-from .rmsnorm_torch import rms_norm_torch
-
-
-def weight_first_rule(offset: float, weight_first: bool | None) -> bool:
-    return bool(offset) if weight_first is None else bool(weight_first)
+from .rmsnorm_torch import rms_norm_torch, weight_first_rule
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,

@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def weight_first_rule(offset: float, weight_first: bool | None) -> bool:
+    """Whether the weight multiplies before the one cast (rmsnorm.py's rules); None: as the family of `offset`."""
+    return bool(offset) if weight_first is None else bool(weight_first)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
@@ -48,4 +53,4 @@ class TorchRMSNorm(torch.autograd.Function):
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                    weight_first: bool | None = None) -> torch.Tensor:
-    return TorchRMSNorm.apply(x, weight, eps, offset, bool(offset) if weight_first is None else weight_first)
+    return TorchRMSNorm.apply(x, weight, eps, offset, weight_first_rule(offset, weight_first))

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rmsnorm_torch import weight_first_rule
 from .triton_common import as_rows, compute_dtype, max_programs, next_power_of_2, num_warps_for, tile_rows
 
 
@@ -109,4 +110,4 @@ class TritonRMSNorm(torch.autograd.Function):
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
                     weight_first: bool | None = None) -> torch.Tensor:
-    return TritonRMSNorm.apply(x, weight, eps, offset, bool(offset) if weight_first is None else weight_first)
+    return TritonRMSNorm.apply(x, weight, eps, offset, weight_first_rule(offset, weight_first))

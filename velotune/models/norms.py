@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels import rms_norm
+from ..kernels.rmsnorm_torch import weight_first_rule
 
 
 class RMSNorm(nn.Module):
@@ -15,7 +16,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: float = 0.0, weight_first: bool | None = None):
         super().__init__()
         self.eps, self.offset = eps, offset
-        self.weight_first = bool(offset) if weight_first is None else weight_first
+        self.weight_first = weight_first_rule(offset, weight_first)
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x):

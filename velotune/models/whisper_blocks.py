@@ -224,7 +224,7 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv1(input_features))  # plain GELU whatever activation_function says, as transformers
         # [batch, frames, width] in its own memory, once: the transposed view would make the sum below and the whole
         # residual stream after it transposed in memory too, and every LayerNorm and matmul then copies it
-        # (forward and backward: ~8% of a training step). Values unchanged.
+        # (forward and backward: ~1 s of a 13 s profiled step). Values unchanged.
         x = F.gelu(self.conv2(x)).transpose(1, 2).contiguous()
         return F.dropout(x + self.embed_positions.weight, self.dropout, self.training)
 
