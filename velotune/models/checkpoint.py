@@ -99,12 +99,11 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def iter_tensors(files: list[Path]):
     """Yields (name, tensor, file) from safetensors files, turning corrupt or truncated files into clear errors."""
-    from safetensors import safe_open
+    from .safetensors_reader import iter_file
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name), file
+            for name, tensor in iter_file(file):
+                yield name, tensor, file
         except CheckpointError:
             raise
         except Exception as exc:

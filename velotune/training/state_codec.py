@@ -148,8 +148,10 @@ def read_state(directory: Path, stem: str):
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from ..models.safetensors_reader import load_file
     try:
-        return load_file(str(path))
+        return load_file(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # a missing, truncated or foreign file: safetensors' own error says which
         raise CheckpointError(f"{path}: cannot read tensors ({type(exc).__name__}: {exc})") from None
