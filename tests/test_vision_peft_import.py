@@ -24,7 +24,7 @@ from vision_fixtures import QUESTION
 SPECS = {
     "llava": (["q_proj", "v_proj", "out_proj", "fc1", "down_proj"],
               r".*language_model.*\.(q_proj|o_proj)|.*vision_tower.*\.fc2", "multi_modal_projector"),
-    # "attn.proj", not "proj": the bare leaf also names Qwen's Conv3d patch embedding (refused: see below)
+    # "attn.proj", not "proj": the bare leaf also names Qwen's Conv3d patch embedding (its own test below)
     "qwen2_vl": (["q_proj", "o_proj", "down_proj", "qkv", "attn.proj", "fc1"],
                  r".*language_model.*\.(q_proj|v_proj)|.*visual\.blocks.*\.(qkv|fc2)", "merger"),
     "qwen2_5_vl": (["q_proj", "o_proj", "gate_proj", "qkv", "attn.proj"],
@@ -161,19 +161,30 @@ def test_a_target_the_family_lacks_is_named_by_config_file(peft_leaf, tmp_path):
     assert not lora_layers(ours)
 
 
-def test_lora_on_qwen2_vl_patch_embedding_conv_is_refused_by_name(tmp_path_factory, tmp_path):
-    """PEFT's bare leaf `proj` also adapts Qwen2-VL's Conv3d patch embedding; velotune adapts linears only and says
-    so, naming the tensor."""
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
     from velotune.bench.tiny_vlm_families import make_tiny_qwen2_vl
     from test_vision_families import TEXTS
-    model_dir = make_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl_conv"), TEXTS)
-    _peft_adapter(model_dir, ["q_proj", "proj"], "merger", tmp_path / "adapter")
-    ours, _ = vt.load(str(model_dir), dtype="float32")
-    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: tensor base_model\.model\.model\.visual\."
-                                              r"patch_embed\.proj\.lora_A\.weight is LoRA for model\.visual\.patch_"
-                                              r"embed\.proj, a Conv3d here: velotune puts LoRA on linear layers only"):
-        vt.load_adapter(ours, tmp_path / "adapter")
-    assert not lora_layers(ours)
+    return make_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl_conv"), TEXTS)
+
+
+def test_lora_on_qwen2_vl_patch_embedding_conv_loads_with_peft_logits(qwen2_vl_dir, data, tmp_path):  # noqa: F811
+    """PEFT's bare leaf `proj` also adapts Qwen2-VL's Conv3d patch embedding (a Conv3d LoRA pair): it loads, and the
+    logits are PEFT's."""
+    peft_model = _peft_adapter(qwen2_vl_dir, ["q_proj", "proj"], "merger", tmp_path / "adapter")
+    written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    conv_a = "base_model.model.model.visual.patch_embed.proj.lora_A.weight"
+    assert written[conv_a].dim() == 5  # PEFT's Conv3d pair
+    ours, tokenizer = vt.load(str(qwen2_vl_dir), dtype="float32")
+    vt.load_adapter(ours, tmp_path / "adapter")
+    assert type(lora_layers(ours)["visual.patch_embed.proj"]).__name__ == "LoraConv"
+    inputs, extra = _inputs(ours, tokenizer, data[1])
+    _check_logits(peft_model, ours, inputs, extra)
+    # the patch embedding's adapter alone moves the logits: it is applied, not just loaded
+    with torch.no_grad():
+        before = ours(**inputs).logits
+        lora_layers(ours)["visual.patch_embed.proj"].lora_B.weight.zero_()
+        assert float((ours(**inputs).logits - before).abs().max()) > 1e-3
 
 
 def test_a_regex_that_selects_nothing_is_named(peft_leaf, tmp_path):
@@ -186,3 +197,45 @@ def test_a_regex_that_selects_nothing_is_named(peft_leaf, tmp_path):
     with pytest.raises(CheckpointError, match=r"bad/adapter_config\.json: target_modules regex .*cross_attn.* "
                                               r"matches no linear layer"):
         vt.load_adapter(ours, bad)
+
+
+@pytest.mark.filterwarnings("error:Found missing adapter keys")
+def test_our_lora_on_the_patch_embedding_trains_loads_in_peft_and_merges(qwen2_vl_dir, data, tmp_path):  # noqa: F811
+    """velotune's LoRA on the Conv3d patch embedding: its gradients are PEFT's on transformers' model (same A and B),
+    its adapter file loads into PEFT with our logits, and the merged export gives them too."""
+    from peft import PeftModel
+    from test_vision_families import image_prompt_inputs
+    from transformers import AutoModelForImageTextToText
+
+    ours, tokenizer = vt.load(str(qwen2_vl_dir), dtype="float32")
+    vt.add_lora(ours, r=4, alpha=8, targets=["q_proj", "proj"], seed=0)
+    conv = lora_layers(ours)["visual.patch_embed.proj"]
+    assert conv.lora_A.weight.requires_grad and conv.lora_A.weight.dim() == 5
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad and p.dim() > 1 and not p.any():  # B starts at zero: perturb it
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    vt.save_adapter(ours, tmp_path / "ours")
+    ids, images, extra = image_prompt_inputs(ours, tokenizer, data[1][0][0])
+    base = AutoModelForImageTextToText.from_pretrained(str(qwen2_vl_dir), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "ours"), is_trainable=True)
+    want = ours(ids, **images, labels=ids)
+    got = theirs(input_ids=ids, **images, **extra, labels=ids)
+    assert float((want.loss - got.loss).abs()) < 1e-5 * float(got.loss.abs())
+    want.loss.backward()
+    got.loss.backward()
+    peft_conv = dict(theirs.named_modules())["base_model.model.model.visual.patch_embed.proj"]
+    for part in ("lora_A", "lora_B"):
+        ours_grad = getattr(conv, part).weight.grad
+        peft_grad = getattr(peft_conv, part)["default"].weight.grad
+        assert ours_grad.abs().max() > 0
+        assert float((ours_grad - peft_grad).abs().max()) <= 1e-5 * float(peft_grad.abs().max()), part
+
+    ours.eval()
+    with torch.no_grad():
+        adapted = ours(ids, **images).logits
+    out = vt.export(ours, tokenizer, tmp_path / "merged", format="merged")
+    plain = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        merged = plain(input_ids=ids, **images, **extra).logits
+    assert float((merged - adapted).abs().max()) < 1e-5 * float(adapted.abs().max())

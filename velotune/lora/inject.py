@@ -13,6 +13,7 @@ from ..errors import ConfigError
 from ..models.interface import VelotuneModel
 from ..models.quantize import output_head_names, router_names
 from . import param_lora
+from .conv import LoraConv, check_adaptable
 from .layers import LoraLinear
 from .param_lora import LoraExperts
 
@@ -47,7 +48,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     targets: "all-linear" (every linear but the output head, as PEFT) or module-name suffixes such as
     ["q_proj", "v_proj"] (a string with regex characters is matched against whole names, as PEFT does). Fused
     expert parameters (gpt-oss's `gate_up_proj` / `down_proj`) count as linears here: "all-linear" adapts them,
-    and their names select them (PEFT's target_parameters; param_lora.py).
+    and their names select them (PEFT's target_parameters; param_lora.py). Convolutions (a patch embedding,
+    Whisper's front end) are adapted when a name or regex selects them, as PEFT does (lora/conv.py).
     modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
     dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
     """
@@ -65,8 +67,16 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     keep = _resolve_modules_to_save(model, modules_to_save or [], names)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.requires_grad_(False)
+    convs = set(conv_names(model))
     for name in names:
-        if name not in fused:
+        if name in convs:
+            check_adaptable(name, model.get_submodule(name), dora)
+    for name in names:
+        if name in convs:
+            layer = LoraConv(model.get_submodule(name), r, alpha, dropout, rslora, dtype)
+            layer.reset_parameters(generator)
+            set_submodule(model, name, layer)
+        elif name not in fused:
             layer = LoraLinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
             layer.reset_parameters(generator)
             set_submodule(model, name, layer)
@@ -106,16 +116,26 @@ def linear_names(model: nn.Module) -> list[str]:
             or (isinstance(m, nn.Linear) and not n.startswith(inside))]
 
 
+def conv_names(model: nn.Module) -> list[str]:
+    """Names of the model's 1-, 2- and 3-D convolutions (LoRA targets only when named: lora/conv.py)."""
+    inside = tuple(f"{n}." for n in lora_layers(model))
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and not n.startswith(inside)]
+
+
 def resolve_targets(model: nn.Module, targets) -> list[str]:
     """Module names to wrap, in model order, then the fused expert parameters chosen (their full names). Every name
-    asked for must match at least one linear layer or fused expert parameter."""
-    linears = linear_names(model) + param_lora.fused_param_names(model)
+    asked for must match at least one linear layer or fused expert parameter. Convolutions are adapted when a
+    name or regex selects them, never by "all-linear" (as PEFT)."""
     if targets == ALL_LINEAR:
+        linears = linear_names(model) + param_lora.fused_param_names(model)
         kept = output_head_names(model) | router_names(model)  # as PEFT: every linear but the head (and routers)
         names = [n for n in linears if n not in kept]
         if not names:
             raise ConfigError("targets='all-linear': the model has no linear layers besides its output head")
         return names
+    layers = set(linear_names(model)) | set(conv_names(model))
+    linears = [n for n, _ in model.named_modules() if n in layers] + param_lora.fused_param_names(model)
     if isinstance(targets, str) and not re.fullmatch(r"[\w.]+", targets):
         names = [n for n in linears if re.fullmatch(targets, n)]
         if not names:

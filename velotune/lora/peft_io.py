@@ -313,6 +313,11 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
             expected[f"{PREFIX}{files[name]}.lora_B.weight"] = (n_out, kwargs["r"] * experts)
             continue
         base = model.get_submodule(name)
+        if isinstance(base, nn.modules.conv._ConvNd):  # PEFT's convolution pair (lora/conv.py)
+            ones = (1,) * len(base.kernel_size)
+            expected[f"{PREFIX}{name}.lora_A.weight"] = (kwargs["r"], base.in_channels, *base.kernel_size)
+            expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_channels, kwargs["r"], *ones)
+            continue
         expected[f"{PREFIX}{name}.lora_A.weight"] = (kwargs["r"], base.in_features)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, kwargs["r"])
     wrong = _wrong_shapes(expected, found)
@@ -362,9 +367,9 @@ def _not_a_linear(model, name: str) -> str | None:
         module = model.get_submodule(name)
     except AttributeError:
         return "a module this model does not have (an adapter for another model?)"
-    if not isinstance(module, nn.Linear):  # PEFT also adapts convolutions and embeddings (a patch embedding)
-        return (f"a {type(module).__name__} here: velotune puts LoRA on linear layers only (leave it out of "
-                "target_modules)")
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # PEFT also adapts embeddings
+        return (f"a {type(module).__name__} here: velotune puts LoRA on linear layers and convolutions only "
+                "(leave it out of target_modules)")
     return None
 
 

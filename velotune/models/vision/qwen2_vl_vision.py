@@ -140,18 +140,26 @@ class VisionTowerArgs:
 
 
 # ---- the pieces -------------------------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
+class PatchConv3d(nn.Conv3d):
     """Conv3d over one patch with kernel = stride = the patch: a linear map of each patch's numbers. The weight
-    keeps the Conv3d shape of the checkpoints; the forward is that linear map (the same sums, no conv kernel)."""
+    keeps the Conv3d shape of the checkpoints; given flattened patches [patches, C*kT*kH*kW] the forward is that
+    linear map (the same sums, no conv kernel); given [.., C, kT, kH, kW] it is the convolution."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight.flatten(1))
+        return super().forward(x)
+
+
+class PatchEmbed(nn.Module):
     def __init__(self, args: VisionTowerArgs):
         super().__init__()
         kernel = (args.temporal_patch_size, args.patch_size, args.patch_size)
-        self.proj = nn.Conv3d(args.in_channels, args.width, kernel_size=kernel, stride=kernel, bias=False)
+        self.proj = PatchConv3d(args.in_channels, args.width, kernel_size=kernel, stride=kernel, bias=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1))
+        # `proj` may carry LoRA (lora/conv.py), which reads the flattened patches the same way
+        return self.proj(pixel_values.to(self.proj.weight.dtype))
 
 
 class Segments:
