@@ -62,6 +62,13 @@ def test_an_objective_defined_here_trains_through_vt_train(setup):
     assert result.losses[0] == pytest.approx(total.item() / units, rel=1e-5)
 
 
+def test_padding_free_batches_are_for_losses_that_read_document_ids():
+    """data.padding_free null: velotune's own losses get one row of documents; a loss written elsewhere (this file's,
+    which loops over rows) keeps one sample per row unless the config says otherwise."""
+    assert SFT().padding_free_for(None) and not SFT().padding_free_for(False)
+    assert not SequenceMean().padding_free_for(None) and SequenceMean().padding_free_for(True)
+
+
 def test_a_registered_objective_is_named_in_the_config(setup):
     model_dir, data, tmp = setup
     vt.register_objective("sequence-mean", SequenceMean)

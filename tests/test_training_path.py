@@ -71,7 +71,8 @@ def test_one_epoch_reads_every_sample_once_and_records_the_lr_each_step_used(set
     rows = []
     model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     cfg = base_config(model_dir, data, tmp / "run", train={"max_steps": None, "epochs": 2, "grad_accum": 4,
-                                                            "scheduler": "linear", "lr": 1e-2})
+                                                            "scheduler": "linear", "lr": 1e-2},
+                      data={"padding_free": False})  # one sample per row, to count them
     with caplog.at_level("INFO", logger="velotune"):
         result = vt.train(cfg, model=model, tokenizer=tok)
     assert result.steps == 4 and rows == [2] * 10
@@ -153,3 +154,24 @@ def test_the_final_eval_is_run_and_logged_once(setup, caplog):
         result = vt.train(cfg)
     assert [l["step"] for l in metric_lines(tmp / "run") if "eval_loss" in l] == [2]
     assert caplog.text.count("eval loss") == 1 and result.eval_loss > 0
+
+
+def test_padding_free_batches_train_as_padded_ones(setup):
+    """data.padding_free (the default without packing): each batch's samples run as one row of documents with no
+    padding; the losses of every step equal those of the padded rows, and the batches hold the same samples."""
+    model_dir, _, tmp = setup
+    data = write_jsonl(tmp / "uneven.jsonl", chat_records(12))
+    losses, shapes = {}, {}
+    for free in (True, False):
+        model, tok = vt.load(model_dir, dtype="float32", device="cpu")
+        seen = shapes.setdefault(free, [])
+        model.register_forward_pre_hook(lambda module, args, kwargs, seen=seen: seen.append(
+            (tuple(args[0].shape), kwargs.get("document_ids") is not None, kwargs.get("attention_mask") is not None)),
+            with_kwargs=True)
+        cfg = base_config(model_dir, data, tmp / f"run-{free}", train={"batch_size": 3, "max_steps": 3},
+                          data={"padding_free": free})
+        losses[free] = vt.train(cfg, model=model, tokenizer=tok).losses
+    assert all(shape[0] == 1 and docs and not mask for shape, docs, mask in shapes[True])
+    assert all(shape[0] == 3 and mask for shape, _, mask in shapes[False])
+    assert sum(s[0][1] for s in shapes[True]) < sum(s[0][0] * s[0][1] for s in shapes[False])  # fewer positions
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -286,10 +286,13 @@ def markdown(result: dict) -> str:
             f"Training: AdamW, {s['scheduler']} lr {s['lr']:g}, clipping {s['max_grad_norm']:g}, no weight decay; "
             "no evaluation.  ",
             "Systems: velotune (`vt.train`, objective sft on the LLaVA directory, vision: {vision_layers: false, "
-            "projector: frozen}; its images are processed once while the data is prepared, before the first step), "
+            "projector: frozen}, data: {packing: false} with data.padding_free at its default (on for sft: a batch's "
+            "conversations run as one row of documents, no padding positions, each attending only to itself); its "
+            "images are processed once while the data is prepared, before the first step), "
             f"hf (transformers {versions.get('transformers')} LlavaForConditionalGeneration + PEFT "
             f"{versions.get('peft')}, a plain loop over batches that the checkpoint's LlavaProcessor builds per "
-            "batch in a collator, inside the timed steps; the images decoded beforehand).  ",
+            "batch in a collator, inside the timed steps, each batch padded to its longest conversation; the images "
+            "decoded beforehand).  ",
             f"Each process: {s['warmup']} untimed + {s['steps']} timed optimizer steps (loading excluded); "
             f"{s['reps']} process(es) per system, alternating; medians; {s['threads']} torch thread(s).  ",
             "samples/s: conversations (one image each) per second of the timed steps; label tokens/s: the tokens "

@@ -113,6 +113,7 @@ class _Loop:
         # fp32 on the CPU keeps nothing per shape: batches exactly as wide as their longest row (padding is work)
         self.objective.bucket_widths = self.device.type != "cpu" or shape_keyed_kernels(
             self.device, self.amp_dtype or model_dtype)
+        self.objective.padding_free = self.objective.padding_free_for(self.cfg.data.padding_free)
         self.state = TrainState()
         self._evaluated_at = None  # the step of the last evaluation: the final one is not run twice
         self._unread = []          # (loss, grad norm, metrics, record, log step): device values not read yet

@@ -62,6 +62,9 @@ class Objective:
     # Batch widths rounded up to a few buckets (kernels/shape_buckets.py): the loop turns it off where the matmuls keep
     # nothing per shape (fp32 on the CPU), where the padding would only add work.
     bucket_widths = True
+    # Unpacked batches as one row of documents (data.padding_free; set by the loop: padding_free_for). Objectives
+    # with their own collate (pairs, groups, clips, embeddings) ignore it.
+    padding_free = False
 
     # ---- the model --------------------------------------------------------------------------------------------
     def load_model(self, config):
@@ -132,7 +135,15 @@ class Objective:
     def collate(self, rows, *, pad_id: int, packing: bool, max_width: int | None = None) -> dict:
         """A batch of tensors from rows of examples."""
         from ...data import collate
-        return collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths)
+        return collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths,
+                       padding_free=self.padding_free)
+
+    def padding_free_for(self, setting: bool | None) -> bool:
+        """data.padding_free for this objective; null: on when its loss is one of velotune's own (they read the
+        document ids of a packed row), off for a loss written elsewhere, which may expect one sample per row."""
+        if setting is not None:
+            return setting
+        return type(self).loss.__module__.startswith("velotune.")
 
     def input_tokens(self, rows) -> int:
         """Real tokens the batch puts through the model (padding excluded): the throughput the bar shows."""

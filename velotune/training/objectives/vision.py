@@ -132,7 +132,8 @@ class VisionSFT(SFT):
         restart), and the images of the batch's samples in the order their tokens appear."""
         from ...data import collate
         from ...data.vision_data import collate_images, images_of
-        batch = collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths)
+        batch = collate(rows, pad_id=pad_id, packing=packing, max_width=max_width, bucket=self.bucket_widths,
+                        padding_free=self.padding_free)
         batch.update(collate_images([images_of(example, self.processor) for row in rows for example in row]))
         return batch
 
