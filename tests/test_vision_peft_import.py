@@ -239,3 +239,14 @@ def test_our_lora_on_the_patch_embedding_trains_loads_in_peft_and_merges(qwen2_v
     with torch.no_grad():
         merged = plain(input_ids=ids, **images, **extra).logits
     assert float((merged - adapted).abs().max()) < 1e-5 * float(adapted.abs().max())
+
+
+def test_a_peft_regex_that_selects_the_patch_embedding_loads(qwen2_vl_dir, data, tmp_path):  # noqa: F811
+    """A regex target is matched against convolutions too, as PEFT matches it: its Conv3d adapter loads."""
+    regex = r".*visual\.(patch_embed\.proj|blocks\.\d+\.attn\.qkv)"
+    peft_model = _peft_adapter(qwen2_vl_dir, regex, "merger", tmp_path / "adapter")
+    ours, tokenizer = vt.load(str(qwen2_vl_dir), dtype="float32")
+    vt.load_adapter(ours, tmp_path / "adapter")
+    assert "visual.patch_embed.proj" in lora_layers(ours)
+    inputs, extra = _inputs(ours, tokenizer, data[1])
+    _check_logits(peft_model, ours, inputs, extra)

@@ -123,6 +123,12 @@ def conv_names(model: nn.Module) -> list[str]:
             and not n.startswith(inside)]
 
 
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Linears and convolutions, in model order: what a name or regex target may select."""
+    layers = set(linear_names(model)) | set(conv_names(model))
+    return [n for n, _ in model.named_modules() if n in layers]
+
+
 def resolve_targets(model: nn.Module, targets) -> list[str]:
     """Module names to wrap, in model order, then the fused expert parameters chosen (their full names). Every name
     asked for must match at least one linear layer or fused expert parameter. Convolutions are adapted when a
@@ -134,8 +140,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
         if not names:
             raise ConfigError("targets='all-linear': the model has no linear layers besides its output head")
         return names
-    layers = set(linear_names(model)) | set(conv_names(model))
-    linears = [n for n, _ in model.named_modules() if n in layers] + param_lora.fused_param_names(model)
+    linears = adaptable_names(model) + param_lora.fused_param_names(model)
     if isinstance(targets, str) and not re.fullmatch(r"[\w.]+", targets):
         names = [n for n in linears if re.fullmatch(targets, n)]
         if not names:

@@ -18,8 +18,8 @@ from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
 from ..models.interface import VelotuneModel, require_model
 from . import param_lora, peft_experts
-from .inject import (ALL_LINEAR, add_lora, check_hyperparameters, linear_names, lora_layers, name_matches,
-                     remove_lora, resolve_targets)
+from .inject import (ALL_LINEAR, adaptable_names, add_lora, check_hyperparameters, linear_names, lora_layers,
+                     name_matches, remove_lora, resolve_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -200,7 +200,7 @@ def _our_names(model, kwargs: dict, source: Path) -> dict:
     targets = kwargs["targets"]
     if isinstance(targets, str) and targets != ALL_LINEAR and not re.fullmatch(r"[\w.]+", targets):
         try:
-            chosen = [n for n in linear_names(model) if re.fullmatch(targets, model.peft_name(n))]
+            chosen = [n for n in adaptable_names(model) if re.fullmatch(targets, model.peft_name(n))]
         except re.error as exc:
             raise CheckpointError(f"{source}: target_modules {targets!r} is not a valid regex ({exc})") from None
         if not chosen:
