@@ -63,7 +63,7 @@ def test_an_objective_defined_here_trains_through_vt_train(setup):
 
 
 def test_padding_free_batches_are_for_losses_that_read_document_ids():
-    """data.padding_free null: velotune's own losses get one row of documents; a loss written elsewhere (this file's,
+    """data.padding_free null: velotune's own losses get rows of documents; a loss written elsewhere (this file's,
     which loops over rows) keeps one sample per row unless the config says otherwise."""
     assert SFT().padding_free_for(None) and not SFT().padding_free_for(False)
     assert not SequenceMean().padding_free_for(None) and SequenceMean().padding_free_for(True)

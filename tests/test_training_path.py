@@ -157,8 +157,9 @@ def test_the_final_eval_is_run_and_logged_once(setup, caplog):
 
 
 def test_padding_free_batches_train_as_padded_ones(setup):
-    """data.padding_free (the default without packing): each batch's samples run as one row of documents with no
-    padding; the losses of every step equal those of the padded rows, and the batches hold the same samples."""
+    """data.padding_free (the default without packing): each batch's samples run as rows of documents up to
+    max_seq_length; the losses of every step equal those of the padded rows, so the batches hold the same
+    samples, on fewer positions."""
     model_dir, _, tmp = setup
     data = write_jsonl(tmp / "uneven.jsonl", chat_records(12))
     losses, shapes = {}, {}
@@ -169,9 +170,32 @@ def test_padding_free_batches_train_as_padded_ones(setup):
             (tuple(args[0].shape), kwargs.get("document_ids") is not None, kwargs.get("attention_mask") is not None)),
             with_kwargs=True)
         cfg = base_config(model_dir, data, tmp / f"run-{free}", train={"batch_size": 3, "max_steps": 3},
-                          data={"padding_free": free})
+                          data={"padding_free": free, "max_seq_length": 256})
         losses[free] = vt.train(cfg, model=model, tokenizer=tok).losses
-    assert all(shape[0] == 1 and docs and not mask for shape, docs, mask in shapes[True])
+    assert all(shape[1] <= 256 and docs and not mask for shape, docs, mask in shapes[True])
     assert all(shape[0] == 3 and mask for shape, _, mask in shapes[False])
-    assert sum(s[0][1] for s in shapes[True]) < sum(s[0][0] * s[0][1] for s in shapes[False])  # fewer positions
+    assert any(shape[0] < 3 for shape, _, _ in shapes[True])
+    positions = {free: sum(s[0][0] * s[0][1] for s in shapes[free]) for free in shapes}
+    assert positions[True] < positions[False]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_padding_free_rows_keep_the_samples_in_order_within_max_seq_length():
+    from velotune.data.batches import collate
+    from velotune.data.encode import Encoded
+
+    def batch_of(*lengths, cap):
+        examples = [Encoded(input_ids=torch.arange(1, n + 1, dtype=torch.int32),
+                            labels=torch.arange(1, n + 1, dtype=torch.int32)) for n in lengths]
+        batch = collate([[e] for e in examples], pad_id=0, packing=False, max_width=cap, bucket=False,
+                        padding_free=True)
+        assert batch["input_ids"][batch["input_ids"] != 0].tolist() == [t for e in examples
+                                                                        for t in e.input_ids.tolist()]
+        return batch
+
+    # 5+3 | 4 | 6+2 would be 3 x 8; 5+3 | 4+6 | 2 is 3 x 10; the fewest positions: 5+3+4 | 6+2 = 2 x 12 (cap 12)
+    batch = batch_of(5, 3, 4, 6, 2, cap=12)
+    assert batch["document_ids"].tolist() == [[0] * 5 + [1] * 3 + [2] * 4, [0] * 6 + [1] * 2 + [2] * 4]
+    assert batch_of(5, 3, 4, 6, 2, cap=None)["input_ids"].shape == (1, 20)
+    # nothing fits two to a row: one sample per row, as padded (and no wider than the longest)
+    assert batch_of(7, 8, 6, cap=10)["input_ids"].shape == (3, 8)

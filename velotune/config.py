@@ -76,8 +76,8 @@ class DataConfig:
     overflow: Literal["truncate", "drop"] = setting("truncate", "samples over max_seq_length: cut, or left out")
     packing: bool = setting(True, "pack several samples into each row, without padding")
     padding_free: bool | None = setting(
-        None, "without packing: a batch's samples run as one row of documents, no padding (each still attends only "
-              "to itself); null: on for velotune's own losses, off for an objective with a loss of its own")
+        None, "without packing: a batch's samples run as rows of documents with the fewest positions (each still "
+              "attends only to itself); null: on for velotune's own losses, off for an objective with its own loss")
     eval_path: Union[str, list, None] = setting(None, "held-out file(s) for evaluation")
     eval_fraction: float = setting(0.0, "share of `path` held out for evaluation when no eval_path is given",
                                    FRACTION)

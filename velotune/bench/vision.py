@@ -287,7 +287,8 @@ def markdown(result: dict) -> str:
             "no evaluation.  ",
             "Systems: velotune (`vt.train`, objective sft on the LLaVA directory, vision: {vision_layers: false, "
             "projector: frozen}, data: {packing: false} with data.padding_free at its default (on for sft: a batch's "
-            "conversations run as one row of documents, no padding positions, each attending only to itself); its "
+            "conversations run as rows of documents with the fewest positions within max_seq_length, each attending "
+            "only to itself); its "
             "images are processed once while the data is prepared, before the first step), "
             f"hf (transformers {versions.get('transformers')} LlavaForConditionalGeneration + PEFT "
             f"{versions.get('peft')}, a plain loop over batches that the checkpoint's LlavaProcessor builds per "

@@ -56,11 +56,13 @@ def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width:
     up to a bucket length (`bucket`; else exactly as wide), but no wider than `max_width` (the run's
     max_seq_length) when given.
 
-    `padding_free` (without packing): the same samples, one after another in a single row of documents, so no
-    position is padding: the linears run on real tokens only (padding to a batch's longest sample costs ~10-40%
-    of a chat batch's tokens) while attention stays within each sample, exactly as in its own row."""
+    `padding_free` (without packing): the same samples, in their order, as rows of documents laid out to hold the
+    fewest positions (`fewest_positions`), so the linears run on little or no padding (padding to a batch's
+    longest sample costs ~10-60% of a chat batch's positions) while attention stays within each sample, exactly as
+    in its own row. Rows stay within `max_width` (max_seq_length), as packed rows do: attention paths that fall
+    back to a dense [T, T] mask (a transformers model, soft-capped scores) cost no more than with packing."""
     if padding_free and not packing and len(rows) > 1:
-        rows, packing, max_width = [[example for row in rows for example in row]], True, None
+        rows, packing = fewest_positions([example for row in rows for example in row], max_width), True
     longest = max(sum(len(e) for e in row) for row in rows)
     width = bucket_length(longest, cap=max_width) if bucket else longest
     B = len(rows)
@@ -90,6 +92,35 @@ def collate(rows: list[list[Encoded]], *, pad_id: int, packing: bool, max_width:
         labels[b, :n] = row[0].labels
         attention_mask[b, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def fewest_positions(examples: list[Encoded], cap: int | None) -> list[list[Encoded]]:
+    """Consecutive examples as rows (order kept) with the fewest rows x widest row: one row per example, or rows
+    filled up to a width between the longest example and `cap` (the widths that would give 1, 2, ... rows)."""
+    lengths = [len(e) for e in examples]
+    longest, total = max(lengths), sum(lengths)
+    best, best_cost = [[e] for e in examples], len(examples) * longest
+    widths = {max(longest, -(-total // r)) for r in range(1, len(examples))} | ({cap} if cap else set())
+    for width in sorted(w for w in widths if cap is None or w <= cap):
+        rows = _next_fit(examples, width)
+        cost = len(rows) * max(sum(len(e) for e in row) for row in rows)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def _next_fit(examples: list[Encoded], capacity: int | None) -> list[list[Encoded]]:
+    """Consecutive examples gathered into rows of at most `capacity` tokens (None: one row), order kept: the
+    images of a vision batch follow its samples' order."""
+    rows, room = [], 0
+    for example in examples:
+        if rows and (capacity is None or len(example) <= room):
+            rows[-1].append(example)
+            room -= len(example)
+        else:
+            rows.append([example])
+            room = capacity - len(example) if capacity is not None else 0
+    return rows
 
 
 def count_target_tokens(batch: dict) -> int:

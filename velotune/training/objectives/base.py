@@ -62,7 +62,7 @@ class Objective:
     # Batch widths rounded up to a few buckets (kernels/shape_buckets.py): the loop turns it off where the matmuls keep
     # nothing per shape (fp32 on the CPU), where the padding would only add work.
     bucket_widths = True
-    # Unpacked batches as one row of documents (data.padding_free; set by the loop: padding_free_for). Objectives
+    # Unpacked batches as rows of documents (data.padding_free; set by the loop: padding_free_for). Objectives
     # with their own collate (pairs, groups, clips, embeddings) ignore it.
     padding_free = False
 
