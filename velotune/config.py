@@ -97,6 +97,12 @@ class TrainConfig:
     batch_size: int = setting(4, "rows per micro-batch, per device", AT_LEAST_ONE)
     grad_accum: int = setting(1, "micro-batches per optimizer step", AT_LEAST_ONE)
     lr: float = setting(2e-4, "peak learning rate", NON_NEGATIVE)
+    embedding_lr: float | None = setting(
+        None, "peak learning rate of a trained embedding table and output head (continued pre-training, new "
+              "tokens; they train in full or as lora.modules_to_save); null: lr", NON_NEGATIVE)
+    lora_plus_ratio: float | None = setting(
+        None, "LoRA+: the B matrices learn at lr x this ratio (the paper suggests 16); null: the same lr",
+        POSITIVE)
     weight_decay: float = setting(0.0, "AdamW weight decay (never on biases and norms)", NON_NEGATIVE)
     betas: list = setting([0.9, 0.999], "AdamW betas [beta1, beta2]", Bound(0, 1, high_open=True, count=2))
     optimizer: Literal["adamw", "adamw8bit"] = setting("adamw", "adamw, or adamw8bit (bitsandbytes 8-bit states)")
@@ -171,7 +177,8 @@ ALIASES = {
     "save_total_limit": "train.keep_last", "report_to": "train.report_to",
     "lora_alpha": "lora.alpha", "lora_r": "lora.r", "r": "lora.r", "target_modules": "lora.targets",
     "lora_dropout": "lora.dropout", "use_rslora": "lora.rslora", "use_dora": "lora.dora",
-    "modules_to_save": "lora.modules_to_save",
+    "modules_to_save": "lora.modules_to_save", "embedding_learning_rate": "train.embedding_lr",
+    "loraplus_lr_ratio": "train.lora_plus_ratio",
 }
 
 

@@ -10,16 +10,24 @@ from ..errors import ConfigError
 from .lean_optim import AdamW, lean
 
 
-def build_optimizer(params, cfg):
+def build_optimizer(params, cfg, named=None, embedding_params=()):
     """AdamW, or 8-bit AdamW from bitsandbytes. No weight decay on biases and norms (1-D tensors). Both are
-    torch's / bitsandbytes' own update without torch's compiler import (lean_optim: ~150 MB less per process)."""
+    torch's / bitsandbytes' own update without torch's compiler import (lean_optim: ~150 MB less per process).
+
+    `named` ({parameter: name}) and `embedding_params` (the trained embedding and head weights) give the groups
+    with their own learning rate: LoRA's B matrices at lr x train.lora_plus_ratio (LoRA+), embeddings and head at
+    train.embedding_lr. The first group always runs at train.lr (the rate the log shows); the schedule scales
+    every group alike."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires a gradient (check finetune / lora settings)")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = {}  # (lr, decays) -> parameters, in first-seen order
+    embedding_ids = {id(p) for p in embedding_params}
+    for p in params:
+        groups.setdefault((_rate(p, cfg, named or {}, embedding_ids), p.dim() >= 2), []).append(p)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != cfg.lr, not item[0][1]))
+    groups = [{"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
+              for (lr, decays), ps in ordered]
     betas = tuple(float(b) for b in cfg.betas)
     if cfg.optimizer == "adamw8bit":
         try:
@@ -28,6 +36,29 @@ def build_optimizer(params, cfg):
             raise ConfigError("train.optimizer: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
         return lean(bnb.optim.AdamW8bit)(groups, lr=cfg.lr, betas=betas)
     return AdamW(groups, lr=cfg.lr, betas=betas, **adamw_impl(params))
+
+
+def _rate(p, cfg, named: dict, embedding_ids: set) -> float:
+    if id(p) in embedding_ids and cfg.embedding_lr is not None:
+        return cfg.embedding_lr
+    if cfg.lora_plus_ratio is not None and ".lora_B." in f".{named.get(p, '')}.":
+        return cfg.lr * cfg.lora_plus_ratio
+    return cfg.lr
+
+
+def trained_embedding_params(model) -> list:
+    """The input embedding and output head weights of `model` (unwrapped) that train: what train.embedding_lr
+    sets the rate of (trained in full, or as modules_to_save)."""
+    from ..models.interface import LanguageModel, VelotuneModel
+    modules = [model.get_input_embeddings()] if isinstance(model, VelotuneModel) else []
+    if isinstance(model, LanguageModel):
+        modules.append(model.get_output_embeddings())
+    found = []
+    for module in modules:
+        weight = getattr(module, "weight", None)  # a head wrapped in LoRA has none of its own
+        if isinstance(weight, torch.nn.Parameter) and weight.requires_grad and all(weight is not f for f in found):
+            found.append(weight)
+    return found
 
 
 def adamw_impl(params) -> dict:

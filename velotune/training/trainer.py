@@ -24,7 +24,7 @@ from . import distributed
 from .callbacks import Callbacks, stop_check
 from .metrics import MetricsLog, Progress, is_finite
 from ..kernels.shape_buckets import shape_keyed_kernels
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, trained_embedding_params
 from .outputs import prepare_output_dir, tokenizer_template, write_run_file
 from .plan import RunPlan, plan_run
 from .model_setup import autocast_dtype, prepare_for_training
@@ -105,7 +105,9 @@ class _Loop:
         self.train_data, self.eval_data = plan.data.train, plan.data.eval
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.total_steps = plan.total_steps
-        self.optimizer = build_optimizer(model.parameters(), self.tcfg)
+        self.optimizer = build_optimizer(model.parameters(), self.tcfg,
+                                         named={p: n for n, p in model.named_parameters()},
+                                         embedding_params=trained_embedding_params(distributed.unwrap(model)))
         self.scheduler = build_scheduler(self.optimizer, self.tcfg, self.total_steps)
         model_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.amp_dtype = autocast_dtype(self.tcfg.precision, self.device, model_dtype)
