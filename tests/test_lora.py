@@ -32,6 +32,9 @@ def randomize_adapters(model, seed=3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
+            if isinstance(layer, vt.lora.LoraEmbedding):  # PEFT's embedding pair starts with A at zero
+                layer.lora_embedding_A.copy_(torch.randn(layer.lora_embedding_A.shape, generator=g) * 0.1)
+                continue
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
             if layer.use_dora:
                 layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(layer.out_features, generator=g))
@@ -209,8 +212,8 @@ def test_plain_transformers_model_gets_the_same_names(ckpt):
 
 def test_bad_input(ckpt):
     model = load(ckpt)
-    with pytest.raises(ConfigError, match=r"\['q_prj'\] match no linear layer.*down_proj, gate_proj, k_proj, "
-                                          r"lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(ConfigError, match=r"\['q_prj'\] match no linear layer.*down_proj, embed_tokens, gate_proj, "
+                                          r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
         vt.add_lora(model, targets=["q_proj", "q_prj"])
     with pytest.raises(ConfigError, match="regex"):
         vt.add_lora(model, targets=r".*\.nothing")

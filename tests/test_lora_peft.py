@@ -19,6 +19,7 @@ CASES = {
     "subset": dict(r=4, alpha=16, targets=["q_proj", "v_proj"]),
     "dora_subset_save_head": dict(r=2, alpha=4, dora=True, targets=["o_proj", "mlp.up_proj"],
                                   modules_to_save=["lm_head"]),
+    "embedding": dict(r=4, alpha=8, targets=["embed_tokens", "q_proj"]),  # PEFT's lora_embedding_A / _B
 }
 
 
@@ -37,6 +38,8 @@ def peft_name_to_ours(name):
     name = name.removeprefix("base_model.model.")
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+    name = name.replace(".lora_embedding_A.default", ".lora_embedding_A").replace(".lora_embedding_B.default",
+                                                                                  ".lora_embedding_B")
     return name.replace(".modules_to_save.default.", ".")
 
 
@@ -78,7 +81,7 @@ def test_peft_adapter_loads_in_ours_with_same_logits(ckpt, tmp_path, case):
     theirs = peft.get_peft_model(hf_model(ckpt), peft_config(kw))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # the factor PEFT starts at zero
                 p.normal_(0, 0.1)
             elif "lora_magnitude_vector" in name or "modules_to_save" in name:
                 p.mul_(1.2)
@@ -210,3 +213,26 @@ def test_generic_path_with_biases_matches_peft(tmp_path):
                                             str(adapter))
     ids = token_ids(vocab=128)
     assert rel_err(ours(ids).logits, theirs(input_ids=ids).logits) <= 1e-5
+
+
+def test_lora_on_the_token_embeddings_merges_exactly_and_is_refused_on_a_tied_table(ckpt, tmp_path):
+    """LoRA on embed_tokens folds into the table (logits unchanged); a table the head shares cannot fold (the merged
+    table would change the head too), and `all-linear` leaves the table alone."""
+    from hf_reference import make_checkpoint
+    ours = randomize_adapters(vt.add_lora(load(ckpt), r=4, alpha=8, targets=["embed_tokens"], seed=0))
+    assert type(lora_layers(ours)["model.embed_tokens"]).__name__ == "LoraEmbedding"
+    ids = token_ids()
+    with torch.no_grad():
+        adapted = ours(ids).logits
+        assert rel_err(adapted, load(ckpt)(ids).logits) > 1e-3
+        merged = vt.lora.merge_and_unload(ours)
+        assert type(merged.model.embed_tokens) is torch.nn.Embedding
+        assert rel_err(merged(ids).logits, adapted) <= 1e-6
+    assert "model.embed_tokens" not in lora_layers(vt.add_lora(load(ckpt), targets="all-linear"))
+    tied_path, _ = make_checkpoint(tmp_path, "llama_tied")
+    tied = vt.add_lora(load(tied_path), r=4, alpha=8, targets=["embed_tokens", "q_proj"], seed=0)
+    with pytest.raises(UnsupportedError, match=r"LoRA on model\.embed_tokens cannot be merged: lm_head shares"):
+        vt.lora.merged_state_dict(tied)
+    with pytest.raises(UnsupportedError, match="tied embeddings"):
+        vt.lora.merge_lora(tied)
+    assert not any(layer.merged for layer in lora_layers(tied).values())

@@ -67,8 +67,9 @@ def test_weight_decay_still_skips_biases_and_norms():
     from velotune.training.optim import build_optimizer
     cfg = load_config({"train": {"lr": 1e-3, "weight_decay": 0.1, "lora_plus_ratio": 4},
                        "data": {"path": "x.jsonl"}, "model": {"path": "m"}}).train
-    a, b, norm = (torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2)),
-                  torch.nn.Parameter(torch.ones(2)))
-    optimizer = build_optimizer([a, b, norm], cfg, named={a: "x.lora_A.weight", b: "x.lora_B.weight", norm: "n"})
+    a, b, norm, table_b = (torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2)),
+                           torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, 2)))
+    optimizer = build_optimizer([a, b, norm, table_b], cfg, named={
+        a: "x.lora_A.weight", b: "x.lora_B.weight", norm: "n", table_b: "embed_tokens.lora_embedding_B"})
     groups = [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups]
-    assert groups == [(1e-3, 0.1, 1), (1e-3, 0.0, 1), (4e-3, 0.1, 1)]
+    assert groups == [(1e-3, 0.1, 1), (1e-3, 0.0, 1), (4e-3, 0.1, 2)]

@@ -94,7 +94,7 @@ class TrainConfig:
                         Bound(0, 2 ** 32 - 1))
     epochs: float = setting(1.0, "passes over the data (fractions allowed); max_steps wins when set", POSITIVE)
     max_steps: int | None = setting(None, "optimizer steps; null: as many as epochs take", POSITIVE)
-    batch_size: int = setting(4, "rows per micro-batch, per device", AT_LEAST_ONE)
+    batch_size: int = setting(4, "rows per micro-batch, per device (samples, without data.packing)", AT_LEAST_ONE)
     grad_accum: int = setting(1, "micro-batches per optimizer step", AT_LEAST_ONE)
     lr: float = setting(2e-4, "peak learning rate", NON_NEGATIVE)
     embedding_lr: float | None = setting(

@@ -13,7 +13,9 @@ from ..errors import ConfigError
 from ..models.interface import VelotuneModel
 from ..models.quantize import output_head_names, router_names
 from . import param_lora
-from .conv import LoraConv, check_adaptable
+from . import conv, embedding
+from .conv import LoraConv
+from .embedding import LoraEmbedding
 from .layers import LoraLinear
 from .param_lora import LoraExperts
 
@@ -49,7 +51,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     ["q_proj", "v_proj"] (a string with regex characters is matched against whole names, as PEFT does). Fused
     expert parameters (gpt-oss's `gate_up_proj` / `down_proj`) count as linears here: "all-linear" adapts them,
     and their names select them (PEFT's target_parameters; param_lora.py). Convolutions (a patch embedding,
-    Whisper's front end) are adapted when a name or regex selects them, as PEFT does (lora/conv.py).
+    Whisper's front end) and the token embedding table (`embed_tokens`) are adapted when a name or regex selects
+    them, as PEFT does (lora/conv.py, lora/embedding.py).
     modules_to_save: suffixes of modules trained in full (e.g. ["lm_head"]); saved in the adapter file.
     dtype: the adapters' parameter dtype (fp32 by default, as PEFT); they compute in the activation dtype.
     """
@@ -67,13 +70,17 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16, dropout: float = 
     keep = _resolve_modules_to_save(model, modules_to_save or [], names)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.requires_grad_(False)
-    convs = set(conv_names(model))
+    convs, tables = set(conv_names(model)), set(embedding_names(model))
     for name in names:
         if name in convs:
-            check_adaptable(name, model.get_submodule(name), dora)
+            conv.check_adaptable(name, model.get_submodule(name), dora)
+        elif name in tables:
+            embedding.check_adaptable(name, model.get_submodule(name), dora)
     for name in names:
-        if name in convs:
-            layer = LoraConv(model.get_submodule(name), r, alpha, dropout, rslora, dtype)
+        if name in convs or name in tables:
+            base = model.get_submodule(name)
+            layer = (LoraConv(base, r, alpha, dropout, rslora, dtype) if name in convs
+                     else LoraEmbedding(base, r, alpha, rslora, dtype))
             layer.reset_parameters(generator)
             set_submodule(model, name, layer)
         elif name not in fused:
@@ -123,9 +130,19 @@ def conv_names(model: nn.Module) -> list[str]:
             and not n.startswith(inside)]
 
 
+def embedding_names(model: nn.Module) -> list[str]:
+    """The input token embedding table's name, when it is a plain nn.Embedding (lora/embedding.py)."""
+    getter = getattr(model, "get_input_embeddings", None)  # a velotune or transformers model; a bare module: none
+    table = getter() if callable(getter) else None
+    if not isinstance(table, nn.Embedding):
+        return []
+    return [n for n, m in model.named_modules() if m is table][:1]
+
+
 def adaptable_names(model: nn.Module) -> list[str]:
-    """Linears and convolutions, in model order: what a name or regex target may select."""
-    layers = set(linear_names(model)) | set(conv_names(model))
+    """Linears, convolutions and the token embedding table, in model order: what a name or regex target may
+    select."""
+    layers = set(linear_names(model)) | set(conv_names(model)) | set(embedding_names(model))
     return [n for n, _ in model.named_modules() if n in layers]
 
 
@@ -144,16 +161,16 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
     if isinstance(targets, str) and not re.fullmatch(r"[\w.]+", targets):
         names = [n for n in linears if re.fullmatch(targets, n)]
         if not names:
-            raise ConfigError(f"LoRA targets regex {targets!r} matches no linear layer; "
-                              f"linear layers: {_available(linears)}")
+            raise ConfigError(f"LoRA targets regex {targets!r} matches no linear layer, convolution or token "
+                              f"embedding table; this model's: {_available(linears)}")
         return names
     wanted = [targets] if isinstance(targets, str) else list(targets or [])
     if not wanted or not all(isinstance(t, str) and t for t in wanted):
         raise ConfigError(f"LoRA targets must be 'all-linear' or a list of module names, got {targets!r}")
     unmatched = [t for t in wanted if not any(name_matches(n, t) for n in linears)]
     if unmatched:
-        raise ConfigError(f"LoRA targets {unmatched} match no linear layer of this model; "
-                          f"linear layers: {_available(linears)}")
+        raise ConfigError(f"LoRA targets {unmatched} match no linear layer, convolution or token embedding "
+                          f"table of this model; its: {_available(linears)}")
     return [n for n in linears if any(name_matches(n, t) for t in wanted)]
 
 

@@ -14,13 +14,30 @@ from torch import nn
 from ..models.quantize import compute_dtype_of, dequantize_weight, is_quantized_linear
 from ..models.quantized_experts import QuantizedExperts, is_quantized_experts
 from .inject import lora_layers, remove_lora
+from ..errors import UnsupportedError
+from .embedding import LoraEmbedding
 from .layers import LoraLinear
 from .param_lora import LoraExperts
+
+
+def check_mergeable(model: nn.Module) -> None:
+    """UnsupportedError when an adapter cannot fold into its weight without changing another layer: LoRA on a token
+    embedding table that the output head shares (the merged table would also be the head)."""
+    for name, layer in lora_layers(model).items():
+        if isinstance(layer, LoraEmbedding):
+            table = layer.base_layer.weight
+            sharing = [n for n, m in model.named_modules()
+                       if m is not layer.base_layer and m is not layer and getattr(m, "weight", None) is table]
+            if sharing:
+                raise UnsupportedError(f"LoRA on {name} cannot be merged: {sharing[0]} shares its weight (tied "
+                                       "embeddings), so the merged table would change the output head too. Use the "
+                                       "adapter unmerged, or train without embed_tokens among the LoRA targets")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base weight, in place; forward then costs what the base model costs.
     `unmerge_lora` takes them out again (see `LoraLinear.merge` for what happens to quantized bases)."""
+    check_mergeable(model)
     for layer in lora_layers(model).values():
         layer.merge()
     return model
@@ -35,6 +52,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replaces each LoRA layer by a plain Linear holding its merged weight: a model without LoRA, in place.
     Quantized layers that carry no adapter stay quantized."""
+    check_mergeable(model)
     return remove_lora(model, merge=True)
 
 
@@ -43,14 +61,15 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     """The state dict of the equivalent plain model under the base checkpoint's names (`...q_proj.weight`):
     adapters merged, quantized weights dequantized (to `dtype`, else their compute dtype), LoRA and
     quantization-state entries gone. Floating tensors are cast to `dtype` when given. The model is not changed."""
+    check_mergeable(model)
     replaced = {}  # module name -> {"weight": ..., "bias": ...}, or a fused-experts module's parameters
     for name, module in model.named_modules():
         if name.endswith(".base_layer") and name[: -len(".base_layer")] in replaced:
             continue
         if isinstance(module, LoraExperts):
             replaced[name] = module.merged_params(dtype)
-        elif isinstance(module, LoraLinear):
-            replaced[name] = {"weight": module.merged_weight(dtype), "bias": module.base_layer.bias}
+        elif isinstance(module, LoraLinear):  # linears, convolutions, the embedding table (which has no bias)
+            replaced[name] = {"weight": module.merged_weight(dtype), "bias": getattr(module.base_layer, "bias", None)}
         elif is_quantized_linear(module):
             replaced[name] = {"weight": dequantize_weight(module, dtype or compute_dtype_of(module)),
                               "bias": module.bias}

@@ -18,12 +18,15 @@ from ..models import checkpoint as ckpt
 from ..models.header_check import header_shapes, warn_if_not_finite
 from ..models.interface import VelotuneModel, require_model
 from . import param_lora, peft_experts
-from .inject import (ALL_LINEAR, adaptable_names, add_lora, check_hyperparameters, linear_names, lora_layers,
-                     name_matches, remove_lora, resolve_targets)
+from .embedding import LoraEmbedding
+from .inject import (ALL_LINEAR, adaptable_names, add_lora, check_hyperparameters, embedding_names, linear_names,
+                     lora_layers, name_matches, remove_lora, resolve_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# How a LoRA layer's A tensor ends in PEFT's files: linears and convolutions, and the embedding table's parameter.
+A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 
 # PEFT options we do not implement -> the value that means "off". A config that turns one on is refused.
 _OFF = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
@@ -46,6 +49,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{key}.lora_B.weight"] = adapter.lora_B.weight
             continue
         name = model.peft_name(name)
+        if isinstance(layer, LoraEmbedding):  # PEFT's names: parameters, not linears (no ".weight")
+            out[f"{PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A
+            out[f"{PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B
+            continue
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
@@ -285,12 +292,12 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
     targets = resolve_targets(model, kwargs["targets"])
     # fused expert parameters: their tensors sit under PEFT's (nested) module path, [r x experts, in] / [out, ...]
     files = param_lora.file_modules(model, [n for n in targets if n in set(param_lora.fused_param_names(model))])
-    ranks = {shape[0] for name, shape in found.items() if name.endswith(".lora_A.weight") and shape
-             and name[len(PREFIX):-len(".lora_A.weight")] not in set(files.values())}
+    a_keys = {n[len(PREFIX):-len(suffix)]: n for n in found for suffix in A_SUFFIXES if n.endswith(suffix)}
+    ranks = {found[key][0] for module, key in a_keys.items() if found[key] and module not in set(files.values())}
     if ranks and ranks != {kwargs["r"]}:
         raise CheckpointError(f"{source}: r is {kwargs['r']} but {weights} holds rank-"
                               f"{'/'.join(str(r) for r in sorted(ranks))} LoRA weights")
-    in_file = [n[len(PREFIX):-len(".lora_A.weight")] for n in found if n.endswith(".lora_A.weight")]
+    in_file = list(a_keys)
     absent = [n for n in targets if files.get(n, n) not in set(in_file)]
     if absent:
         fields = "target_modules / target_parameters" if fused or files else "target_modules"
@@ -298,7 +305,7 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
     extra = [n for n in in_file if n not in {files.get(t, t) for t in targets}]
     odd = [(n, why) for n in extra if (why := _not_a_linear(model, n))]
     if odd:  # what PEFT adapted is not a linear velotune has (another model's module, a convolution)
-        tensors = [in_files[f"{PREFIX}{n}.lora_A.weight"] for n, _ in odd]
+        tensors = [in_files[a_keys[n]] for n, _ in odd]
         also = f" (also: {_few(tensors[1:])})" if len(odd) > 1 else ""
         raise CheckpointError(f"{weights}: tensor {tensors[0]} is LoRA for {model.peft_name(odd[0][0])}, "
                               f"{odd[0][1]}{also}")
@@ -313,6 +320,10 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
             expected[f"{PREFIX}{files[name]}.lora_B.weight"] = (n_out, kwargs["r"] * experts)
             continue
         base = model.get_submodule(name)
+        if isinstance(base, nn.Embedding):  # PEFT's embedding pair (lora/embedding.py)
+            expected[f"{PREFIX}{name}.lora_embedding_A"] = (kwargs["r"], base.num_embeddings)
+            expected[f"{PREFIX}{name}.lora_embedding_B"] = (base.embedding_dim, kwargs["r"])
+            continue
         if isinstance(base, nn.modules.conv._ConvNd):  # PEFT's convolution pair (lora/conv.py)
             ones = (1,) * len(base.kernel_size)
             expected[f"{PREFIX}{name}.lora_A.weight"] = (kwargs["r"], base.in_channels, *base.kernel_size)
@@ -338,6 +349,11 @@ def _copy_tensors(model, weights: Path, fused: list | None = None, kwargs: dict 
         raw = peft_experts.expand(model, fused, raw, kwargs, weights)
     found = {_normalize(name, model): tensor for name, tensor in raw.items()}
     in_file = {_normalize(name, model): name for name in raw}   # ours -> as the file spells it
+    # PEFT saves the whole token embedding table beside an adapter on it (save_embedding_layers "auto": the table
+    # may have been resized or trained) and loads it into the model: so do we, where the file has it.
+    tables = {_normalize(f"{PREFIX}{model.peft_name(n)}.base_layer.weight", model): layer.base_layer.weight
+              for n, layer in lora_layers(model).items() if isinstance(layer, LoraEmbedding)}
+    expected.update({k: v for k, v in tables.items() if k in found})
     missing = [k for k in expected if k not in found]
     unexpected = [in_file[k] for k in found if k not in expected]
     shapes = _wrong_shapes({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()})
@@ -354,6 +370,9 @@ def _normalize(name: str, model) -> str:
     """Names as PEFT versions write them -> ours: no adapter-name segment, DoRA magnitude without `.weight`,
     transformers' module path as ours (`PREFIX` kept)."""
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    for table in (".lora_embedding_A", ".lora_embedding_B"):  # an embedding's pair, as PEFT holds it in memory
+        if name.endswith(table + ".default"):
+            name = name[: -len(".default")]
     for old in (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
         if name.endswith(old):
             name = name[: -len(old)] + ".lora_magnitude_vector"
@@ -367,9 +386,12 @@ def _not_a_linear(model, name: str) -> str | None:
         module = model.get_submodule(name)
     except AttributeError:
         return "a module this model does not have (an adapter for another model?)"
-    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # PEFT also adapts embeddings
-        return (f"a {type(module).__name__} here: velotune puts LoRA on linear layers and convolutions only "
-                "(leave it out of target_modules)")
+    if isinstance(module, nn.Embedding) and name not in embedding_names(model):
+        return ("an embedding table other than the token embeddings: velotune puts LoRA on the token embedding "
+                "table only (leave it out of target_modules)")
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        return (f"a {type(module).__name__} here: velotune puts LoRA on linear layers, convolutions and the token "
+                "embedding table only (leave it out of target_modules)")
     return None
 
 

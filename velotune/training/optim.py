@@ -41,7 +41,8 @@ def build_optimizer(params, cfg, named=None, embedding_params=()):
 def _rate(p, cfg, named: dict, embedding_ids: set) -> float:
     if id(p) in embedding_ids and cfg.embedding_lr is not None:
         return cfg.embedding_lr
-    if cfg.lora_plus_ratio is not None and ".lora_B." in f".{named.get(p, '')}.":
+    name = f".{named.get(p, '')}."
+    if cfg.lora_plus_ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name):
         return cfg.lr * cfg.lora_plus_ratio
     return cfg.lr
 
