@@ -10,7 +10,9 @@ from torch import nn
 import velotune as vt
 from velotune.errors import ConfigError
 from velotune.lora import lora_layers
+from velotune.lora import merged_state_dict
 from velotune.models.vision.qwen2_vl_vision import PatchConv3d
+from test_whisper_parity import checkpoint, features, make_hf, rel_err, text_batch  # noqa: F401 (a fixture)
 
 
 class Tower(nn.Module):
@@ -128,3 +130,29 @@ def test_convolutions_lora_cannot_describe_are_refused_by_name(conv, words):
 def test_dora_on_a_convolution_is_refused():
     with pytest.raises(ConfigError, match="LoRA target patch is a Conv2d: DoRA is for linear layers only"):
         vt.add_lora(Tower(), r=2, alpha=4, targets=["patch", "out"], dora=True)
+
+
+def test_lora_on_whisper_s_conv_front_end_trains_and_merges_into_transformers(checkpoint):  # noqa: F811
+    """LoRA on Whisper's two encoder Conv1d layers (named targets; a Conv1d with stride and padding is checked
+    against PEFT above): it trains, and the merged weights in transformers' model give the
+    adapted logits. (PEFT cannot run this on transformers' Whisper: its forward reads `conv1.stride`, which PEFT's
+    convolution layer does not pass through.)"""
+    path, _ = checkpoint
+    from velotune.models.whisper import load_whisper
+    ours = vt.add_lora(load_whisper(path, dtype="float32", device="cpu"), r=4, alpha=8,
+                       targets=["conv1", "conv2", "q_proj"], seed=0)
+    assert {"model.encoder.conv1", "model.encoder.conv2"} <= set(lora_layers(ours))
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():
+            layer.lora_B.weight.normal_(0.0, 0.2)
+    x, labels = features(batch=2), text_batch("none")[2][:2]
+    out = ours(x, labels=labels, return_logits=True)
+    out.loss.backward()
+    for name in ("conv1", "conv2"):
+        layer = lora_layers(ours)[f"model.encoder.{name}"]
+        assert layer.lora_A.weight.grad.abs().max() > 0 and layer.lora_B.weight.grad.abs().max() > 0
+    merged = make_hf()
+    merged.load_state_dict(merged_state_dict(ours))
+    with torch.no_grad():
+        assert rel_err(out.logits, merged(input_features=x, labels=labels).logits) <= 1e-5
+        assert rel_err(out.logits, make_hf()(input_features=x, labels=labels).logits) > 1e-3

@@ -45,21 +45,13 @@ class LoraConv(LoraLinear):
         conv = type(base_layer)
         if not issubclass(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(base_layer, c))
-        self.base_layer = base_layer
-        self.in_features = base_layer.in_channels * math.prod(base_layer.kernel_size)
-        self.out_features = base_layer.out_channels
-        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, rslora, False
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._adapter_state(base_layer, base_layer.in_channels * math.prod(base_layer.kernel_size),
+                            base_layer.out_channels, r, alpha, rslora, False, dropout)
         device = base_layer.weight.device
         ones = (1,) * len(base_layer.kernel_size)
         self.lora_A = conv(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
                            base_layer.padding, bias=False, device=device, dtype=dtype)
         self.lora_B = conv(r, self.out_features, ones, ones, bias=False, device=device, dtype=dtype)
-        self.register_parameter("lora_magnitude_vector", None)
-        self.merged = False
-        self.disabled = False
-        self._merge_state = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,10 +62,8 @@ class LoraConv(LoraLinear):
         return None  # the fused linear kernels do not apply: always this layer's own forward
 
     def forward(self, x):
-        if self.disabled and self.merged:
-            raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
         result = self.base_layer(x)
-        if self.disabled or self.merged:
+        if self._base_alone():
             return result
         dx = self.lora_dropout(x)
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)

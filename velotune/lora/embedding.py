@@ -11,8 +11,6 @@ head too, so merge.py refuses that.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,18 +33,11 @@ class LoraEmbedding(LoraLinear):
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, rslora: bool = False,
                  dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, rslora, False
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = nn.Identity()
+        self._adapter_state(base_layer, base_layer.num_embeddings, base_layer.embedding_dim, r, alpha, rslora,
+                            False, dropout=0.0)  # no dropout on token ids, as PEFT
         device = base_layer.weight.device
         self.lora_embedding_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_embedding_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
-        self.register_parameter("lora_magnitude_vector", None)
-        self.merged = False
-        self.disabled = False
-        self._merge_state = None
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
@@ -63,10 +54,8 @@ class LoraEmbedding(LoraLinear):
         return None
 
     def forward(self, ids):
-        if self.disabled and self.merged:
-            raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
         result = self.base_layer(ids)
-        if self.disabled or self.merged:
+        if self._base_alone():
             return result
         a = self.lora_embedding_A.to(result.dtype)
         b = self.lora_embedding_B.to(result.dtype)

@@ -24,21 +24,32 @@ class LoraLinear(AdaptedLinear):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, rslora, dora
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._adapter_state(base_layer, base_layer.in_features, base_layer.out_features, r, alpha, rslora, dora,
+                            dropout)
         device = base_layer.weight.device
         self.lora_A = empty_linear(self.in_features, r, device=device, dtype=dtype)
         self.lora_B = empty_linear(r, self.out_features, device=device, dtype=dtype)
         if dora:
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("lora_magnitude_vector", None)
+
+    def _adapter_state(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, alpha: float,
+                       rslora: bool, dora: bool, dropout: float) -> None:
+        """What every LoRA layer holds besides its A and B (this class's, convolutions' and the embedding's)."""
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, rslora, dora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_parameter("lora_magnitude_vector", None)  # DoRA's, set by the layer that has it
         self.merged = False
         self.disabled = False     # True: the layer is its base alone (lora.adapters_disabled), e.g. a reference
         self._merge_state = None  # (DoRA factor or None, the quantized base or None): what unmerge needs
+
+    def _base_alone(self) -> bool:
+        """Whether the base computes the layer by itself: switched off, or the adapter merged into it."""
+        if self.disabled and self.merged:
+            raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
+        return self.disabled or self.merged
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None):
@@ -63,9 +74,7 @@ class LoraLinear(AdaptedLinear):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x):
-        if self.disabled:
-            if self.merged:
-                raise RuntimeError("a merged LoRA layer cannot be switched off: unmerge it first")
+        if self.disabled and self._base_alone():
             return self.base_layer(x)
         if not self.merged:
             fused = fused_lora_linear(self, x)  # saves x, A, B only; None where it does not apply (dropout, DoRA)

@@ -303,7 +303,7 @@ def _check_against_weights(model, kwargs: dict, adapter_dir: Path, fused: list |
         fields = "target_modules / target_parameters" if fused or files else "target_modules"
         raise CheckpointError(f"{source}: {fields} select layers that {weights} has no weights for: {_few(absent)}")
     extra = [n for n in in_file if n not in {files.get(t, t) for t in targets}]
-    odd = [(n, why) for n in extra if (why := _not_a_linear(model, n))]
+    odd = [(n, why) for n in extra if (why := _not_adaptable(model, n))]
     if odd:  # what PEFT adapted is not a linear velotune has (another model's module, a convolution)
         tensors = [in_files[a_keys[n]] for n, _ in odd]
         also = f" (also: {_few(tensors[1:])})" if len(odd) > 1 else ""
@@ -380,7 +380,7 @@ def _normalize(name: str, model) -> str:
     return PREFIX + model.name_from_peft(name)
 
 
-def _not_a_linear(model, name: str) -> str | None:
+def _not_adaptable(model, name: str) -> str | None:
     """Why LoRA weights for module `name` (ours) can never load here, or None for a linear of the model."""
     try:
         module = model.get_submodule(name)
