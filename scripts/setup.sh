@@ -9,11 +9,27 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${VELOTUNE_TORCH:-2.13.0}"
 PY="${PYTHON:-python3}"
 
-# pip with its noise filtered out, failing when pip fails.
+# Disk: the test install takes about 3.5 GB in .venv. pip keeps no cache copy of what it installs (the wheels lie on
+# this disk or come once from the registry), and unpacks on the checkout's own disk when the temp dir is short of
+# room (a small /tmp made a CI run fail with "No space left on device").
+export PIP_NO_CACHE_DIR=1
+free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR==2 {print $4}'; }
+tmp_dir="${TMPDIR:-/tmp}"
+if [ "$(free_mb "$tmp_dir" || echo 0)" -lt 2048 ] && [ "$(free_mb . || echo 0)" -gt "$(free_mb "$tmp_dir" || echo 0)" ]; then
+  mkdir -p .venv-tmp && export TMPDIR="$PWD/.venv-tmp"
+fi
+cleanup() { rm -rf .venv-tmp; }
+trap cleanup EXIT
+
+# pip with its noise filtered out, failing when pip fails (and saying how much room was left when that was why).
 quiet_pip() {
   local log; log=$(mktemp)
   if ! python -m pip install -q "$@" >"$log" 2>&1; then
-    grep -v "is ignored" "$log" | tail -n 30; rm -f "$log"; return 1
+    grep -v "is ignored" "$log" | tail -n 30
+    if grep -q "No space left" "$log"; then
+      echo "setup: out of disk installing $*: free MB here $(free_mb .), in ${TMPDIR:-/tmp} $(free_mb "${TMPDIR:-/tmp}"); the test install needs about 4000" >&2
+    fi
+    rm -f "$log"; return 1
   fi
   rm -f "$log"
 }
@@ -23,7 +39,7 @@ quiet_pip() {
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null \
   || quiet_pip "torch==$TORCH_VERSION"
-constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
+constraints=$(mktemp); trap 'rm -f "$constraints"; cleanup' EXIT
 echo "torch==$TORCH_VERSION" > "$constraints"
 extras="quant,export,data,serve,studio,audio"
 if [ "${1:-}" = "--test" ]; then
