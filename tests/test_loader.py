@@ -96,6 +96,22 @@ def test_cpu_default_dtype_follows_bf16_checkpoints_where_native(tmp_path, monke
     assert {p.dtype for p in model.parameters()} == {expected}
 
 
+@pytest.mark.parametrize("native, warns", [("0", True), ("1", False)])
+def test_bf16_asked_for_on_a_cpu_without_bf16_instructions_warns_once(tmp_path, monkeypatch, caplog, native, warns):
+    from velotune.models import dtypes
+    path, _ = make_checkpoint(tmp_path, "llama")
+    monkeypatch.setenv("VELOTUNE_CPU_BF16", native)
+    monkeypatch.setattr(dtypes, "_warned_slow", set())
+    with caplog.at_level(logging.WARNING, logger="velotune"):
+        vt.load(path, dtype="bfloat16", device="cpu")
+        vt.load(path, dtype="bfloat16", device="cpu")
+        vt.load(path, dtype="float32", device="cpu")
+    emulated = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(emulated) == (1 if warns else 0)
+    if warns:
+        assert "dtype='float32'" in emulated[0].getMessage()
+
+
 def test_tokenizer_loads_when_present_and_survives_save(tmp_path):
     path, _ = make_checkpoint(tmp_path, "llama_tied")
     tok = make_tokenizer()

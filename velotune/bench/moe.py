@@ -116,9 +116,10 @@ def run_case(ns, plan: dict, case: str, cache: Path, method: str = "lora") -> di
     started, load_before = time.time(), load_average()
     shape = plan["shapes"][case]
     model, parameters = model_dir(cache, shape, plan)
-    # qlora: NF4 linears computing in bf16, the other weights in bf16, no autocast (what QLoRA users run).
-    dtype, precision = ("bfloat16", "fp32") if method == "qlora" else (plan["dtype"], plan["precision"])
-    print(f"moe benchmark on {plan['device']} ({_precision_words(method, plan['precision'])}): {case} "
+    # qlora: NF4 linears computing in bf16, the other weights in bf16, no autocast (what QLoRA users run), where
+    # the machine multiplies bf16 natively; else all of it in fp32 (emulated bf16 matmuls run ~40x slower on both sides).
+    dtype, precision = (qlora_dtype(plan["device"]), "fp32") if method == "qlora" else (plan["dtype"], plan["precision"])
+    print(f"moe benchmark on {plan['device']} ({_precision_words(method, plan['precision'], dtype)}): {case} "
           f"({parameters / 1e6:.1f}M parameters), {method.upper() if method == 'qlora' else 'LoRA'} "
           f"r={LORA_RANK} on {'/'.join(LORA_TARGETS)}{' and the experts' if method == 'experts' else ''}; "
           f"{plan['batch']} x {plan['seq']} tokens a step, "
@@ -198,9 +199,19 @@ def _ratio_lines(result: dict) -> list:
     return lines
 
 
-def _precision_words(method: str, precision: str) -> str:
+def qlora_dtype(device: str) -> str:
+    """The dtype QLoRA computes in and keeps its other weights in: bf16 on GPUs and on CPUs with bf16 instructions."""
+    from ..models.dtypes import cpu_has_native_bf16
+    return "bfloat16" if is_cuda(device) or cpu_has_native_bf16() else "float32"
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+
+
+def _precision_words(method: str, precision: str, dtype: str = "bfloat16") -> str:
     if method == "qlora":
-        return "NF4 base, bf16 compute"
+        return f"NF4 base, {_short(dtype)} compute"
     return "fp32" + (", bf16 autocast" if precision == "bf16" else "")
 
 
@@ -208,11 +219,13 @@ def _method_words(s: dict, versions: dict) -> str:
     """What each side holds, by method."""
     if s.get("method") != "qlora":
         return "the weights fp32 as stored"
+    d = _short(s.get("dtype", "bfloat16"))
+    why = "" if d == "bf16" else " (fp32: this CPU has no bf16 instructions, where bf16 matmuls run ~40x slower)"
     return ("QLoRA: every linear of the decoder blocks except the routers in NF4 (blocksize 64, double quantization) "
-            "computing in bf16, embeddings, head, norms and routers in bf16, LoRA weights fp32, no autocast, on both "
+            f"computing in {d}, embeddings, head, norms and routers in {d}{why}, LoRA weights fp32, no autocast, on both "
             f"sides through bitsandbytes {versions.get('bitsandbytes')} (transformers: BitsAndBytesConfig "
             "load_in_4bit). transformers holds the experts as fused [experts, out, in] parameters, which its "
-            "bitsandbytes integration does not quantize: they stay in bf16 there, where velotune quantizes each "
+            f"bitsandbytes integration does not quantize: they stay in {d} there, where velotune quantizes each "
             "expert (most of an MoE model's weights)")
 
 
@@ -232,8 +245,9 @@ def markdown(result: dict) -> str:
     experts = shape.get("num_experts") or shape.get("num_local_experts")
     width = shape.get("moe_intermediate_size") if shape["model_type"] == "qwen3_moe" else shape["intermediate_size"]
     title = {"qlora": "QLoRA", "experts": "LoRA (attention and experts)"}.get(method, "LoRA (attention)")
+    words = _precision_words(method, s["precision"], s.get("dtype", "bfloat16"))
     text = [f"# Mixture-of-experts {title} fine-tuning: velotune vs "
-            f"transformers + PEFT, {s['case']} ({s['device']}, {_precision_words(method, s['precision'])})", "",
+            f"transformers + PEFT, {s['case']} ({s['device']}, {words})", "",
             f"Command: `{m['command']}`  ",
             f"Model: {shape['model_type']} with random weights (normal, std 0.02; norms at 1; {s['parameters'] / 1e6:.1f}M "
             f"parameters), written by transformers' save_pretrained: {shape['num_hidden_layers']} layers, hidden "

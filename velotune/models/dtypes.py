@@ -43,3 +43,25 @@ def cpu_has_native_bf16() -> bool:
         except Exception:  # private probes: absent or failing means "not known to be native"
             continue
     return False
+
+
+_warned_slow: set = set()
+
+
+def warn_if_emulated(dtype: torch.dtype, device) -> None:
+    """Warns once when bf16 or fp16 is asked for on a CPU that has no instructions for it: there every matmul runs
+    through torch's scalar fallback, 40-100x slower than fp32 (measured on an AVX2-only EPYC: bf16 mm 1.1 GFLOP/s
+    against 49 in fp32), which looks like a hang rather than a choice."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return
+    if (dtype == torch.bfloat16 and cpu_has_native_bf16()) or dtype in _warned_slow:
+        return
+    if dtype == torch.float16 and getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)():
+        return
+    _warned_slow.add(dtype)
+    import logging
+    name = str(dtype).replace("torch.", "")
+    logging.getLogger("velotune").warning(
+        "%s on this CPU (%s, no %s instructions): its matmuls are emulated, tens of times slower than float32; "
+        "load with dtype='float32' (what 'auto' picks here) unless memory forces %s", name,
+        torch.backends.cpu.get_cpu_capability(), "AVX512-BF16/AMX" if dtype == torch.bfloat16 else "AMX-FP16", name)

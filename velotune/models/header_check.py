@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .safetensors_reader import read_header
 
 log = logging.getLogger("velotune")
 
@@ -23,18 +24,20 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 
 def header_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Tensor name -> (shape, file) from safetensors headers; no tensor data is read."""
-    from safetensors import safe_open
+    """Tensor name -> (shape, file) from safetensors headers (checked as the reader checks them: offsets inside the
+    file, the bytes each shape needs); no tensor data is read."""
     shapes = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    shapes[name] = (tuple(f.get_slice(name).get_shape()), file)
-        except Exception as exc:  # the library's own errors for bad headers, offsets past the end of the file
+            with open(file, "rb", buffering=0) as handle:
+                entries, _ = read_header(file, handle)
+        except (CheckpointError, OSError) as exc:
             size = file.stat().st_size if file.exists() else 0
+            detail = str(exc).removeprefix(f"{file}: ")
             raise CheckpointError(f"{file}: cannot read safetensors ({size} bytes; truncated or corrupt?): "
-                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                                  f"{detail}") from None
+        for name, (_, shape, _, _) in entries.items():
+            shapes[name] = (tuple(shape), file)
     return shapes
 
 

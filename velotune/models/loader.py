@@ -11,7 +11,7 @@ from . import checkpoint as ckpt
 from .build import parameters_on_meta, rebuild_buffers, skip_weight_init
 from .checkpoint_io import cast_state, dtype_name, write_model_dir
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
-from .dtypes import default_dtype, parse_dtype
+from .dtypes import default_dtype, parse_dtype, warn_if_emulated
 from .interface import VelotuneModel, require_model
 from .registry import SPEECH_SEQ2SEQ, architecture, supported_model_types
 from .tokenizer import load_tokenizer
@@ -29,6 +29,7 @@ def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=No
     config = ckpt.read_config(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device, config)
+    warn_if_emulated(dtype, device)
     if quantize not in (None, "nf4", "int8"):
         raise ValueError(f"quantize={quantize!r}: expected None, 'nf4' or 'int8'")
     module = architecture(config["model_type"])

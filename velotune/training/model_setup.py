@@ -6,6 +6,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
+from ..models.dtypes import warn_if_emulated
 
 log = logging.getLogger("velotune")
 
@@ -109,4 +110,5 @@ def autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtyp
     if precision == "fp32":
         return None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    warn_if_emulated(dtype, device)   # autocast to a dtype this CPU only emulates: many times slower than fp32
     return None if model_dtype == dtype else dtype
