@@ -130,6 +130,48 @@ def test_gradient_checkpointing_on_both_paths(pair):
         model.set_gradient_checkpointing("cpu")
 
 
+def test_activation_checkpointing_names_and_every_n_layers(pair, monkeypatch):
+    """transformers 5's names (its gradient_* ones are deprecated aliases there); every_n_layers n recomputes
+    blocks 0, n, 2n, ... as transformers picks them, with the gradients of the plain run."""
+    model, _, _ = pair
+    ids = _ids(seed=3)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.requires_grad_(True).train()
+    try:
+        plain = grads()
+        model.activation_checkpointing_enable(every_n_layers=2)
+        assert model.is_activation_checkpointing and model.is_gradient_checkpointing
+        if model.path == "native":
+            from velotune.models import base
+            seen = []
+            real = base.checkpoint
+            monkeypatch.setattr(base, "checkpoint", lambda run, *a, **k: seen.append(run) or real(run, *a, **k))
+            every_other = grads()
+            assert seen == list(model.model.layers)[::2]
+        else:   # transformers marks the blocks it recomputes
+            every_other = grads()
+            assert [b.gradient_checkpointing for b in model.blocks()] == [i % 2 == 0 for i in range(len(model.blocks()))]
+        model.activation_checkpointing_disable()
+        assert not model.is_activation_checkpointing
+        model.gradient_checkpointing_enable({"use_reentrant": False})   # the old name: every block again
+        if model.path == "native":
+            assert model.model.checkpoint_every == 1
+        else:
+            assert all(b.gradient_checkpointing for b in model.blocks())
+        model.gradient_checkpointing_disable()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    assert all(rel_err(every_other[n], plain[n]) <= 1e-6 for n in plain)
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="every_n_layers must be a positive integer"):
+            model.activation_checkpointing_enable(every_n_layers=bad)
+
+
 def test_forward_logits_rules_on_both_paths(pair):
     model, _, _ = pair
     ids = _ids(seed=3)

@@ -25,8 +25,8 @@ FIRST_ID = 4  # random token ids start after the special tokens (pad, bos, eos, 
 def training_loop(model, batches, lr, gradient_checkpointing, on_step):
     """The loop every system runs: labels = input ids, AdamW over the trainable parameters."""
     import torch
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # transformers 5's name first: gradient_checkpointing_enable warns there, goes in v6
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()

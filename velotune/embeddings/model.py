@@ -161,6 +161,9 @@ class SentenceEncoder(VelotuneModel):
     def set_gradient_checkpointing(self, mode=True):
         self.backbone.set_gradient_checkpointing(mode)
 
+    def set_checkpoint_every(self, every_n_layers: int):
+        self.backbone.set_checkpoint_every(every_n_layers)
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.backbone.is_gradient_checkpointing

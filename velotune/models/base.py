@@ -15,7 +15,7 @@ from ..kernels import linear_cross_entropy
 from ..kernels.shape_buckets import bucket_length
 from ..kernels.offload import offloaded_checkpoint
 from .attention import Attention, AttentionMask, check_document_ids, document_positions
-from .interface import LanguageModel, check_checkpointing_mode
+from .interface import LanguageModel, check_checkpointing_mode, check_every_n_layers
 from .mlp import GatedMLP
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
@@ -72,6 +72,7 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling,
                                           args.partial_rotary_factor, args.max_position_embeddings)
         self.gradient_checkpointing = False  # False, True, or "offload" (block inputs kept on the CPU)
+        self.checkpoint_every = 1            # checkpoint blocks 0, n, 2n, ... (transformers' every_n_layers)
 
     def forward(self, h, rope, mask, cache=None, rows=None):
         """`rows` [B, K]: the last block computes those positions only (the output is [B, K, hidden])."""
@@ -79,7 +80,8 @@ class Backbone(nn.Module):
         for i, layer in enumerate(self.layers):
             run = layer if rows is None or i < last else (lambda x, *_, layer=layer: layer.forward_rows(x, rows, rope,
                                                                                                          mask))
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and i % self.checkpoint_every == 0):
                 if self.gradient_checkpointing == "offload":
                     h = offloaded_checkpoint(lambda x, run=run: run(x, rope, mask, cache), h)
                 else:
@@ -146,6 +148,10 @@ class CausalLM(LanguageModel):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return bool(self.model.gradient_checkpointing)
+
+    def set_checkpoint_every(self, every_n_layers: int):
+        check_every_n_layers(every_n_layers)
+        self.model.checkpoint_every = every_n_layers
 
     def state_for_saving(self) -> dict:
         """A tied lm_head is left out, as Hugging Face does."""

@@ -13,6 +13,7 @@ own models.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from . import checkpoint as ckpt
 from .attention import check_document_ids, document_positions, document_starts
 from .base import CausalLMOutput, default_positions, next_token_loss
 from .header_check import check_generic, check_positive_sizes, header_shapes, warn_if_not_finite
-from .interface import LanguageModel, check_checkpointing_mode
+from .interface import LanguageModel, check_checkpointing_mode, check_every_n_layers
 from .registry import supported_model_types
 
 log = logging.getLogger("velotune")
@@ -82,6 +83,7 @@ class GenericCausalLM(LanguageModel):
         # transformers' own forward signature (a third-party API, not our interface): some models take no positions.
         self._takes_positions = "position_ids" in inspect.signature(hf_model.forward).parameters
         self._checkpointing: bool | str = False
+        self._checkpoint_every = 1
         self._head_is_plain: bool | None = None  # measured on first use (see _check_head)
 
     def __setattr__(self, name, value):
@@ -128,11 +130,25 @@ class GenericCausalLM(LanguageModel):
             _warned_offload = True
             log.warning("gradient checkpointing 'offload': not available on the generic path (%s); blocks are "
                         "recomputed and their inputs stay on the device", self.model_type)
-        if mode:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf = self.hf_model
+        # transformers 5.x names it activation checkpointing (the gradient_* names warn there and go in v6).
+        if mode and hasattr(hf, "activation_checkpointing_enable"):
+            every = {"every_n_layers": self._checkpoint_every} if self._checkpoint_every != 1 else {}
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, **every)
+        elif mode:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.hf_model.gradient_checkpointing_disable()
+            (getattr(hf, "activation_checkpointing_disable", None) or hf.gradient_checkpointing_disable)()
         self._checkpointing = mode
+
+    def set_checkpoint_every(self, every_n_layers: int):
+        """transformers picks blocks 0, n, 2n, ... itself where it knows every_n_layers (5.x's activation
+        checkpointing); older releases checkpoint every block only."""
+        check_every_n_layers(every_n_layers)
+        if every_n_layers != 1 and not hasattr(self.hf_model, "activation_checkpointing_enable"):
+            raise UnsupportedError(f"activation checkpointing every_n_layers={every_n_layers}: this transformers "
+                                   f"release checkpoints every block of {self.model_type} or none")
+        self._checkpoint_every = every_n_layers
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -259,8 +275,9 @@ def _run(module, kwargs, cache):
     from transformers import Cache, DynamicCache
     if cache is None:
         return module(**kwargs, use_cache=False)
+    name = _cache_argument(type(module))
     if isinstance(cache, Cache):
-        return module(**kwargs, past_key_values=cache, use_cache=True)
+        return module(**kwargs, **{name: cache}, use_cache=True)
     # Our KVCache (velotune.infer.cache): transformers attends through its own cache object, so it gets
     # one holding what ours holds, and the new keys and values go back into ours. transformers' own
     # DynamicCache copies the same way (torch.cat) on every step.
@@ -268,11 +285,18 @@ def _run(module, kwargs, cache):
     layers = sorted(cache.keys)
     hf_cache = DynamicCache(ddp_cache_data=[(cache.keys[i][:, :, :past], cache.values[i][:, :, :past])
                                             for i in layers]) if past else DynamicCache()
-    out = module(**kwargs, past_key_values=hf_cache, use_cache=True)
+    out = module(**kwargs, **{name: hf_cache}, use_cache=True)
     for i, layer in enumerate(hf_cache.layers):
         if getattr(layer, "keys", None) is not None and layer.keys.numel():  # a transformers cache layer
             cache.update(i, layer.keys[:, :, past:], layer.values[:, :, past:])
     return out
+
+
+@functools.cache
+def _cache_argument(model_class) -> str:
+    """The name the model's forward takes its cache by: `cache` from transformers 5.2x (where `past_key_values` is
+    a deprecated alias, to be removed), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _past_length(cache) -> int:

@@ -93,14 +93,36 @@ class VelotuneModel(nn.Module, metaclass=ABCMeta):
         """The state dict under checkpoint names, each tied tensor once, as transformers writes it."""
 
     # ---- the names transformers-style loops call, for every family -------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """As transformers: recompute each block in backward. (`{"offload": True}` also keeps block inputs on
-        the CPU.)"""
-        offload = bool((gradient_checkpointing_kwargs or {}).get("offload"))
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False):
+        """transformers 5's name: recompute the blocks in backward. `every_n_layers` n: only blocks 0, n, 2n, ...
+        (as transformers picks them; the others keep their activations), where the family's block loop supports it;
+        `offload` (or `{"offload": True}`): also keep the checkpointed blocks' inputs on the CPU. Other kwargs
+        (`use_reentrant`) are accepted and ignored: checkpointing here is always non-reentrant."""
+        offload = offload or bool((activation_checkpointing_kwargs or {}).get("offload"))
+        self.set_checkpoint_every(every_n_layers)
         self.set_gradient_checkpointing("offload" if offload else True)
 
-    def gradient_checkpointing_disable(self):
+    def activation_checkpointing_disable(self):
         self.set_gradient_checkpointing(False)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.is_gradient_checkpointing
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The name transformers 4 and most training scripts use (deprecated there in 5.x, kept here)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()
+
+    def set_checkpoint_every(self, every_n_layers: int):
+        """Checkpoint blocks 0, n, 2n, ... only. Families whose block loop checkpoints every block take 1 only."""
+        check_every_n_layers(every_n_layers)
+        if every_n_layers != 1:
+            raise UnsupportedError(f"activation checkpointing every_n_layers={every_n_layers}: {type(self).__name__} "
+                                   "checkpoints every block or none (every_n_layers=1)")
 
     def enable_input_require_grads(self):
         """A no-op kept for loops written for transformers: checkpointing here is non-reentrant, which does not
@@ -173,6 +195,11 @@ class LanguageModel(VelotuneModel):
 def check_checkpointing_mode(mode):
     if mode not in CHECKPOINTING_MODES:
         raise ValueError(f"gradient checkpointing must be True, False or 'offload', got {mode!r}")
+
+
+def check_every_n_layers(n):
+    if type(n) is not int or n < 1:
+        raise ValueError(f"activation checkpointing every_n_layers must be a positive integer, got {n!r}")
 
 
 # Named in the error for a module that is not a velotune model (the first three are LanguageModel's own).
