@@ -105,14 +105,16 @@ def test_blocks_are_the_decoder_layers(pair):
     assert cache.past_length == 5 and sorted(cache.keys) == [0, 1]
 
 
+def _grads(model, ids) -> dict:
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_gradient_checkpointing_on_both_paths(pair):
     model, _, _ = pair
     ids = _ids(seed=2)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = lambda: _grads(model, ids)  # noqa: E731
     model.requires_grad_(True).train()  # (an earlier test's add_lora froze the base)
     try:
         plain = grads()
@@ -135,11 +137,7 @@ def test_activation_checkpointing_names_and_every_n_layers(pair, monkeypatch):
     blocks 0, n, 2n, ... as transformers picks them, with the gradients of the plain run."""
     model, _, _ = pair
     ids = _ids(seed=3)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = lambda: _grads(model, ids)  # noqa: E731
     model.requires_grad_(True).train()
     try:
         plain = grads()
