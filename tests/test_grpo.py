@@ -11,6 +11,7 @@ import velotune as vt
 from train_fixtures import FACTS, base_config, make_model_dir, write_jsonl
 from velotune.errors import ConfigError, TrainingError
 from velotune.training.objectives.grpo import clipped_token_loss, group_advantages
+from velotune.bench.baselines import trainer_checkpointing
 
 _ = vt.train
 from velotune.training.trainer import train  # noqa: E402
@@ -260,7 +261,7 @@ def test_grpo_reaches_what_trls_grpo_trainer_reaches(tmp_path):
                               num_generations=8, max_completion_length=8, max_steps=steps, learning_rate=lr,
                               logging_steps=1, report_to=[], save_strategy="no", beta=0.0, loss_type="dapo",
                               temperature=1.0, top_k=0, max_grad_norm=0.0, use_cpu=True, bf16=False,
-                              gradient_checkpointing=False, seed=seed)
+                              seed=seed, **trainer_checkpointing(False))
         trainer = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                   args=args, reward_funcs=vowel_share, train_dataset=Dataset.from_list(rows * 20),
                                   processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Rewards()])

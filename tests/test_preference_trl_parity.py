@@ -6,6 +6,7 @@ import torch
 
 import velotune as vt
 from train_fixtures import FACTS, make_model_dir
+from velotune.bench.baselines import trainer_checkpointing
 from velotune.config import load_config
 from velotune.training.objectives import make_objective
 from velotune.training.objectives.reference import Reference
@@ -24,7 +25,7 @@ def test_a_dpo_step_equals_trl(tmp_path):
     wrong = [a for _, a in FACTS][1:] + [FACTS[0][1]]
     rows = [{"prompt": q, "chosen": " " + a, "rejected": " " + w} for (q, a), w in zip(FACTS, wrong)][:4]
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, report_to=[], beta=0.1,
-                         max_length=128, use_cpu=True, bf16=False)
+                         max_length=128, use_cpu=True, bf16=False, **trainer_checkpointing(True))  # TRL's default
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok,
                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))

@@ -19,6 +19,16 @@ def load_hf_model(model_dir: str, dtype: str, device: str, quantize_4bit: bool =
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
 
 
+def trainer_checkpointing(on: bool) -> dict:
+    """transformers' TrainingArguments switch for activation checkpointing, under the name this release takes:
+    `activation_checkpointing` from 5.2x, where `gradient_checkpointing` is a deprecated alias (gone in v6). Set
+    either way, so TRL's configs (whose default is on) do what the benchmark says."""
+    import dataclasses
+    from transformers import TrainingArguments
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
 def with_peft_lora(model):
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0,

@@ -83,6 +83,7 @@ def run_trl(model_dir: Path, prompts: Path, out: Path, steps: int, seed: int) ->
     from trl import GRPOConfig, GRPOTrainer
 
     from ..training.rewards import exact_match_reward
+    from .baselines import trainer_checkpointing
     rows = [json.loads(line) for line in prompts.read_text().splitlines()]
     rewards = []
     match = exact_match_reward("answer")
@@ -97,7 +98,7 @@ def run_trl(model_dir: Path, prompts: Path, out: Path, steps: int, seed: int) ->
     args = GRPOConfig(output_dir=str(out), per_device_train_batch_size=4 * 8, num_generations=8,
                       max_completion_length=2, max_steps=steps, learning_rate=3e-4, lr_scheduler_type="constant",
                       logging_steps=1, report_to=[], save_strategy="no", beta=0.0, loss_type="dapo", temperature=1.0,
-                      top_k=0, max_grad_norm=1.0, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=seed)
+                      top_k=0, max_grad_norm=1.0, use_cpu=True, bf16=False, seed=seed, **trainer_checkpointing(False))
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32), args=args,
                           reward_funcs=exact_match, train_dataset=Dataset.from_list(rows * (steps // 4 + 1)),
                           processing_class=AutoTokenizer.from_pretrained(str(model_dir)), callbacks=[Rewards()])

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .baselines import LORA_RANK, load_hf_model
+from .baselines import LORA_RANK, load_hf_model, trainer_checkpointing
 from .memory import MemoryMeter
 
 
@@ -61,7 +61,7 @@ def run_trl_trainer(spec: dict, meter: MemoryMeter, on_step, make_trainer: Calla
     common = dict(output_dir=spec["out_dir"], max_steps=spec["warmup"] + spec["steps"], learning_rate=spec["lr"],
                   logging_steps=1, report_to=[], save_strategy="no", max_grad_norm=1.0,
                   use_cpu=not spec["device"].startswith("cuda"), bf16=spec["dtype"] == "bfloat16",
-                  gradient_checkpointing=spec["system"] == "trl", dataloader_num_workers=0, seed=42)
+                  dataloader_num_workers=0, seed=42, **trainer_checkpointing(spec["system"] == "trl"))
     peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules="all-linear",
                              bias="none", task_type="CAUSAL_LM")
     trainer = make_trainer(model, tokenizer, Dataset.from_list(rows), common, peft_config, [Timer()])
