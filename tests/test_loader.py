@@ -112,6 +112,20 @@ def test_bf16_asked_for_on_a_cpu_without_bf16_instructions_warns_once(tmp_path, 
         assert "dtype='float32'" in emulated[0].getMessage()
 
 
+def test_a_load_gives_the_buffers_it_freed_back(tmp_path, monkeypatch):
+    """Every load ends with one heap trim (glibc keeps freed read buffers resident otherwise), errors included."""
+    import sys
+    from velotune.models import heap, loader
+    calls = []
+    monkeypatch.setattr(loader, "release_freed_memory", lambda: calls.append(1))
+    path, _ = make_checkpoint(tmp_path, "llama")
+    vt.load(path, dtype="bfloat16", device="cpu")
+    with pytest.raises(CheckpointError):
+        vt.load(tmp_path / "missing", device="cpu")
+    assert len(calls) == 2
+    assert heap.release_freed_memory() is (sys.platform.startswith("linux") and heap._malloc_trim() is not None)
+
+
 def test_tokenizer_loads_when_present_and_survives_save(tmp_path):
     path, _ = make_checkpoint(tmp_path, "llama_tied")
     tok = make_tokenizer()

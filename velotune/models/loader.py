@@ -11,6 +11,7 @@ from . import checkpoint as ckpt
 from .build import parameters_on_meta, rebuild_buffers, skip_weight_init
 from .checkpoint_io import cast_state, dtype_name, write_model_dir
 from .header_check import check_layer_count, check_native, check_positive_sizes, header_shapes, warn_if_not_finite
+from .heap import release_freed_memory
 from .dtypes import default_dtype, parse_dtype, warn_if_emulated
 from .interface import VelotuneModel, require_model
 from .registry import SPEECH_SEQ2SEQ, architecture, supported_model_types
@@ -25,6 +26,13 @@ SIDE_FILES = ("generation_config.json",)
 
 def load(name_or_path, dtype=None, quantize=None, device=None, max_seq_length=None, load_tokenizer_files=True):
     """Loads a Hugging Face format checkpoint: returns (model, tokenizer or None)."""
+    try:
+        return _load(name_or_path, dtype, quantize, device, max_seq_length, load_tokenizer_files)
+    finally:
+        release_freed_memory()  # the read buffers freed by casts and quantization, back to the system
+
+
+def _load(name_or_path, dtype, quantize, device, max_seq_length, load_tokenizer_files):
     model_dir = ckpt.resolve_model_dir(name_or_path)
     config = ckpt.read_config(model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
