@@ -7,6 +7,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import velotune as vt
 from train_fixtures import base_config, chat_records, interrupt_at_step, make_model_dir, write_jsonl
+from velotune.config import load_config
 from velotune.errors import ConfigError, TrainingError
 
 
@@ -163,11 +164,22 @@ def test_continued_pretraining_on_text_with_eval_split(setup):
     assert any("eval_loss" in l for l in lines)
 
 
-def test_gradient_checkpointing_gives_the_same_losses(setup):
+def test_gradient_checkpointing_gives_the_same_losses(setup, monkeypatch):
+    from velotune.models import base
     model_dir, data, tmp = setup
     plain = vt.train(base_config(model_dir, data, tmp / "a", train={"max_steps": 3}))
+    recomputed = []
+    real = base.checkpoint
+    monkeypatch.setattr(base, "checkpoint", lambda run, *a, **k: recomputed.append(run) or real(run, *a, **k))
     ckpt = vt.train(base_config(model_dir, data, tmp / "b", train={"max_steps": 3, "gradient_checkpointing": True}))
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+    every, recomputed[:] = len(recomputed), []
+    every_other = vt.train(base_config(model_dir, data, tmp / "c", train={
+        "max_steps": 3, "gradient_checkpointing": True, "checkpoint_every_n_layers": 2}))
+    assert every_other.losses == pytest.approx(plain.losses, rel=1e-6)
+    assert every > 0 and len(recomputed) == every // 2   # the tiny model's 2 blocks: block 0 only
+    with pytest.raises(ConfigError, match="train.checkpoint_every_n_layers"):
+        load_config(base_config(model_dir, data, tmp / "d", train={"checkpoint_every_n_layers": 0}))
 
 
 @pytest.mark.parametrize("optimizer,scheduler", [("adamw8bit", "cosine"), ("adamw", "constant")])

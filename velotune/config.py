@@ -115,6 +115,9 @@ class TrainConfig:
         "auto", "autocast dtype; auto and fp32: none (the weights' dtype); fp16 adds loss scaling")
     gradient_checkpointing: Union[bool, Literal["offload"]] = setting(
         False, "recompute activations in backward to save memory; offload: block inputs kept on the CPU")
+    checkpoint_every_n_layers: int = setting(
+        1, "with gradient_checkpointing: recompute blocks 0, n, 2n, ... only; the others keep their activations "
+        "(faster, more memory; transformers' every_n_layers)", AT_LEAST_ONE)
     save_every: int | None = setting(None, "optimizer steps between checkpoints; null: none before the end",
                                      POSITIVE)
     keep_last: int = setting(2, "checkpoints kept in output_dir (older ones are deleted)", AT_LEAST_ONE)

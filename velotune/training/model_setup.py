@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedError
 from ..models.dtypes import warn_if_emulated
 
 log = logging.getLogger("velotune")
@@ -57,6 +57,10 @@ def prepare_for_training(model, cfg, adjust=None) -> dict:
     if adjust is not None:
         adjust(model, cfg)
     if cfg.train.gradient_checkpointing:
+        try:
+            model.set_checkpoint_every(cfg.train.checkpoint_every_n_layers)
+        except UnsupportedError as exc:
+            raise ConfigError(f"train.checkpoint_every_n_layers: {exc}") from None
         model.set_gradient_checkpointing(cfg.train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
