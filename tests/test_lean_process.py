@@ -59,6 +59,30 @@ def test_a_lora_run_with_resume_imports_no_compiler_stack():
     assert loaded == {"before": [], "after": []}, loaded
 
 
+BNB_IMPORT_SCRIPT = r"""
+import json, sys
+import torch
+from velotune.models.bitsandbytes_import import require_bitsandbytes
+real = torch.compile
+bnb = require_bitsandbytes()
+print(json.dumps({"compile_restored": torch.compile is real, "again": require_bitsandbytes() is bnb,
+                  "compiler": sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules)}))
+"""
+
+
+def test_bitsandbytes_is_imported_without_compiling():
+    """bitsandbytes' default backend calls torch.compile on import (~117 MB of compiler modules for fallbacks the CPU
+    and CUDA never run): velotune imports it with compile left out, and gives torch.compile back."""
+    pytest.importorskip("bitsandbytes")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VELOTUNE_", "TRITON_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", BNB_IMPORT_SCRIPT], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"compile_restored": True, "again": True,
+                                                                 "compiler": []}
+
+
 def _params(seed: int):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((7, 5), (5,), (3, 4, 2))]

@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedError
+from ..models.bitsandbytes_import import require_bitsandbytes
 from .lean_optim import AdamW, lean
 
 
@@ -31,8 +32,8 @@ def build_optimizer(params, cfg, named=None, embedding_params=()):
     betas = tuple(float(b) for b in cfg.betas)
     if cfg.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
-        except ImportError:
+            bnb = require_bitsandbytes()
+        except UnsupportedError:
             raise ConfigError("train.optimizer: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)") from None
         return lean(bnb.optim.AdamW8bit)(groups, lr=cfg.lr, betas=betas)
     return AdamW(groups, lr=cfg.lr, betas=betas, **adamw_impl(params))
