@@ -74,15 +74,12 @@ class LoraLinear(AdaptedLinear):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x):
-        if self.disabled and self._base_alone():
+        if self._base_alone():
             return self.base_layer(x)
-        if not self.merged:
-            fused = fused_lora_linear(self, x)  # saves x, A, B only; None where it does not apply (dropout, DoRA)
-            if fused is not None:
-                return fused
+        fused = fused_lora_linear(self, x)  # saves x, A, B only; None where it does not apply (dropout, DoRA)
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
-        if self.merged:
-            return result
         dx = self.lora_dropout(x)
         lora = F.linear(F.linear(dx, self.lora_A.weight.to(x.dtype)), self.lora_B.weight.to(x.dtype))
         if not self.use_dora:
