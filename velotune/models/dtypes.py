@@ -1,9 +1,12 @@
 """Dtype names as configs and the command line write them, and the dtype a model loads in by default."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
+
+log = logging.getLogger("velotune")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -34,8 +37,13 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get("VELOTUNE_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def _cpu_has(*probes: str) -> bool:
+    """Whether any of torch.cpu's private feature probes answers yes."""
     cpu = getattr(torch, "cpu", None)
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+    for probe in probes:
         check = getattr(cpu, probe, None)
         try:
             if check is not None and check():
@@ -56,12 +64,11 @@ def warn_if_emulated(dtype: torch.dtype, device) -> None:
         return
     if (dtype == torch.bfloat16 and cpu_has_native_bf16()) or dtype in _warned_slow:
         return
-    if dtype == torch.float16 and getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)():
+    if dtype == torch.float16 and _cpu_has("_is_amx_fp16_supported"):
         return
     _warned_slow.add(dtype)
-    import logging
     name = str(dtype).replace("torch.", "")
-    logging.getLogger("velotune").warning(
+    log.warning(
         "%s on this CPU (%s, no %s instructions): its matmuls are emulated, tens of times slower than float32; "
         "load with dtype='float32' (what 'auto' picks here) unless memory forces %s", name,
         torch.backends.cpu.get_cpu_capability(), "AVX512-BF16/AMX" if dtype == torch.bfloat16 else "AMX-FP16", name)
