@@ -100,12 +100,17 @@ def machine_markdown(m: dict) -> list:
             f"duration {m['duration_s']:.0f} s; {m['date']}", ""]
 
 
+def short_dtype(dtype: str) -> str:
+    """float32 -> fp32, bfloat16 -> bf16 (other names as they are): how file names and reports write a dtype."""
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+
+
 def result_name(kind: str, device: str, shape: str, dtype: str) -> str:
     """<kind>-<cpu|cuda>-<shape>, with -fp32 / -bf16 when the dtype is not the device's default."""
     cuda = str(device).startswith("cuda")
     name = f"{kind}-{'cuda' if cuda else 'cpu'}-{shape}"
     if dtype != ("bfloat16" if cuda else "float32"):
-        name += "-" + {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+        name += "-" + short_dtype(dtype)
     return name
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import assets, report
-from .machine import load_average, machine_markdown, print_and_save
+from .machine import load_average, machine_markdown, print_and_save, short_dtype
 from .processes import run_module
 from .side_by_side import checks, ratios, run_systems, summarise
 from .train import is_cuda, pick, side_plan
@@ -205,13 +205,9 @@ def qlora_dtype(device: str) -> str:
     return "bfloat16" if is_cuda(device) or cpu_has_native_bf16() else "float32"
 
 
-def _short(dtype: str) -> str:
-    return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
-
-
 def _precision_words(method: str, precision: str, dtype: str = "bfloat16") -> str:
     if method == "qlora":
-        return f"NF4 base, {_short(dtype)} compute"
+        return f"NF4 base, {short_dtype(dtype)} compute"
     return "fp32" + (", bf16 autocast" if precision == "bf16" else "")
 
 
@@ -219,7 +215,7 @@ def _method_words(s: dict, versions: dict) -> str:
     """What each side holds, by method."""
     if s.get("method") != "qlora":
         return "the weights fp32 as stored"
-    d = _short(s.get("dtype", "bfloat16"))
+    d = short_dtype(s.get("dtype", "bfloat16"))
     why = "" if d == "bf16" else " (fp32: this CPU has no bf16 instructions, where bf16 matmuls run ~40x slower)"
     return ("QLoRA: every linear of the decoder blocks except the routers in NF4 (blocksize 64, double quantization) "
             f"computing in {d}, embeddings, head, norms and routers in {d}{why}, LoRA weights fp32, no autocast, on both "
