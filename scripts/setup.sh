@@ -14,8 +14,9 @@ PY="${PYTHON:-python3}"
 # room (a small /tmp made a CI run fail with "No space left on device").
 export PIP_NO_CACHE_DIR=1
 free_mb() { df -Pm "$1" 2>/dev/null | awk 'NR==2 {print $4}'; }
-tmp_dir="${TMPDIR:-/tmp}"
-if [ "$(free_mb "$tmp_dir" || echo 0)" -lt 2048 ] && [ "$(free_mb . || echo 0)" -gt "$(free_mb "$tmp_dir" || echo 0)" ]; then
+tmp_free=$(free_mb "${TMPDIR:-/tmp}"); tmp_free=${tmp_free:-0}
+here_free=$(free_mb .); here_free=${here_free:-0}
+if [ "$tmp_free" -lt 2048 ] && [ "$here_free" -gt "$tmp_free" ]; then
   mkdir -p .venv-tmp && export TMPDIR="$PWD/.venv-tmp"
 fi
 cleanup() { rm -rf .venv-tmp; }
