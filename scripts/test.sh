@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 . .venv/bin/activate
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-workers="${VELOTUNE_TEST_WORKERS:-$(nproc)}"
+# (not `nproc`: it reads OMP_NUM_THREADS, set to 1 above)
+workers="${VELOTUNE_TEST_WORKERS:-$(python -c 'import os; print(len(os.sched_getaffinity(0)))')}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
   # worksteal: a worker that runs out takes queued tests from the other, so one long test does not end the run alone.
