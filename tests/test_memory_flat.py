@@ -116,8 +116,8 @@ def _sdpa_lengths(monkeypatch):
 
 
 def test_bucketed_segments_give_the_dense_paths_numbers(monkeypatch):
-    """Each sample's attention (samples one by one: varlen.WINDOW_TOKENS 0) runs at a bucket length: over the
-    next sample's tokens (9 -> 10, 13 -> 14) or past the row's end with zero padding (17 -> 20). fp32 with
+    """Each sample's attention (samples one by one: varlen.WINDOW_TOKENS 0) runs at a bucket length, padded with
+    zero positions (9 -> 10, 13 -> 14, 17 -> 20). fp32 with
     bucketing forced: the dense mask's logits and gradients to 1e-6 / 1e-5."""
     model = tiny_model(layers=2).train()
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")

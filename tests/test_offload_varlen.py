@@ -214,9 +214,9 @@ def test_slice_plan_puts_short_neighbours_together_and_long_samples_alone():
 
 @pytest.mark.parametrize("bucketed", [False, True], ids=["exact_lengths", "bucket_lengths"])
 def test_slices_of_several_samples_give_the_dense_paths_numbers(monkeypatch, bucketed):
-    """Rows of 580 tokens in three slices (100 + 120 + 30 together, 300 alone, 20 + 10 together): the dense
-    mask's logits and every gradient, also when the slices run at bucket lengths over the next sample's tokens
-    and past the row's end (250 -> 256, 300 -> 320, 30 -> 32)."""
+    """Windows of 256 tokens: rows of 580 tokens in three slices (100 + 120 + 30 together, 300 alone, 20 + 10
+    together): the dense mask's logits and every gradient, also when the slices run at bucket lengths, padded with
+    zero positions (250 -> 256, 300 -> 320, 30 -> 32)."""
     docs = torch.tensor([[0] * 100 + [1] * 120 + [2] * 30 + [3] * 300 + [4] * 20 + [5] * 10] * 2)
     ids = torch.randint(0, 101, docs.shape, generator=torch.Generator().manual_seed(7))
     model = tiny_model(layers=2).train()
@@ -230,6 +230,7 @@ def test_slices_of_several_samples_give_the_dense_paths_numbers(monkeypatch, buc
     monkeypatch.setenv("VELOTUNE_ATTENTION", "dense")
     logits, grads = run()
     monkeypatch.delenv("VELOTUNE_ATTENTION")
+    monkeypatch.setattr(varlen, "WINDOW_TOKENS", 256)
     if bucketed:
         monkeypatch.setattr(varlen, "shape_keyed_kernels", lambda device, dtype: True)
     calls = []

@@ -11,8 +11,9 @@ in the order `auto` tries them:
 - segments: the CPU. SDPA on slices of each row, so no [T, T] mask (nor its float copy saved per layer) exists
   and almost no tile of another sample is computed: a sample of WINDOW_TOKENS or more runs alone with
   `is_causal`; shorter neighbours run together, as many as fit in WINDOW_TOKENS, with a small block-diagonal
-  causal mask (one SDPA call costs ~1-2 ms on the CPU whatever its size: a hundred 30-token samples in a row
-  took longer one by one than the whole row's dense mask). In bf16/fp16 each slice runs at a bucket length
+  causal mask (an SDPA call has a fixed cost, ~0.3 ms forward and backward on the CPU, which a slice of a few
+  tokens does not repay). Each row is split into its slices, never indexed slice by slice: the backward of an
+  index is a zero-filled gradient of the whole row per slice, which made every slice cost ~1-2 ms. In bf16/fp16 each slice runs at a bucket length
   (shape_buckets.py: oneDNN keeps compiled kernels per shape). Gemma 2's soft-capping, and a sliding window
   shorter than a sample, take the dense path instead.
 - dense: SDPA with the boolean block-diagonal mask (attention.py), the fallback everywhere else.
@@ -103,9 +104,11 @@ def row_segments(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 
 # Neighbouring samples shorter than this run as one slice with a block-diagonal mask (the module docstring says
-# why). Measured on the CPU (bf16 and fp32, 2 rows of 2048, forward + backward): 109 samples of 8-64 tokens 0.12 s
-# in windows of 256 vs 0.30 s one by one and 0.30 s with the dense mask; samples of 40-400 tokens the same either way.
-WINDOW_TOKENS = 256
+# why). Measured on the AVX2 CPU (fp32, 2 rows of 2048, 6 query / 2 key-value heads of 64, forward + backward, 1
+# thread; limits 0 / 32 / 64 / 128 / 256): samples of 2-8 tokens 72 / 47 / 57 / 92 / 130 ms, 4-16 tokens
+# 48 / 45 / 45 / 61 / 100, 8-64 tokens 40 / 42 / 45 / 58 / 100, 40-400 tokens 117 / 116 / 114 / 122 / 124 (emulated
+# bf16 the same order: 0 and 32 best). A window costs the scores of all its pairs, so it pays only for tiny samples.
+WINDOW_TOKENS = 32
 
 
 def slice_plan(doc_ids: torch.Tensor, limit: int) -> list[tuple[int, int, int, int]]:
@@ -123,11 +126,10 @@ def slice_plan(doc_ids: torch.Tensor, limit: int) -> list[tuple[int, int, int, i
     return plan
 
 
-def _window_mask(doc_ids: torch.Tensor, b: int, start: int, length: int) -> torch.Tensor:
-    """[length, length] bool: causal within each sample of row b's slice; positions past the row's end form a
-    sample of their own (their outputs are dropped)."""
-    docs = doc_ids[b, start:start + length]
-    docs = F.pad(docs, (0, length - docs.shape[0]), value=-1)
+def _window_mask(doc_ids: torch.Tensor, b: int, start: int, length: int, n: int) -> torch.Tensor:
+    """[n, n] bool: causal within each sample of row b's slice of `length` tokens; the padding up to n forms a
+    sample of its own (its outputs are dropped)."""
+    docs = F.pad(doc_ids[b, start:start + length], (0, n - length), value=-1)
     same = docs[:, None] == docs[None, :]
     return same.tril_()
 
@@ -144,29 +146,31 @@ def _segments(q, k, v, mask, window, scale):
     limit = WINDOW_TOKENS
     plan = mask.memo(("slice_plan", limit), lambda: slice_plan(mask.doc_ids, limit))
     masks = mask.memo(("slice_masks", limit, bucketed), lambda: {})  # built once, used by every layer
-    pieces: list[list[torch.Tensor]] = [[] for _ in rows]
+    # The slices tile each row, so each row is split into them (views). Indexing each slice out of the whole tensor
+    # instead costs, in backward, a zero-filled gradient of the whole [B, H, T, D] per slice, and their sum; a
+    # split's backward is one concatenation.
+    by_row: list[list[tuple[int, int, int]]] = [[] for _ in rows]
     for b, start, end, samples in plan:
-        # Where kernels are cached per shape, a slice runs at a bucket length: it goes on over the next sample's
-        # tokens (views, no copy), which its causal queries never see; their outputs are dropped. Past the
-        # row's end, zero keys pad it.
-        n = bucket_length(end - start) if bucketed else end - start
-        qs, ks, vs = (_padded_slice(t[b:b + 1], start, n) for t in (q, k, v))
-        if samples == 1:
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            key = (b, start, n)
-            if key not in masks:
-                masks[key] = _window_mask(mask.doc_ids, b, start, n)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=masks[key], scale=scale, enable_gqa=gqa)
-        pieces[b].append(out[:, :, :end - start])
-    return torch.cat([p[0] if len(p) == 1 else torch.cat(p, dim=2) for p in pieces], dim=0)
-
-
-def _padded_slice(t, start: int, length: int):
-    """t[..., start:start + length, :] along dim 2, zero-padded where it runs past the end."""
-    piece = t[:, :, start:start + length]
-    missing = length - piece.shape[2]
-    return F.pad(piece, (0, 0, 0, missing)) if missing else piece
+        by_row[b].append((start, end - start, samples))
+    out_rows = []
+    for b, row_qkv in enumerate(zip(q.split(1), k.split(1), v.split(1))):
+        lengths = [length for _, length, _ in by_row[b]]
+        pieces = []
+        for (start, length, samples), *qkv in zip(by_row[b], *(t.split(lengths, dim=2) for t in row_qkv)):
+            # Where kernels are cached per shape, a slice runs at a bucket length: zero positions pad it, which
+            # its causal queries never see; their outputs are dropped.
+            n = bucket_length(length) if bucketed else length
+            qs, ks, vs = (F.pad(t, (0, 0, 0, n - length)) for t in qkv) if n > length else qkv
+            if samples == 1:
+                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                key = (b, start, n)
+                if key not in masks:
+                    masks[key] = _window_mask(mask.doc_ids, b, start, length, n)
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=masks[key], scale=scale, enable_gqa=gqa)
+            pieces.append(out if n == length else out[:, :, :length])
+        out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
 
 
 def _flash(q, k, v, mask, window, scale, softcap):
