@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from . import assets, report
 from .embeddings_report import markdown, ratios, same_batches
 from .embeddings_worker import SYSTEMS
-from .machine import load_average, print_and_save
+from .machine import load_average, print_and_save, short_dtype
 from .processes import alternating, run_module
 from .train import is_cuda, pick, side_plan
 
@@ -56,7 +56,7 @@ def make_plan(ns) -> dict:
     # means bf16 autocast, mixed precision, the CUDA default.
     plan["dtype"] = "float32"
     if ns.dtype:
-        plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
+        plan["precision"] = short_dtype(ns.dtype)  # bf16 or fp32 autocast
     if ns.cases:
         plan["cases"] = pick(ns.cases, CASES, "--cases")
     if plan["batch"] < 2 or plan["mini"] < 1 or plan["seq"] < 8:

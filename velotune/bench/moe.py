@@ -70,7 +70,7 @@ def make_plan(ns) -> dict:
     # The weights stay fp32 on both sides: --dtype bfloat16 means bf16 autocast (mixed precision), the CUDA default.
     plan["dtype"] = "float32"
     if ns.dtype:
-        plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
+        plan["precision"] = short_dtype(ns.dtype)  # bf16 or fp32 autocast
     if ns.cases:
         plan["cases"] = pick(ns.cases, list(SHAPES), "--cases")
     if ns.methods:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import assets, report
-from .machine import load_average, machine_markdown, print_and_save
+from .machine import load_average, machine_markdown, print_and_save, short_dtype
 from .processes import run_module
 from .side_by_side import checks, ratios, run_systems, summarise
 from .tiny_vlm import SIZES
@@ -59,7 +59,7 @@ def make_plan(ns) -> dict:
     # The weights stay fp32 on both sides: --dtype bfloat16 means bf16 autocast (mixed precision), the CUDA default.
     plan["dtype"] = "float32"
     if ns.dtype:
-        plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
+        plan["precision"] = short_dtype(ns.dtype)  # bf16 or fp32 autocast
     if plan["batch"] < 1:
         raise ConfigError(f"--batch {plan['batch']}: at least one conversation a step")
     # One epoch of whole batches: every step trains `batch` conversations on both sides.

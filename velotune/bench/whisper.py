@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import assets, report
-from .machine import load_average, machine_markdown, print_and_save
+from .machine import load_average, machine_markdown, print_and_save, short_dtype
 from .side_by_side import checks, ratios, run_systems, summarise
 from .train import is_cuda, side_plan
 from .whisper_worker import LORA_ALPHA, LORA_RANK, LORA_TARGETS, SYSTEMS
@@ -52,7 +52,7 @@ def make_plan(ns) -> dict:
     # autocast, mixed precision, the CUDA default.
     plan["dtype"] = "float32"
     if ns.dtype:
-        plan["precision"] = "bf16" if ns.dtype == "bfloat16" else "fp32"
+        plan["precision"] = short_dtype(ns.dtype)  # bf16 or fp32 autocast
     if plan["batch"] < 1:
         raise ConfigError(f"--batch {plan['batch']}: at least one clip a step")
     # Whole batches only (a larger --batch gets more clips): every step trains `batch` clips on both sides.
