@@ -13,7 +13,8 @@ in the order `auto` tries them:
   `is_causal`; shorter neighbours run together, as many as fit in WINDOW_TOKENS, with a small block-diagonal
   causal mask (an SDPA call has a fixed cost, ~0.3 ms forward and backward on the CPU, which a slice of a few
   tokens does not repay). Each row is split into its slices, never indexed slice by slice: the backward of an
-  index is a zero-filled gradient of the whole row per slice, which made every slice cost ~1-2 ms. In bf16/fp16 each slice runs at a bucket length
+  index is a zero-filled gradient of the whole [B, H, T, D] per slice (and their sum), which made every slice cost
+  ~1-2 ms; a split's backward is one concatenation. In bf16/fp16 each slice runs at a bucket length
   (shape_buckets.py: oneDNN keeps compiled kernels per shape). Gemma 2's soft-capping, and a sliding window
   shorter than a sample, take the dense path instead.
 - dense: SDPA with the boolean block-diagonal mask (attention.py), the fallback everywhere else.
@@ -144,14 +145,9 @@ def _segments(q, k, v, mask, window, scale):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     bucketed = shape_keyed_kernels(q.device, q.dtype)
     limit = WINDOW_TOKENS
-    plan = mask.memo(("slice_plan", limit), lambda: slice_plan(mask.doc_ids, limit))
+    # Per row, its slices as (start, length, samples): they tile the row, which is split into them (views).
+    by_row = mask.memo(("row_slices", limit), lambda: _slices_by_row(slice_plan(mask.doc_ids, limit), len(rows)))
     masks = mask.memo(("slice_masks", limit, bucketed), lambda: {})  # built once, used by every layer
-    # The slices tile each row, so each row is split into them (views). Indexing each slice out of the whole tensor
-    # instead costs, in backward, a zero-filled gradient of the whole [B, H, T, D] per slice, and their sum; a
-    # split's backward is one concatenation.
-    by_row: list[list[tuple[int, int, int]]] = [[] for _ in rows]
-    for b, start, end, samples in plan:
-        by_row[b].append((start, end - start, samples))
     out_rows = []
     for b, row_qkv in enumerate(zip(q.split(1), k.split(1), v.split(1))):
         lengths = [length for _, length, _ in by_row[b]]
@@ -171,6 +167,14 @@ def _segments(q, k, v, mask, window, scale):
             pieces.append(out if n == length else out[:, :, :length])
         out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=0)
+
+
+def _slices_by_row(plan, n_rows: int) -> list[list[tuple[int, int, int]]]:
+    """slice_plan's (row, start, end, samples) as one list per row of (start, length, samples)."""
+    by_row: list[list[tuple[int, int, int]]] = [[] for _ in range(n_rows)]
+    for b, start, end, samples in plan:
+        by_row[b].append((start, end - start, samples))
+    return by_row
 
 
 def _flash(q, k, v, mask, window, scale, softcap):
