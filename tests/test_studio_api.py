@@ -89,6 +89,20 @@ def _events(client, run_id, after=0):
     return out
 
 
+def test_a_stop_asked_while_the_job_is_starting_ends_it_stopped_not_killed(world, client):
+    """Stop right after Start reaches the job before it has a SIGTERM handler (the interpreter is still starting):
+    it must end as a clean stop (its `stopped` event), not die without a trace."""
+    r = post(client, "/api/runs", {"model": world["model_ref"], "data": world["data_ref"],
+                                   "values": {**QUICK_RUN, "train.max_steps": 40}, "name": "stopped at once"})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["id"]
+    assert post(client, f"/api/runs/{run_id}/stop").status_code == 200
+    run = wait_for_status(client, run_id, {"stopped", "failed", "finished", "created", "interrupted"})
+    assert run["status"] == "stopped", (run["status"], client.get(f"/api/runs/{run_id}/log").json())
+    kinds = [k for k, _, _ in _events(client, run_id)]
+    assert kinds[0] == "launched" and "stopped" in kinds, kinds
+
+
 def test_a_run_trains_in_its_own_process_stops_with_a_checkpoint_and_resumes_to_the_end(world, client):
     values = {**QUICK_RUN, "train.max_steps": 40, "train.save_every": 1}
     r = post(client, "/api/runs", {"model": world["model_ref"], "data": world["data_ref"], "values": values,

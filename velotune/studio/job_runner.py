@@ -5,6 +5,11 @@ the loop (start, step metrics, eval, checkpoint, finished, stopped, failed) as o
 which the Studio reads to draw the chart (and reads again after a page reload or its own restart). SIGTERM asks
 for a clean stop: the loop ends after the current step with a checkpoint, and `--resume` continues it.
 
+A stop asked while the process is still starting must not kill it (SIGTERM's default action, before the handler is
+installed) nor be lost: the Studio writes `stop.request` first and signals only once the job has written `job.ready`
+(after installing its handler); the job reads `stop.request` after writing `job.ready`. Whichever order the two
+sides run in, one of them sees the other's file.
+
 The job writes only inside its run directory: the config's train.output_dir must lie inside it (the Studio sets
 it to RUN_DIR/out), and the process runs with the run directory as its working directory.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 EVENTS = "events.jsonl"
 CONFIG = "config.yaml"
 PID = "job.pid"
+READY, STOP_REQUEST = "job.ready", "stop.request"   # see the module docstring
 STOPPED, FAILED = 130, 1     # exit statuses (0: finished), as `velotune train` gives them
 
 
@@ -69,6 +75,9 @@ def main(argv=None) -> int:
         stop.set()
     signal.signal(signal.SIGTERM, ask_stop)
     signal.signal(signal.SIGINT, ask_stop)
+    (run_dir / READY).write_text(str(os.getpid()))
+    if (run_dir / STOP_REQUEST).exists():   # asked before the handler was there
+        stop.set()
     try:
         output_inside(run_dir / CONFIG, run_dir)
         from ..training.trainer import train

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import VelotuneError
 from ..models.checkpoint import process_alive as pid_alive
-from .job_runner import CONFIG, EVENTS, PID
+from .job_runner import CONFIG, EVENTS, PID, READY, STOP_REQUEST
 
 log = logging.getLogger("velotune")
 
@@ -108,7 +108,8 @@ class Jobs:
             if len(running) >= self.max_running:
                 raise JobBusy(f"run {running[0]} is training: this Studio trains {self.max_running} job(s) at once "
                                "(--max-jobs); stop it or wait for it to finish")
-            (run_dir / PID).unlink(missing_ok=True)
+            for name in (PID, READY, STOP_REQUEST):   # the last process's
+                (run_dir / name).unlink(missing_ok=True)
             log_file = open(run_dir / LOG, "ab")
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             command = [sys.executable, "-m", "velotune.studio.job_runner", str(run_dir)] + (["--resume"] if resume
@@ -130,12 +131,15 @@ class Jobs:
         self.store.update_run(run_id, status=self.status(run_id), summary=self.summary(run_id))
 
     def stop(self, run_id: str):
-        """Asks the job to stop after its current step (it writes a checkpoint first)."""
-        self.run_dir(run_id)
+        """Asks the job to stop after its current step (it writes a checkpoint first). A job still starting reads
+        the request itself once it can stop cleanly (job_runner's docstring)."""
+        run_dir = self.run_dir(run_id)
         pid = self._pid(run_id)
         if pid is None or not pid_alive(pid):
             raise JobBusy(f"run {run_id} is not running")
-        os.kill(pid, signal.SIGTERM)
+        (run_dir / STOP_REQUEST).write_text("")
+        if (run_dir / READY).exists():
+            os.kill(pid, signal.SIGTERM)
 
     def _pid(self, run_id: str) -> int | None:
         process = self.processes.get(run_id)
