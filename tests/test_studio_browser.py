@@ -4,6 +4,7 @@ PDF and DOCX files in the prompt, a blind arena round with a vote, and the templ
 screenshot is saved (VELOTUNE_SCREENSHOTS=DIR keeps them; the README shows one)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -66,6 +67,8 @@ def start_run(page, world, values: dict, name: str):
     fill_form(page, values)
     page.wait_for_function("!document.getElementById('start-button').disabled")
     page.click("#start-button")
+    # The new run's view, not the one a previous test left open (its chart would satisfy the next wait).
+    page.wait_for_function(f"document.getElementById('run-title').textContent === {json.dumps(name)}")
     page.wait_for_selector("#run-view:not(.hidden)")
 
 
